@@ -1,0 +1,185 @@
+//! What a store answers for one request.
+
+use std::time::Duration;
+
+use smallvec::SmallVec;
+
+use crate::Quota;
+
+/// The state of one quota after a request was decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuotaState {
+    quota: Quota,
+    allowed: bool,
+    remaining: u32,
+    reset_after: Duration,
+    retry_after: Duration,
+}
+
+impl QuotaState {
+    /// Builds a state. Stores call this; the layer only reads states.
+    pub fn new(
+        quota: Quota,
+        allowed: bool,
+        remaining: u32,
+        reset_after: Duration,
+        retry_after: Duration,
+    ) -> Self {
+        QuotaState {
+            quota,
+            allowed,
+            remaining: remaining.min(quota.burst_size()),
+            reset_after,
+            retry_after: if allowed { Duration::ZERO } else { retry_after },
+        }
+    }
+
+    /// The quota this state is about.
+    pub fn quota(&self) -> &Quota {
+        &self.quota
+    }
+
+    /// Whether this quota alone would have allowed the request.
+    pub fn is_allowed(&self) -> bool {
+        self.allowed
+    }
+
+    /// Units left: after this request when the request was allowed, or available now when it
+    /// was refused (nothing is spent by a refused request).
+    pub fn remaining(&self) -> u32 {
+        self.remaining
+    }
+
+    /// Time until this quota is back to a full burst.
+    pub fn reset_after(&self) -> Duration {
+        self.reset_after
+    }
+
+    /// Time until a request of the same cost would pass this quota; zero when it passed.
+    pub fn retry_after(&self) -> Duration {
+        self.retry_after
+    }
+}
+
+/// A store's answer for one request: allowed or limited, with the state of every quota of the
+/// policy.
+///
+/// The layer puts the decision in the request's extensions before calling the inner service,
+/// so handlers can read it:
+///
+/// ```
+/// use axum::Extension;
+/// use tollgate::Decision;
+///
+/// async fn handler(Extension(decision): Extension<Decision>) -> String {
+///     format!("{} requests left", decision.remaining())
+/// }
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    allowed: bool,
+    states: SmallVec<[QuotaState; 2]>,
+}
+
+impl Decision {
+    /// Builds a decision from the states of every quota: the request is allowed only when every
+    /// quota allowed it.
+    pub fn from_states(states: impl IntoIterator<Item = QuotaState>) -> Self {
+        let states: SmallVec<[QuotaState; 2]> = states.into_iter().collect();
+        let allowed = states.iter().all(QuotaState::is_allowed);
+        Decision { allowed, states }
+    }
+
+    /// Whether the request may go through.
+    pub fn is_allowed(&self) -> bool {
+        self.allowed
+    }
+
+    /// Whether the request was refused.
+    pub fn is_limited(&self) -> bool {
+        !self.allowed
+    }
+
+    /// How long the client must wait before the same request can pass: the longest wait of the
+    /// quotas that refused it. `None` when the request was allowed.
+    pub fn retry_after(&self) -> Option<Duration> {
+        if self.allowed {
+            return None;
+        }
+        self.states.iter().map(QuotaState::retry_after).max()
+    }
+
+    /// The quota that binds: the one with the fewest units left (the longest reset among ties).
+    pub fn binding(&self) -> Option<&QuotaState> {
+        self.states.iter().min_by(|a, b| {
+            a.remaining
+                .cmp(&b.remaining)
+                .then(b.reset_after.cmp(&a.reset_after))
+        })
+    }
+
+    /// The limit of the binding quota (units per period); 0 for a decision without quotas.
+    pub fn limit(&self) -> u32 {
+        self.binding().map_or(0, |s| s.quota.limit())
+    }
+
+    /// Units left in the binding quota.
+    pub fn remaining(&self) -> u32 {
+        self.binding().map_or(0, QuotaState::remaining)
+    }
+
+    /// Time until the binding quota is back to a full burst.
+    pub fn reset_after(&self) -> Duration {
+        self.binding()
+            .map_or(Duration::ZERO, QuotaState::reset_after)
+    }
+
+    /// The state of every quota, in the policy's order.
+    pub fn states(&self) -> &[QuotaState] {
+        &self.states
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(limit: u32, allowed: bool, remaining: u32, reset: u64, retry: u64) -> QuotaState {
+        QuotaState::new(
+            Quota::per_minute(limit).unwrap(),
+            allowed,
+            remaining,
+            Duration::from_secs(reset),
+            Duration::from_secs(retry),
+        )
+    }
+
+    #[test]
+    fn limited_when_any_quota_refuses_and_waits_for_the_longest() {
+        let d = Decision::from_states([state(10, true, 3, 20, 0), state(100, false, 0, 50, 7)]);
+        assert!(d.is_limited());
+        assert_eq!(d.retry_after(), Some(Duration::from_secs(7)));
+        assert_eq!(d.limit(), 100);
+        assert_eq!(d.remaining(), 0);
+
+        let d = Decision::from_states([state(10, false, 0, 20, 3), state(100, false, 0, 50, 7)]);
+        assert_eq!(d.retry_after(), Some(Duration::from_secs(7)));
+        // Same remaining: the longer reset binds.
+        assert_eq!(d.reset_after(), Duration::from_secs(50));
+    }
+
+    #[test]
+    fn allowed_reports_the_tightest_quota() {
+        let d = Decision::from_states([state(10, true, 3, 20, 0), state(100, true, 90, 50, 0)]);
+        assert!(d.is_allowed());
+        assert_eq!(d.retry_after(), None);
+        assert_eq!((d.limit(), d.remaining()), (10, 3));
+    }
+
+    #[test]
+    fn allowed_state_never_carries_a_retry_after() {
+        assert_eq!(state(10, true, 3, 20, 9).retry_after(), Duration::ZERO);
+        // A store cannot report more than the burst.
+        assert_eq!(state(10, true, 300, 20, 0).remaining(), 10);
+    }
+}

@@ -1,0 +1,248 @@
+//! The response future of [`RateLimit`](crate::RateLimit).
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::layer::CompiledPolicy;
+use crate::metrics::Outcome;
+use crate::response::{set_retry_after, text_response};
+use crate::{Decision, StoreError, StoreErrorKind};
+
+pin_project! {
+    /// The response future of [`RateLimit`](crate::RateLimit): first the store's decision, then
+    /// either the inner service's response (with rate-limit headers) or the layer's own 429.
+    pub struct ResponseFuture<S, F, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        #[pin]
+        state: State<S, F, ReqBody>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, F, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+    {
+        Checking {
+            #[pin]
+            check: F,
+            inner: S,
+            req: Option<Request<ReqBody>>,
+            policy: Arc<CompiledPolicy>,
+        },
+        Calling {
+            #[pin]
+            fut: S::Future,
+            // The decision to report in headers, with its policy.
+            report: Option<(Arc<CompiledPolicy>, Decision)>,
+        },
+        Respond {
+            res: Option<S::Response>,
+        },
+    }
+}
+
+impl<S, F, ReqBody> ResponseFuture<S, F, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    pub(crate) fn passthrough(fut: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Calling { fut, report: None },
+        }
+    }
+
+    pub(crate) fn respond(res: S::Response) -> Self {
+        ResponseFuture {
+            state: State::Respond { res: Some(res) },
+        }
+    }
+
+    pub(crate) fn checking(
+        check: F,
+        inner: S,
+        req: Request<ReqBody>,
+        policy: Arc<CompiledPolicy>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Checking {
+                check,
+                inner,
+                req: Some(req),
+                policy,
+            },
+        }
+    }
+}
+
+impl<S, F, ReqBody, ResBody> ResponseFuture<S, F, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: From<Bytes>,
+{
+    pub(crate) fn over_capacity(policy: &CompiledPolicy, cost: u32) -> Self {
+        Self::respond(over_capacity_response(policy, cost))
+    }
+}
+
+impl<S, F, ReqBody, ResBody> Future for ResponseFuture<S, F, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    F: Future<Output = Result<Decision, StoreError>>,
+    ResBody: From<Bytes>,
+{
+    type Output = Result<Response<ResBody>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Checking {
+                    check,
+                    inner,
+                    req,
+                    policy,
+                } => {
+                    let decision = ready!(check.poll(cx));
+                    let Some(mut req) = req.take() else {
+                        // Only reachable if polled again after a panic in this very arm.
+                        return Poll::Ready(Ok(text_response(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "Internal Server Error\n",
+                        )
+                        .map(ResBody::from)));
+                    };
+                    let report = match decision {
+                        Ok(decision) if decision.is_allowed() => {
+                            policy.counters.outcome(Outcome::Allowed);
+                            let report = policy.respond.headers.any().then(|| decision.clone());
+                            req.extensions_mut().insert(decision);
+                            report.map(|d| (Arc::clone(policy), d))
+                        }
+                        Ok(decision) => {
+                            policy.counters.outcome(Outcome::Limited);
+                            return Poll::Ready(Ok(limited(policy, &decision)));
+                        }
+                        Err(err) => match err.kind() {
+                            StoreErrorKind::CostExceedsBurst { cost, .. } => {
+                                return Poll::Ready(Ok(over_capacity_response(policy, cost)));
+                            }
+                            _ if policy.fails_open() => {
+                                fail_open(policy, &err);
+                                None
+                            }
+                            _ => return Poll::Ready(Ok(fail_closed(policy, &err))),
+                        },
+                    };
+                    let fut = inner.call(req);
+                    this.state.set(State::Calling { fut, report });
+                }
+                StateProj::Calling { fut, report } => {
+                    let mut res = ready!(fut.poll(cx))?;
+                    if let Some((policy, decision)) = report.take() {
+                        policy
+                            .headers
+                            .apply(policy.respond.headers, &decision, res.headers_mut());
+                    }
+                    return Poll::Ready(Ok(res));
+                }
+                StateProj::Respond { res } => {
+                    return match res.take() {
+                        Some(res) => Poll::Ready(Ok(res)),
+                        None => Poll::Ready(Ok(text_response(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "Internal Server Error\n",
+                        )
+                        .map(ResBody::from))),
+                    };
+                }
+            }
+        }
+    }
+}
+
+fn limited<B: From<Bytes>>(policy: &CompiledPolicy, decision: &Decision) -> Response<B> {
+    let mut res = (policy.respond.limited)(decision);
+    let wait = decision.retry_after().unwrap_or_default();
+    set_retry_after(res.headers_mut(), wait);
+    policy
+        .headers
+        .apply(policy.respond.headers, decision, res.headers_mut());
+    res.map(B::from)
+}
+
+fn over_capacity_response<B: From<Bytes>>(policy: &CompiledPolicy, cost: u32) -> Response<B> {
+    policy.counters.outcome(Outcome::OverCapacity);
+    if let Some(_held_back) = policy.degraded_log.permit() {
+        #[cfg(feature = "tracing")]
+        tracing::error!(
+            policy = %policy.name(),
+            cost,
+            burst = policy.min_burst,
+            suppressed = _held_back,
+            "rate-limit-over-capacity: the request costs more than the policy's burst and can \
+             never pass; answering 413. Raise the burst or lower the cost."
+        );
+    }
+    let _ = cost;
+    text_response(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Request Cost Exceeds Rate Limit Capacity\n",
+    )
+    .map(B::from)
+}
+
+fn fail_open(policy: &CompiledPolicy, err: &StoreError) {
+    policy.counters.outcome(Outcome::FailOpen);
+    policy.counters.failure(true, err.kind());
+    if let Some(_held_back) = policy.degraded_log.permit() {
+        #[cfg(feature = "tracing")]
+        tracing::warn!(
+            policy = %policy.name(),
+            reason = err.kind().reason(),
+            error = %err,
+            suppressed = _held_back,
+            "rate-limit-degraded: the rate-limit store failed; letting the request through \
+             (fail open)"
+        );
+    }
+}
+
+fn fail_closed<B: From<Bytes>>(policy: &CompiledPolicy, err: &StoreError) -> Response<B> {
+    policy.counters.outcome(Outcome::FailClosed);
+    policy.counters.failure(false, err.kind());
+    if let Some(_held_back) = policy.degraded_log.permit() {
+        #[cfg(feature = "tracing")]
+        tracing::warn!(
+            policy = %policy.name(),
+            reason = err.kind().reason(),
+            error = %err,
+            suppressed = _held_back,
+            "rate-limit-degraded: the rate-limit store failed; refusing the request with 503 \
+             (fail closed)"
+        );
+    }
+    let mut res = text_response(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n");
+    set_retry_after(res.headers_mut(), policy.respond.unavailable_retry_after);
+    res.map(B::from)
+}
+
+impl<S, F, ReqBody> fmt::Debug for ResponseFuture<S, F, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

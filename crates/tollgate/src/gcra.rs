@@ -1,0 +1,244 @@
+//! The generic cell rate algorithm, as a pure function of integer nanoseconds.
+//!
+//! Every store runs this same arithmetic (the Redis store runs it in Lua, in microseconds,
+//! which is exact because emission intervals are whole microseconds). See `docs/algorithms.md`
+//! for a worked example.
+
+use crate::Quota;
+
+/// The verdict of one quota for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Verdict {
+    pub(crate) allowed: bool,
+    /// The theoretical arrival time to store when the whole request is allowed.
+    pub(crate) new_tat: u64,
+    /// Units left after this request (when allowed) or now (when refused).
+    pub(crate) remaining: u32,
+    /// Nanoseconds until the key is back to a full burst.
+    pub(crate) reset_after_ns: u64,
+    /// Nanoseconds until a request of this cost would be allowed; 0 when allowed.
+    pub(crate) retry_after_ns: u64,
+}
+
+/// Decides one request of `cost` units at `now` against the stored theoretical arrival time.
+///
+/// `cost` must not exceed the quota's burst (callers check this first: such a request can
+/// never pass and is reported as an error, not as a limit).
+pub(crate) fn decide(now: u64, stored_tat: Option<u64>, quota: &Quota, cost: u32) -> Verdict {
+    let t = quota.emission_ns();
+    let span = quota.burst_span_ns();
+    let tat = stored_tat.map_or(now, |tat| tat.max(now));
+    // cost <= burst, so cost * t <= span, which was checked to fit at construction.
+    let increment = t * u64::from(cost);
+    let new_tat = tat.saturating_add(increment);
+    let ahead = new_tat - now;
+    if ahead <= span {
+        Verdict {
+            allowed: true,
+            new_tat,
+            remaining: units((span - ahead) / t),
+            reset_after_ns: ahead,
+            retry_after_ns: 0,
+        }
+    } else {
+        let used = tat - now;
+        Verdict {
+            allowed: false,
+            new_tat: tat,
+            remaining: units(span.saturating_sub(used) / t),
+            reset_after_ns: used,
+            retry_after_ns: ahead - span,
+        }
+    }
+}
+
+impl Verdict {
+    /// This quota's verdict when another quota of the same request refused it: nothing was
+    /// spent, so report what is available now.
+    pub(crate) fn unspent(self, quota: &Quota, cost: u32) -> Verdict {
+        if !self.allowed {
+            return self;
+        }
+        let t = quota.emission_ns();
+        let used = self.reset_after_ns - t * u64::from(cost);
+        Verdict {
+            allowed: true,
+            new_tat: self.new_tat - t * u64::from(cost),
+            remaining: units((quota.burst_span_ns() - used) / t),
+            reset_after_ns: used,
+            retry_after_ns: 0,
+        }
+    }
+}
+
+fn units(n: u64) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    const S: u64 = 1_000_000_000;
+
+    /// Runs a sequence of (time, cost) requests through one key and returns the verdicts.
+    fn run(quota: &Quota, requests: &[(u64, u32)]) -> Vec<Verdict> {
+        let mut tat = None;
+        requests
+            .iter()
+            .map(|&(now, cost)| {
+                let v = decide(now, tat, quota, cost);
+                if v.allowed {
+                    tat = Some(v.new_tat);
+                }
+                v
+            })
+            .collect()
+    }
+
+    #[test]
+    fn worked_example_from_the_docs() {
+        // 5 per 10 seconds, burst 5: T = 2s.
+        let q = Quota::new(5, Duration::from_secs(10)).unwrap();
+        let v = run(&q, &[(0, 1), (0, 1), (0, 1), (0, 1), (0, 1), (0, 1)]);
+        let remaining: Vec<_> = v.iter().map(|v| v.remaining).collect();
+        assert_eq!(remaining, [4, 3, 2, 1, 0, 0]);
+        assert!(v[..5].iter().all(|v| v.allowed));
+        assert!(!v[5].allowed);
+        // The sixth may retry when one unit has been replenished: 2 s.
+        assert_eq!(v[5].retry_after_ns, 2 * S);
+        // The bucket is full again after 10 s.
+        assert_eq!(v[4].reset_after_ns, 10 * S);
+        assert_eq!(v[5].reset_after_ns, 10 * S);
+    }
+
+    #[test]
+    fn replenishes_one_unit_per_emission_interval() {
+        let q = Quota::new(5, Duration::from_secs(10)).unwrap();
+        let mut reqs: Vec<_> = (0..5).map(|_| (0, 1)).collect();
+        reqs.extend([
+            (2 * S - 1, 1),
+            (2 * S, 1),
+            (2 * S, 1),
+            (3 * S, 1),
+            (4 * S, 1),
+        ]);
+        let allowed: Vec<_> = run(&q, &reqs).iter().map(|v| v.allowed).collect();
+        assert_eq!(
+            allowed,
+            [
+                true, true, true, true, true, false, true, false, false, true
+            ]
+        );
+    }
+
+    #[test]
+    fn burst_differs_from_limit() {
+        // 1 per second with bursts of 3.
+        let q = Quota::per_second(1).unwrap().burst(3).unwrap();
+        let v = run(&q, &[(0, 1), (0, 1), (0, 1), (0, 1)]);
+        assert_eq!(
+            v.iter().map(|v| v.allowed).collect::<Vec<_>>(),
+            [true, true, true, false]
+        );
+        assert_eq!(v[3].retry_after_ns, S);
+        assert_eq!(v[2].reset_after_ns, 3 * S);
+    }
+
+    #[test]
+    fn cost_spends_several_units() {
+        let q = Quota::per_second(10).unwrap();
+        let v = run(&q, &[(0, 4), (0, 4), (0, 4), (0, 2)]);
+        assert_eq!(
+            v.iter()
+                .map(|v| (v.allowed, v.remaining))
+                .collect::<Vec<_>>(),
+            [(true, 6), (true, 2), (false, 2), (true, 0)]
+        );
+        // Two units short: 200 ms.
+        assert_eq!(v[2].retry_after_ns, 200_000_000);
+        // A cost equal to the burst passes on a fresh key.
+        assert!(run(&q, &[(0, 10)])[0].allowed);
+    }
+
+    #[test]
+    fn zero_cost_peeks_without_spending() {
+        let q = Quota::per_second(2).unwrap();
+        let v = run(&q, &[(0, 1), (0, 0), (0, 1), (0, 0)]);
+        assert_eq!(
+            v.iter()
+                .map(|v| (v.allowed, v.remaining))
+                .collect::<Vec<_>>(),
+            [(true, 1), (true, 1), (true, 0), (true, 0)]
+        );
+    }
+
+    #[test]
+    fn idle_key_is_indistinguishable_from_a_new_one() {
+        let q = Quota::per_second(2).unwrap();
+        let first = decide(0, None, &q, 1);
+        // Once now reaches the stored TAT, the stored state no longer matters.
+        let later = first.new_tat + 5;
+        assert_eq!(
+            decide(later, Some(first.new_tat), &q, 1),
+            decide(later, None, &q, 1)
+        );
+    }
+
+    proptest! {
+        /// GCRA's guarantee: in any window of length d, at most burst + d/T units pass.
+        #[test]
+        fn never_more_than_burst_plus_window_over_interval(
+            limit in 1u32..50,
+            period_ms in 1u64..5_000,
+            burst in 1u32..50,
+            gaps in proptest::collection::vec((0u64..400_000_000, 1u32..5), 1..200),
+        ) {
+            let Ok(q) = Quota::new(limit, Duration::from_millis(period_ms)) else { return Ok(()) };
+            let q = q.burst(burst).unwrap();
+            let mut now = 0;
+            let mut passed: Vec<(u64, u32)> = Vec::new();
+            let mut tat = None;
+            for (gap, cost) in gaps {
+                now += gap;
+                let cost = cost.min(burst);
+                let v = decide(now, tat, &q, cost);
+                if v.allowed {
+                    tat = Some(v.new_tat);
+                    passed.push((now, cost));
+                } else {
+                    // A refused request is told the truth: waiting retry_after lets it pass.
+                    let retry = decide(now + v.retry_after_ns, tat, &q, cost);
+                    prop_assert!(retry.allowed);
+                    if v.retry_after_ns > 0 {
+                        prop_assert!(!decide(now + v.retry_after_ns - 1, tat, &q, cost).allowed);
+                    }
+                }
+            }
+            let t = q.emission_ns();
+            for (i, &(start, _)) in passed.iter().enumerate() {
+                let mut units = 0u64;
+                for &(at, cost) in &passed[i..] {
+                    units += u64::from(cost);
+                    let window = at - start;
+                    prop_assert!(
+                        units <= u64::from(burst) + window / t,
+                        "{} units in {} ns with T={} burst={}", units, window, t, burst
+                    );
+                }
+            }
+        }
+
+        /// Remaining never exceeds the burst, and a fresh key starts with burst - cost.
+        #[test]
+        fn remaining_is_exact_on_a_fresh_key(limit in 1u32..1000, burst in 1u32..1000, cost in 1u32..1000) {
+            let q = Quota::per_minute(limit).unwrap().burst(burst).unwrap();
+            let cost = cost.min(burst);
+            let v = decide(7, None, &q, cost);
+            prop_assert!(v.allowed);
+            prop_assert_eq!(v.remaining, burst - cost);
+        }
+    }
+}

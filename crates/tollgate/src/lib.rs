@@ -1,0 +1,24 @@
+#![doc = include_str!("../README.md")]
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+pub mod clock;
+mod decision;
+pub mod future;
+mod gcra;
+pub mod key;
+mod layer;
+pub mod metrics;
+mod policy;
+mod quota;
+mod response;
+mod service;
+pub mod store;
+
+pub use decision::{Decision, QuotaState};
+pub use key::{ClientIp, Key, MissingKey};
+pub use layer::RateLimitLayer;
+pub use policy::{FailureMode, KeyScope, Policy};
+pub use quota::{Quota, QuotaError};
+pub use response::RateLimitHeaders;
+pub use service::RateLimit;
+pub use store::{MemoryStore, Store, StoreError, StoreErrorKind};

@@ -1,0 +1,483 @@
+//! Quotas: how many units a key may spend per period, and how many at once.
+
+use std::error::Error;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The shortest emission interval a quota may have: one unit per microsecond.
+///
+/// Faster rates per key are not meaningful for HTTP and could not be represented identically by
+/// every store (the Redis store counts in microseconds).
+const MIN_EMISSION_NS: u64 = 1_000;
+/// The longest period a quota may have.
+const MAX_PERIOD: Duration = Duration::from_secs(366 * 24 * 3600);
+/// The longest span a full burst may cover (`burst * emission interval`).
+const MAX_BURST_SPAN_NS: u64 = 10 * 366 * 24 * 3600 * 1_000_000_000;
+
+/// A rate limit: `limit` units per `period`, of which up to `burst` may be spent at once.
+///
+/// The names say what they mean: [`Quota::per_second(10)`](Quota::per_second) allows ten
+/// requests per second, not one request every ten seconds. The burst defaults to the limit, so
+/// `Quota::per_minute(30)` lets a fresh client send 30 requests at once and then one every two
+/// seconds.
+///
+/// Every constructor validates its input and returns a [`QuotaError`] for values that cannot
+/// work (a zero limit or burst, a zero or absurdly long period, a rate over one unit per
+/// microsecond), so a bad value fails at start-up, never at request time.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use tollgate::Quota;
+///
+/// # fn main() -> Result<(), tollgate::QuotaError> {
+/// // 30 requests per 5 minutes.
+/// let q = Quota::new(30, Duration::from_secs(300))?;
+/// assert_eq!(q, "30/5m".parse()?);
+///
+/// // 10 per second with bursts of 20.
+/// let q = Quota::per_second(10)?.burst(20)?;
+/// assert_eq!(q.burst_size(), 20);
+/// assert_eq!(q.emission_interval(), Duration::from_millis(100));
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Quota {
+    limit: NonZeroU32,
+    period: Duration,
+    burst: NonZeroU32,
+    /// `period / limit`, rounded up to a whole microsecond, in nanoseconds.
+    emission_ns: u64,
+}
+
+impl Quota {
+    /// `limit` units per `period`, with a burst equal to `limit`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when `limit` is zero, `period` is zero or longer than 366 days, or the rate is
+    /// faster than one unit per microsecond.
+    pub fn new(limit: u32, period: Duration) -> Result<Self, QuotaError> {
+        let limit = NonZeroU32::new(limit).ok_or(QuotaError::ZeroLimit)?;
+        if period.is_zero() {
+            return Err(QuotaError::ZeroPeriod);
+        }
+        if period > MAX_PERIOD {
+            return Err(QuotaError::PeriodTooLong(period));
+        }
+        // Fits: MAX_PERIOD is far below u64::MAX nanoseconds.
+        let period_ns = period.as_nanos() as u64;
+        let emission_ns = period_ns.div_ceil(u64::from(limit.get()));
+        if emission_ns < MIN_EMISSION_NS {
+            return Err(QuotaError::RateTooHigh {
+                limit: limit.get(),
+                period,
+            });
+        }
+        // Round up to whole microseconds: never faster than nominal, and every store can
+        // represent the interval exactly.
+        let emission_ns = emission_ns.div_ceil(1_000) * 1_000;
+        let quota = Quota {
+            limit,
+            period,
+            burst: limit,
+            emission_ns,
+        };
+        quota.check_span()?;
+        Ok(quota)
+    }
+
+    /// `limit` units per second. `per_second(10)` allows ten requests a second.
+    ///
+    /// # Errors
+    ///
+    /// As [`Quota::new`].
+    pub fn per_second(limit: u32) -> Result<Self, QuotaError> {
+        Self::new(limit, Duration::from_secs(1))
+    }
+
+    /// `limit` units per minute.
+    ///
+    /// # Errors
+    ///
+    /// As [`Quota::new`].
+    pub fn per_minute(limit: u32) -> Result<Self, QuotaError> {
+        Self::new(limit, Duration::from_secs(60))
+    }
+
+    /// `limit` units per hour.
+    ///
+    /// # Errors
+    ///
+    /// As [`Quota::new`].
+    pub fn per_hour(limit: u32) -> Result<Self, QuotaError> {
+        Self::new(limit, Duration::from_secs(3600))
+    }
+
+    /// `limit` units per day (86 400 seconds).
+    ///
+    /// # Errors
+    ///
+    /// As [`Quota::new`].
+    pub fn per_day(limit: u32) -> Result<Self, QuotaError> {
+        Self::new(limit, Duration::from_secs(86_400))
+    }
+
+    /// Sets how many units may be spent at once (the bucket size). The sustained rate stays
+    /// `limit` per `period`.
+    ///
+    /// # Errors
+    ///
+    /// Fails when `burst` is zero, or when a full burst would span more than ten years.
+    pub fn burst(self, burst: u32) -> Result<Self, QuotaError> {
+        let burst = NonZeroU32::new(burst).ok_or(QuotaError::ZeroBurst)?;
+        let quota = Quota { burst, ..self };
+        quota.check_span()?;
+        Ok(quota)
+    }
+
+    fn check_span(&self) -> Result<(), QuotaError> {
+        match self.emission_ns.checked_mul(u64::from(self.burst.get())) {
+            Some(span) if span <= MAX_BURST_SPAN_NS => Ok(()),
+            _ => Err(QuotaError::BurstTooLong {
+                burst: self.burst.get(),
+            }),
+        }
+    }
+
+    /// The number of units per period.
+    pub fn limit(&self) -> u32 {
+        self.limit.get()
+    }
+
+    /// The period over which `limit` units are allowed.
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+
+    /// The largest number of units a key may spend at once.
+    pub fn burst_size(&self) -> u32 {
+        self.burst.get()
+    }
+
+    /// The time it takes for one unit to be replenished: `period / limit`, rounded up to a
+    /// whole microsecond.
+    pub fn emission_interval(&self) -> Duration {
+        Duration::from_nanos(self.emission_ns)
+    }
+
+    /// The emission interval in nanoseconds.
+    pub(crate) fn emission_ns(&self) -> u64 {
+        self.emission_ns
+    }
+
+    /// `burst * emission interval` in nanoseconds: how far ahead of now a key's theoretical
+    /// arrival time may run (the GCRA's delay variation tolerance plus one interval).
+    pub(crate) fn burst_span_ns(&self) -> u64 {
+        // Checked at construction.
+        self.emission_ns * u64::from(self.burst.get())
+    }
+}
+
+impl fmt::Debug for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Quota({self})")
+    }
+}
+
+impl fmt::Display for Quota {
+    /// Formats as the string [`FromStr`] reads, with the burst when it differs from the limit:
+    /// `30/5m`, `10/s burst 20`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/", self.limit)?;
+        fmt_period(self.period, f)?;
+        if self.burst != self.limit {
+            write!(f, " burst {}", self.burst)?;
+        }
+        Ok(())
+    }
+}
+
+fn fmt_period(period: Duration, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    const UNITS: [(u128, &str); 5] = [
+        (86_400_000, "d"),
+        (3_600_000, "h"),
+        (60_000, "m"),
+        (1_000, "s"),
+        (1, "ms"),
+    ];
+    let ms = period.as_millis();
+    if period.subsec_nanos() % 1_000_000 == 0 {
+        for (unit_ms, name) in UNITS {
+            if ms % unit_ms == 0 {
+                let n = ms / unit_ms;
+                return if n == 1 {
+                    f.write_str(name)
+                } else {
+                    write!(f, "{n}{name}")
+                };
+            }
+        }
+    }
+    write!(f, "{}ns", period.as_nanos())
+}
+
+impl FromStr for Quota {
+    type Err = QuotaError;
+
+    /// Parses `"<limit>/<period>"` with an optional `" burst <n>"`.
+    ///
+    /// The period is an optional count and a unit: `ms`, `s`/`sec`/`second`, `m`/`min`/`minute`,
+    /// `h`/`hour`, `d`/`day` (plurals accepted): `"5/10s"`, `"30/5m"`, `"1000/day"`,
+    /// `"10/s burst 20"`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = |reason: &'static str| QuotaError::Parse {
+            input: truncate_for_error(s),
+            reason,
+        };
+        let (rate, burst) = match s.split_once("burst") {
+            Some((rate, burst)) => (rate, Some(burst.trim())),
+            None => (s, None),
+        };
+        let (limit, period) = rate
+            .split_once('/')
+            .ok_or_else(|| invalid("expected <limit>/<period>, for example 30/5m"))?;
+        let limit: u32 = limit
+            .trim()
+            .parse()
+            .map_err(|_| invalid("the limit is not a whole number up to 4294967295"))?;
+        let period = parse_period(period.trim()).ok_or_else(|| {
+            invalid("the period is not a duration like 10s, 5m, 1h, day or 250ms")
+        })?;
+        let quota = Quota::new(limit, period)?;
+        match burst {
+            None => Ok(quota),
+            Some(b) => {
+                let b: u32 = b
+                    .parse()
+                    .map_err(|_| invalid("the burst is not a whole number up to 4294967295"))?;
+                quota.burst(b)
+            }
+        }
+    }
+}
+
+fn parse_period(s: &str) -> Option<Duration> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (count, unit) = s.split_at(split);
+    let count: u64 = if count.is_empty() {
+        1
+    } else {
+        count.parse().ok()?
+    };
+    let unit_ms: u64 = match unit.trim() {
+        "ms" | "millis" | "millisecond" | "milliseconds" => 1,
+        "s" | "sec" | "secs" | "second" | "seconds" => 1_000,
+        "m" | "min" | "mins" | "minute" | "minutes" => 60_000,
+        "h" | "hr" | "hour" | "hours" => 3_600_000,
+        "d" | "day" | "days" => 86_400_000,
+        _ => return None,
+    };
+    Some(Duration::from_millis(count.checked_mul(unit_ms)?))
+}
+
+fn truncate_for_error(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return s.to_owned();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// Why a [`Quota`] could not be built.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum QuotaError {
+    /// The limit was zero: nothing could ever pass.
+    ZeroLimit,
+    /// The burst was zero: nothing could ever pass.
+    ZeroBurst,
+    /// The period was zero.
+    ZeroPeriod,
+    /// The period is longer than 366 days.
+    PeriodTooLong(Duration),
+    /// More than one unit per microsecond.
+    RateTooHigh {
+        /// The requested limit.
+        limit: u32,
+        /// The requested period.
+        period: Duration,
+    },
+    /// `burst * emission interval` is longer than ten years.
+    BurstTooLong {
+        /// The requested burst.
+        burst: u32,
+    },
+    /// A quota string could not be parsed.
+    Parse {
+        /// The input (shortened when long).
+        input: String,
+        /// What was wrong with it.
+        reason: &'static str,
+    },
+}
+
+impl fmt::Display for QuotaError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            QuotaError::ZeroLimit => f.write_str("quota limit must be at least 1"),
+            QuotaError::ZeroBurst => f.write_str("quota burst must be at least 1"),
+            QuotaError::ZeroPeriod => f.write_str("quota period must be longer than zero"),
+            QuotaError::PeriodTooLong(p) => {
+                write!(
+                    f,
+                    "quota period {p:?} is longer than the maximum of 366 days"
+                )
+            }
+            QuotaError::RateTooHigh { limit, period } => write!(
+                f,
+                "quota {limit} per {period:?} is faster than the maximum of one unit per microsecond per key"
+            ),
+            QuotaError::BurstTooLong { burst } => write!(
+                f,
+                "quota burst {burst} would take more than ten years to replenish"
+            ),
+            QuotaError::Parse { input, reason } => {
+                write!(f, "invalid quota {input:?}: {reason}")
+            }
+        }
+    }
+}
+
+impl Error for QuotaError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_mean_what_they_say() {
+        let q = Quota::per_second(10).unwrap();
+        assert_eq!(q.limit(), 10);
+        assert_eq!(q.period(), Duration::from_secs(1));
+        assert_eq!(q.burst_size(), 10);
+        assert_eq!(q.emission_interval(), Duration::from_millis(100));
+        assert_eq!(
+            Quota::per_minute(30).unwrap().emission_interval(),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            Quota::per_hour(3600).unwrap().emission_interval(),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            Quota::per_day(24).unwrap().emission_interval(),
+            Duration::from_secs(3600)
+        );
+    }
+
+    #[test]
+    fn emission_interval_rounds_up_to_whole_microseconds() {
+        // 3/s is 333_333.33 us: never allow faster than nominal.
+        let q = Quota::per_second(3).unwrap();
+        assert_eq!(q.emission_interval(), Duration::from_micros(333_334));
+    }
+
+    #[test]
+    fn rejects_values_that_cannot_work() {
+        assert_eq!(Quota::per_second(0), Err(QuotaError::ZeroLimit));
+        assert_eq!(Quota::new(1, Duration::ZERO), Err(QuotaError::ZeroPeriod));
+        assert!(matches!(
+            Quota::new(1, Duration::from_secs(400 * 86_400)),
+            Err(QuotaError::PeriodTooLong(_))
+        ));
+        assert!(matches!(
+            Quota::per_second(2_000_000),
+            Err(QuotaError::RateTooHigh { .. })
+        ));
+        assert_eq!(
+            Quota::per_second(1).unwrap().burst(0),
+            Err(QuotaError::ZeroBurst)
+        );
+        assert!(matches!(
+            Quota::per_day(1).unwrap().burst(u32::MAX),
+            Err(QuotaError::BurstTooLong { .. })
+        ));
+        // The largest values that do work are accepted.
+        assert!(Quota::per_second(1_000_000).is_ok());
+        assert!(Quota::new(1, MAX_PERIOD).is_ok());
+        assert!(Quota::per_second(1000).unwrap().burst(u32::MAX).is_ok());
+    }
+
+    #[test]
+    fn parses_human_readable_quotas() {
+        let cases = [
+            ("5/10s", 5, 10, 5),
+            ("30/5m", 30, 300, 30),
+            ("1000/day", 1000, 86_400, 1000),
+            ("1000/d", 1000, 86_400, 1000),
+            ("10/s burst 20", 10, 1, 20),
+            (" 3 / minute ", 3, 60, 3),
+            ("100/2hours", 100, 7200, 100),
+        ];
+        for (input, limit, secs, burst) in cases {
+            let q: Quota = input.parse().unwrap_or_else(|e| panic!("{input}: {e}"));
+            assert_eq!(q.limit(), limit, "{input}");
+            assert_eq!(q.period(), Duration::from_secs(secs), "{input}");
+            assert_eq!(q.burst_size(), burst, "{input}");
+        }
+        assert_eq!(
+            "250/250ms".parse::<Quota>().unwrap().period(),
+            Duration::from_millis(250)
+        );
+    }
+
+    #[test]
+    fn parse_errors_name_the_input_and_the_problem() {
+        let err = "five/s".parse::<Quota>().unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid quota \"five/s\": the limit is not a whole number up to 4294967295"
+        );
+        let err = "5/fortnight".parse::<Quota>().unwrap_err().to_string();
+        assert!(
+            err.contains("\"5/fortnight\"") && err.contains("period"),
+            "{err}"
+        );
+        let err = "5".parse::<Quota>().unwrap_err().to_string();
+        assert!(err.contains("expected <limit>/<period>"), "{err}");
+        assert_eq!(
+            "0/s".parse::<Quota>().unwrap_err().to_string(),
+            "quota limit must be at least 1"
+        );
+        // Overflowing periods are rejected, not wrapped.
+        assert!("1/99999999999999999d".parse::<Quota>().is_err());
+        // Megabytes of input produce a short error.
+        let huge = "9".repeat(1 << 20);
+        let err = huge.parse::<Quota>().unwrap_err().to_string();
+        assert!(err.len() < 200, "{}", err.len());
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for s in [
+            "5/10s",
+            "30/5m",
+            "1000/d",
+            "10/s burst 20",
+            "7/250ms",
+            "1/h",
+        ] {
+            let q: Quota = s.parse().unwrap();
+            assert_eq!(q.to_string(), s);
+            assert_eq!(q.to_string().parse::<Quota>().unwrap(), q);
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The responses and headers the layer writes.
+
+use std::fmt::{self, Write as _};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+
+use crate::{Decision, Quota};
+
+/// Which rate-limit header fields the layer adds to responses (allowed and limited alike).
+///
+/// `Retry-After` is always sent on 429 and 503 responses, whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RateLimitHeaders {
+    /// `RateLimit-Policy` and `RateLimit` as in draft-ietf-httpapi-ratelimit-headers-10:
+    /// `RateLimit-Policy: "hello";q=5;w=10` and `RateLimit: "hello";r=4;t=10`. The default.
+    #[default]
+    Ietf,
+    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` (Unix time in
+    /// seconds, as GitHub and express-rate-limit send it), for the binding quota.
+    Legacy,
+    /// Both of the above.
+    Both,
+    /// No rate-limit header fields.
+    None,
+}
+
+impl RateLimitHeaders {
+    fn ietf(self) -> bool {
+        matches!(self, RateLimitHeaders::Ietf | RateLimitHeaders::Both)
+    }
+
+    fn legacy(self) -> bool {
+        matches!(self, RateLimitHeaders::Legacy | RateLimitHeaders::Both)
+    }
+
+    pub(crate) fn any(self) -> bool {
+        self != RateLimitHeaders::None
+    }
+}
+
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+/// A builder of the 429 response: gets the decision, returns the response without the
+/// rate-limit headers and `Retry-After`, which the layer adds.
+pub(crate) type LimitedResponseFn = Arc<dyn Fn(&Decision) -> Response<Bytes> + Send + Sync>;
+
+/// The default 429: `text/plain` "Too Many Requests".
+pub(crate) fn default_limited(_: &Decision) -> Response<Bytes> {
+    text_response(StatusCode::TOO_MANY_REQUESTS, "Too Many Requests\n")
+}
+
+pub(crate) fn text_response(status: StatusCode, body: &'static str) -> Response<Bytes> {
+    let mut res = Response::new(Bytes::from_static(body.as_bytes()));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    res
+}
+
+/// Whole seconds, rounded up, at least 1: what `Retry-After` carries.
+pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
+    ceil_secs(wait).max(1)
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+pub(crate) fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
+    headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
+}
+
+/// The precomputed header parts of one policy.
+#[derive(Debug)]
+pub(crate) struct PolicyHeaders {
+    /// `RateLimit-Policy`, the same on every response.
+    policy: HeaderValue,
+    /// The sf-string item name of each quota, quoted.
+    items: Vec<String>,
+}
+
+impl PolicyHeaders {
+    pub(crate) fn new(name: &str, quotas: &[Quota]) -> Self {
+        let items: Vec<String> = if quotas.len() == 1 {
+            vec![sf_string(name)]
+        } else {
+            (1..=quotas.len())
+                .map(|i| sf_string(&format!("{name}-{i}")))
+                .collect()
+        };
+        let mut policy = String::new();
+        for (item, quota) in items.iter().zip(quotas) {
+            if !policy.is_empty() {
+                policy.push_str(", ");
+            }
+            let (q, w) = policy_window(quota);
+            // Writing to a String cannot fail.
+            let _ = write!(policy, "{item};q={q};w={w}");
+        }
+        let policy = HeaderValue::try_from(policy)
+            .unwrap_or_else(|_| HeaderValue::from_static("\"policy\";q=1;w=1"));
+        PolicyHeaders { policy, items }
+    }
+
+    /// Adds the headers for `decision` (the layer has already set `Retry-After` when limited).
+    pub(crate) fn apply(
+        &self,
+        mode: RateLimitHeaders,
+        decision: &Decision,
+        headers: &mut HeaderMap,
+    ) {
+        if mode.ietf() {
+            headers.append(RATELIMIT_POLICY.clone(), self.policy.clone());
+            let mut value = String::with_capacity(32 * self.items.len());
+            for (item, state) in self.items.iter().zip(decision.states()) {
+                if !value.is_empty() {
+                    value.push_str(", ");
+                }
+                // A refused quota says when the request can be retried, as Retry-After does (the
+                // draft asks that Retry-After never point before `t`); the others say when they
+                // are full again.
+                let t = if state.is_allowed() {
+                    ceil_secs(state.reset_after())
+                } else {
+                    retry_after_secs(state.retry_after())
+                };
+                let _ = write!(value, "{item};r={};t={t}", state.remaining());
+            }
+            if let Ok(v) = HeaderValue::try_from(value) {
+                headers.append(RATELIMIT.clone(), v);
+            }
+        }
+        if mode.legacy() {
+            if let Some(binding) = decision.binding() {
+                let wait = if binding.is_allowed() {
+                    ceil_secs(binding.reset_after())
+                } else {
+                    retry_after_secs(binding.retry_after())
+                };
+                let now = SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                headers.insert(X_LIMIT.clone(), HeaderValue::from(binding.quota().limit()));
+                headers.insert(X_REMAINING.clone(), HeaderValue::from(binding.remaining()));
+                headers.insert(X_RESET.clone(), HeaderValue::from(now + wait));
+            }
+        }
+    }
+}
+
+/// The `q` and `w` a quota is advertised with: a full burst, and the whole seconds it takes to
+/// replenish it (rounded, at least 1). For a quota whose burst equals its limit that is exactly
+/// the limit and the period.
+pub(crate) fn policy_window(quota: &Quota) -> (u32, u64) {
+    let span = quota.emission_interval() * quota.burst_size();
+    let w = (span.as_millis() + 500) / 1000;
+    (
+        quota.burst_size(),
+        u64::try_from(w).unwrap_or(u64::MAX).max(1),
+    )
+}
+
+/// An RFC 9651 sf-string: printable ASCII, with `"` and `\` escaped; anything else becomes `_`.
+fn sf_string(s: &str) -> String {
+    struct Sf<'a>(&'a str);
+    impl fmt::Display for Sf<'_> {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_char('"')?;
+            for c in self.0.chars() {
+                match c {
+                    '"' | '\\' => {
+                        f.write_char('\\')?;
+                        f.write_char(c)?;
+                    }
+                    ' '..='~' => f.write_char(c)?,
+                    _ => f.write_char('_')?,
+                }
+            }
+            f.write_char('"')
+        }
+    }
+    Sf(s).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::QuotaState;
+
+    #[test]
+    fn retry_after_is_whole_seconds_rounded_up_and_at_least_one() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_nanos(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1000)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(7)), 7);
+    }
+
+    #[test]
+    fn sf_strings_are_escaped() {
+        assert_eq!(sf_string("hello"), "\"hello\"");
+        assert_eq!(sf_string("a\"b\\c"), "\"a\\\"b\\\\c\"");
+        assert_eq!(sf_string("é\n"), "\"__\"");
+    }
+
+    #[test]
+    fn policy_advertises_a_full_burst_and_its_replenish_time() {
+        let q = |s: &str| s.parse::<Quota>().unwrap();
+        assert_eq!(policy_window(&q("5/10s")), (5, 10));
+        assert_eq!(policy_window(&q("10/s burst 20")), (20, 2));
+        // 3/s is 3 x 333 334 us: still w=1.
+        assert_eq!(policy_window(&q("3/s")), (3, 1));
+        assert_eq!(policy_window(&q("100/100ms")), (100, 1));
+        let h = PolicyHeaders::new("export", &[q("2/s"), q("20/m")]);
+        assert_eq!(h.policy, "\"export-1\";q=2;w=1, \"export-2\";q=20;w=60");
+    }
+
+    #[test]
+    fn ietf_headers_on_allowed_and_limited_decisions() {
+        let quota: Quota = "5/10s".parse().unwrap();
+        let h = PolicyHeaders::new("hello", &[quota]);
+        let allowed = Decision::from_states([QuotaState::new(
+            quota,
+            true,
+            4,
+            Duration::from_millis(2000),
+            Duration::ZERO,
+        )]);
+        let mut headers = HeaderMap::new();
+        h.apply(RateLimitHeaders::Ietf, &allowed, &mut headers);
+        assert_eq!(headers["ratelimit-policy"], "\"hello\";q=5;w=10");
+        assert_eq!(headers["ratelimit"], "\"hello\";r=4;t=2");
+        assert!(headers.get("x-ratelimit-limit").is_none());
+
+        let limited = Decision::from_states([QuotaState::new(
+            quota,
+            false,
+            0,
+            Duration::from_secs(10),
+            Duration::from_millis(1500),
+        )]);
+        let mut headers = HeaderMap::new();
+        h.apply(RateLimitHeaders::Both, &limited, &mut headers);
+        assert_eq!(headers["ratelimit"], "\"hello\";r=0;t=2");
+        assert_eq!(headers["x-ratelimit-limit"], "5");
+        assert_eq!(headers["x-ratelimit-remaining"], "0");
+        let reset: u64 = headers["x-ratelimit-reset"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!((now + 1..=now + 3).contains(&reset), "{reset} vs {now}");
+
+        let mut headers = HeaderMap::new();
+        h.apply(RateLimitHeaders::None, &limited, &mut headers);
+        assert!(headers.is_empty());
+    }
+}

@@ -1,0 +1,171 @@
+//! Stores: where the state of every key lives, and the one question the layer asks them.
+//!
+//! [`MemoryStore`] keeps state in this process. The `tollgate-redis` crate keeps it in Redis, so
+//! that every instance of a service shares one limit. Both run the same algorithm with the same
+//! semantics.
+
+mod memory;
+
+use std::error::Error;
+use std::fmt;
+use std::future::Future;
+
+pub use memory::MemoryStore;
+
+use crate::{Decision, Key, Quota};
+
+/// Decides whether a key may spend `cost` units under every quota of a policy.
+///
+/// A store must decide all quotas of one call atomically: the request passes only when every
+/// quota allows it, and a refused request spends from none of them.
+///
+/// The future is an associated type so that stores that answer at once (like [`MemoryStore`],
+/// which returns [`std::future::Ready`]) cost no boxing and no allocation; network stores box.
+/// The future must not borrow the key or the quotas.
+pub trait Store {
+    /// The future of one decision.
+    type Future: Future<Output = Result<Decision, StoreError>>;
+
+    /// Decides one request.
+    ///
+    /// `cost` is at least 0; a cost above a quota's burst can never pass and is reported as
+    /// [`StoreErrorKind::CostExceedsBurst`], not as a limit.
+    fn check(&self, key: &Key<'_>, quotas: &[Quota], cost: u32) -> Self::Future;
+}
+
+/// Why a store could not decide.
+#[derive(Debug)]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    source: Option<Box<dyn Error + Send + Sync>>,
+}
+
+/// The kinds of [`StoreError`]. Each has a short, stable [`reason`](StoreErrorKind::reason) used
+/// as a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// The store did not answer before its deadline.
+    Timeout,
+    /// The store could not be reached (connection refused, closed, not yet connected).
+    Unavailable,
+    /// The store is known to be down and was not asked (circuit breaker open).
+    CircuitOpen,
+    /// The store's script failed.
+    Script,
+    /// The store answered something that is not a valid decision.
+    InvalidResponse,
+    /// The request costs more than a quota's burst: it can never pass.
+    CostExceedsBurst {
+        /// The cost of the request.
+        cost: u32,
+        /// The smallest burst among the quotas.
+        burst: u32,
+    },
+    /// Anything else.
+    Other,
+}
+
+impl StoreErrorKind {
+    /// The metric label for this kind: `timeout`, `unavailable`, `circuit_open`,
+    /// `script_error`, `invalid_response`, `cost_exceeds_burst` or `other`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StoreErrorKind::Timeout => "timeout",
+            StoreErrorKind::Unavailable => "unavailable",
+            StoreErrorKind::CircuitOpen => "circuit_open",
+            StoreErrorKind::Script => "script_error",
+            StoreErrorKind::InvalidResponse => "invalid_response",
+            StoreErrorKind::CostExceedsBurst { .. } => "cost_exceeds_burst",
+            StoreErrorKind::Other => "other",
+        }
+    }
+
+    /// Every reason a store failure can be counted under (everything but
+    /// [`CostExceedsBurst`](StoreErrorKind::CostExceedsBurst), which is not a failure of the
+    /// store).
+    pub const FAILURE_REASONS: [&'static str; 6] = [
+        "timeout",
+        "unavailable",
+        "circuit_open",
+        "script_error",
+        "invalid_response",
+        "other",
+    ];
+}
+
+impl StoreError {
+    /// An error of this kind.
+    pub fn new(kind: StoreErrorKind) -> Self {
+        StoreError { kind, source: None }
+    }
+
+    /// An error of this kind, caused by `source`.
+    pub fn with_source(
+        kind: StoreErrorKind,
+        source: impl Into<Box<dyn Error + Send + Sync>>,
+    ) -> Self {
+        StoreError {
+            kind,
+            source: Some(source.into()),
+        }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+
+    /// Checks `cost` against the quotas: the error every store returns for a request that
+    /// could never pass.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreErrorKind::CostExceedsBurst`] when `cost` is above the smallest burst.
+    pub fn check_cost(quotas: &[Quota], cost: u32) -> Result<(), StoreError> {
+        match quotas.iter().map(Quota::burst_size).min() {
+            Some(burst) if cost > burst => Err(StoreError::new(StoreErrorKind::CostExceedsBurst {
+                cost,
+                burst,
+            })),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            StoreErrorKind::Timeout => f.write_str("rate-limit store timed out"),
+            StoreErrorKind::Unavailable => f.write_str("rate-limit store unavailable"),
+            StoreErrorKind::CircuitOpen => {
+                f.write_str("rate-limit store not asked: circuit breaker open")
+            }
+            StoreErrorKind::Script => f.write_str("rate-limit store script failed"),
+            StoreErrorKind::InvalidResponse => {
+                f.write_str("rate-limit store answered an invalid decision")
+            }
+            StoreErrorKind::CostExceedsBurst { cost, burst } => write!(
+                f,
+                "request cost {cost} exceeds the burst of {burst}: it can never pass"
+            ),
+            StoreErrorKind::Other => f.write_str("rate-limit store failed"),
+        }?;
+        if let Some(source) = &self.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Error for StoreError {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.source.as_deref().map(|e| e as &(dyn Error + 'static))
+    }
+}
+
+impl From<StoreErrorKind> for StoreError {
+    fn from(kind: StoreErrorKind) -> Self {
+        StoreError::new(kind)
+    }
+}
