@@ -23,7 +23,8 @@ use siphasher::sip128::{Hasher128, SipHasher13};
 /// bloat a store.
 pub const MAX_USER_LEN: usize = 128;
 
-/// The identity a request spends budget under: `<route>:<ip>:<user?>`.
+/// The identity a request spends budget under: `<route>:<ip>:<user?>`, in the namespace of one
+/// policy.
 ///
 /// A key borrows from the request it was built from; stores copy what they need.
 ///
@@ -35,23 +36,31 @@ pub const MAX_USER_LEN: usize = 128;
 /// use tollgate::Key;
 ///
 /// let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
-/// let a = Key::new("/x", Some(ip), Some("a:b"));
-/// let b = Key::new("/x", Some(ip), Some("a%3Ab"));
+/// let a = Key::new("p", "/x", Some(ip), Some("a:b"));
+/// let b = Key::new("p", "/x", Some(ip), Some("a%3Ab"));
 /// assert_eq!(a.to_string(), "/x:192.0.2.7:a%3Ab");
 /// assert_eq!(b.to_string(), "/x:192.0.2.7:a%253Ab");
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Key<'a> {
+    policy: &'a str,
     route: &'a str,
     ip: Option<IpAddr>,
     user: Option<Cow<'a, str>>,
 }
 
 impl<'a> Key<'a> {
-    /// Builds a key. An empty user is the same as no user; a user longer than
-    /// [`MAX_USER_LEN`] bytes is replaced by `~` and the hex of the first 16 bytes of its
-    /// SHA-256, so its length is bounded.
-    pub fn new(route: &'a str, ip: Option<IpAddr>, user: Option<impl Into<Cow<'a, str>>>) -> Self {
+    /// Builds a key in the namespace of the policy named `policy`.
+    ///
+    /// An empty user is the same as no user; a user longer than [`MAX_USER_LEN`] bytes is
+    /// replaced by `~` and the hex of the first 16 bytes of its SHA-256, so its length is
+    /// bounded.
+    pub fn new(
+        policy: &'a str,
+        route: &'a str,
+        ip: Option<IpAddr>,
+        user: Option<impl Into<Cow<'a, str>>>,
+    ) -> Self {
         let user = user.map(Into::into).filter(|u| !u.is_empty()).map(|u| {
             if u.len() > MAX_USER_LEN {
                 Cow::Owned(digest_user(&u))
@@ -59,7 +68,18 @@ impl<'a> Key<'a> {
                 u
             }
         });
-        Key { route, ip, user }
+        Key {
+            policy,
+            route,
+            ip,
+            user,
+        }
+    }
+
+    /// The name of the policy whose state this key addresses. Two policies never share state,
+    /// even on the same route (for example one for `GET` and one for `POST`).
+    pub fn policy(&self) -> &str {
+        self.policy
     }
 
     /// The route part: a route template or a policy name.
@@ -80,6 +100,8 @@ impl<'a> Key<'a> {
     /// A 128-bit keyed hash of the key: what the memory store indexes by.
     pub(crate) fn hash128(&self, k0: u64, k1: u64) -> u128 {
         let mut h = SipHasher13::new_with_keys(k0, k1);
+        h.write_usize(self.policy.len());
+        h.write(self.policy.as_bytes());
         h.write_usize(self.route.len());
         h.write(self.route.as_bytes());
         match self.ip {
@@ -166,7 +188,8 @@ impl fmt::Debug for Key<'_> {
 /// Where the client address of a request comes from.
 ///
 /// By default it is the socket peer: axum's `ConnectInfo<SocketAddr>` (serve with
-/// `into_make_service_with_connect_info::<SocketAddr>()`), or a plain [`SocketAddr`] request
+/// `into_make_service_with_connect_info::<SocketAddr>()`; axum's `MockConnectInfo` works in
+/// tests), or a plain [`SocketAddr`] request
 /// extension for other servers. Forwarding headers are never read unless the operator names the
 /// proxies to trust (a later release adds that here, keeping this type).
 #[derive(Debug, Clone, Default)]
@@ -188,10 +211,16 @@ impl ClientIp {
 
 fn peer_addr(ext: &Extensions) -> Option<SocketAddr> {
     #[cfg(feature = "axum")]
-    if let Some(axum::extract::ConnectInfo(addr)) =
-        ext.get::<axum::extract::ConnectInfo<SocketAddr>>()
     {
-        return Some(*addr);
+        use axum::extract::ConnectInfo;
+        use axum::extract::connect_info::MockConnectInfo;
+        if let Some(ConnectInfo(addr)) = ext.get::<ConnectInfo<SocketAddr>>() {
+            return Some(*addr);
+        }
+        // What axum's own `ConnectInfo` extractor falls back to in tests.
+        if let Some(MockConnectInfo(addr)) = ext.get::<MockConnectInfo<SocketAddr>>() {
+            return Some(*addr);
+        }
     }
     ext.get::<SocketAddr>().copied()
 }
@@ -374,26 +403,26 @@ mod tests {
     fn separators_cannot_make_two_clients_share_a_key() {
         let pairs = [
             (
-                Key::new("/a:b", Some(IP), None::<&str>),
-                Key::new("/a", Some(IP), Some("b")),
+                Key::new("p", "/a:b", Some(IP), None::<&str>),
+                Key::new("p", "/a", Some(IP), Some("b")),
             ),
             (
-                Key::new("/a", Some(IP), Some("x:y")),
-                Key::new("/a", Some(IP), Some("x%3Ay")),
+                Key::new("p", "/a", Some(IP), Some("x:y")),
+                Key::new("p", "/a", Some(IP), Some("x%3Ay")),
             ),
             (
-                Key::new("/a", None, Some("{t}")),
-                Key::new("/a", None, Some("%7Bt%7D")),
+                Key::new("p", "/a", None, Some("{t}")),
+                Key::new("p", "/a", None, Some("%7Bt%7D")),
             ),
         ];
         for (a, b) in pairs {
             assert_ne!(a.to_string(), b.to_string());
             assert_ne!(a.hash128(1, 2), b.hash128(1, 2));
         }
-        let v6 = Key::new("/a", Some(IpAddr::V6(Ipv6Addr::LOCALHOST)), Some("u"));
+        let v6 = Key::new("p", "/a", Some(IpAddr::V6(Ipv6Addr::LOCALHOST)), Some("u"));
         assert_eq!(v6.to_string(), "/a:::1:u");
         assert_eq!(
-            Key::new("/users/{id}", None, Some("é")).to_string(),
+            Key::new("p", "/users/{id}", None, Some("é")).to_string(),
             "/users/%7Bid%7D:-:%C3%A9"
         );
     }
@@ -401,18 +430,18 @@ mod tests {
     #[test]
     fn huge_user_parts_are_bounded() {
         let huge = "u".repeat(4 << 20);
-        let key = Key::new("/a", Some(IP), Some(huge.as_str()));
+        let key = Key::new("p", "/a", Some(IP), Some(huge.as_str()));
         let user = key.user().unwrap();
         assert_eq!(user.len(), 33);
         assert!(user.starts_with('~'));
         assert!(key.to_string().len() < 64);
         // Distinct long users stay distinct.
         let other = "u".repeat((4 << 20) + 1);
-        assert_ne!(key, Key::new("/a", Some(IP), Some(other.as_str())));
+        assert_ne!(key, Key::new("p", "/a", Some(IP), Some(other.as_str())));
         // Short users are kept as they are.
         let exact = "v".repeat(MAX_USER_LEN);
         assert_eq!(
-            Key::new("/a", None, Some(exact.as_str())).user(),
+            Key::new("p", "/a", None, Some(exact.as_str())).user(),
             Some(exact.as_str())
         );
     }
@@ -420,8 +449,8 @@ mod tests {
     #[test]
     fn empty_user_is_no_user() {
         assert_eq!(
-            Key::new("/a", Some(IP), Some("")),
-            Key::new("/a", Some(IP), None::<&str>)
+            Key::new("p", "/a", Some(IP), Some("")),
+            Key::new("p", "/a", Some(IP), None::<&str>)
         );
     }
 

@@ -244,6 +244,8 @@ pub(crate) struct Shared<St, U> {
     pub(crate) store: St,
     user: U,
     client_ip: ClientIp,
+    // Matched against axum's `MatchedPath`; without axum only the default policy applies.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
     routes: HashMap<String, RouteEntry>,
     default: Option<Arc<CompiledPolicy>>,
     pub(crate) missing_key: MissingKey,
@@ -280,7 +282,7 @@ impl<St, U: UserKey> Shared<St, U> {
             return Keyed::Missing(policy);
         }
         let user = self.user.user_key(req.headers(), req.extensions());
-        Keyed::Key(policy, Key::new(route, ip, user))
+        Keyed::Key(policy, Key::new(policy.name(), route, ip, user))
     }
 
     fn policy_for<'a, B>(
@@ -302,6 +304,8 @@ impl<St, U: UserKey> Shared<St, U> {
             }
             return self.default.as_ref().map(|p| (p, Some(matched)));
         }
+        #[cfg(not(feature = "axum"))]
+        let _ = req;
         self.default.as_ref().map(|p| (p, None))
     }
 

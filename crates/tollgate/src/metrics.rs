@@ -127,6 +127,7 @@ impl PolicyCounters {
         }
     }
 
+    #[cfg_attr(not(feature = "metrics"), allow(clippy::unused_self))]
     pub(crate) fn outcome(&self, outcome: Outcome) {
         #[cfg(feature = "metrics")]
         self.decisions[outcome as usize].increment(1);
@@ -134,6 +135,7 @@ impl PolicyCounters {
         let _ = outcome;
     }
 
+    #[cfg_attr(not(feature = "metrics"), allow(clippy::unused_self))]
     pub(crate) fn failure(&self, open: bool, kind: crate::StoreErrorKind) {
         #[cfg(feature = "metrics")]
         {

@@ -48,7 +48,7 @@ const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// let clock = ManualClock::new();
 /// let store = MemoryStore::builder().clock(clock.clone()).max_keys(10_000).build();
 /// let quota = [Quota::per_second(2).unwrap()];
-/// let key = Key::new("/hello", None, None::<&str>);
+/// let key = Key::new("api", "/hello", None, None::<&str>);
 ///
 /// assert!(store.decide(&key, &quota, 1).unwrap().is_allowed());
 /// assert!(store.decide(&key, &quota, 1).unwrap().is_allowed());
@@ -357,7 +357,7 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     fn key(i: u32) -> Key<'static> {
-        Key::new("/r", Some(IpAddr::V4(Ipv4Addr::from(i))), None::<&str>)
+        Key::new("p", "/r", Some(IpAddr::V4(Ipv4Addr::from(i))), None::<&str>)
     }
 
     fn store(clock: &ManualClock, max_keys: usize) -> MemoryStore<ManualClock> {
@@ -395,7 +395,7 @@ mod tests {
         assert!(s.decide(&k, &q, 1).unwrap().is_allowed());
         let third = s.decide(&k, &q, 1).unwrap();
         assert!(third.is_limited());
-        assert!(third.states()[0].is_allowed() == false && third.states()[1].is_allowed());
+        assert!(!third.states()[0].is_allowed() && third.states()[1].is_allowed());
         clock.advance(Duration::from_secs(1));
         assert!(s.decide(&k, &q, 1).unwrap().is_allowed());
         // The per-minute quota is now spent; the per-second one refills but must not be spent

@@ -1,0 +1,485 @@
+//! The layer through `ServiceBuilder` + `oneshot`, with a manual clock and stores that fail on
+//! demand.
+
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use metrics_util::debugging::DebuggingRecorder;
+use tollgate::clock::ManualClock;
+use tollgate::{
+    Decision, FailureMode, MemoryStore, MissingKey, Policy, Quota, RateLimitHeaders,
+    RateLimitLayer, StoreErrorKind,
+};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+use support::{Counters, FlakyStore};
+
+const PEER: ([u8; 4], u16) = ([192, 0, 2, 10], 50_000);
+
+fn request_from(peer: impl Into<SocketAddr>) -> Request<()> {
+    let mut req = Request::new(());
+    req.extensions_mut().insert(peer.into());
+    req
+}
+
+fn request() -> Request<()> {
+    request_from(PEER)
+}
+
+/// An inner service that counts its calls and answers 200.
+fn counting() -> (
+    Arc<AtomicUsize>,
+    impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
+    + Clone
+    + Send,
+) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&calls);
+    let svc = tower::service_fn(move |_req: Request<()>| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, Infallible>(Response::new(Full::from("ok"))) }
+    });
+    (calls, svc)
+}
+
+fn quota(s: &str) -> Quota {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn limits_and_recovers_with_the_clock() {
+    let clock = ManualClock::new();
+    let (calls, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(MemoryStore::with_clock(clock.clone()))
+                .policy(Policy::new("api", quota("2/s"))),
+        )
+        .service(inner);
+
+    for remaining in [1, 0] {
+        let res = svc.clone().oneshot(request()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["ratelimit-policy"], "\"api\";q=2;w=1");
+        assert_eq!(
+            res.headers()["ratelimit"],
+            format!("\"api\";r={remaining};t=1").as_str()
+        );
+    }
+    let res = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    // 500 ms, rounded up to a whole second.
+    assert_eq!(res.headers()["retry-after"], "1");
+    assert_eq!(res.headers()["ratelimit"], "\"api\";r=0;t=1");
+    assert_eq!(
+        res.into_body().collect().await.unwrap().to_bytes(),
+        "Too Many Requests\n"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "a limited request reached the service"
+    );
+
+    // Another client has its own budget.
+    let other = svc
+        .clone()
+        .oneshot(request_from(([192, 0, 2, 11], 1)))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::OK);
+
+    clock.advance(Duration::from_millis(499));
+    let res = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    clock.advance(Duration::from_millis(1));
+    assert_eq!(
+        svc.oneshot(request()).await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn retry_after_is_rounded_up_from_the_exact_wait() {
+    let clock = ManualClock::new();
+    let (_, inner) = counting();
+    // One per 10 seconds: the second request must wait 10 s; after 2.5 s it must wait 7.5 s,
+    // which is sent as 8.
+    let svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(MemoryStore::with_clock(clock.clone()))
+                .policy(Policy::new("slow", quota("1/10s"))),
+        )
+        .service(inner);
+    svc.clone().oneshot(request()).await.unwrap();
+    let res = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(res.headers()["retry-after"], "10");
+    clock.advance(Duration::from_millis(2500));
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.headers()["retry-after"], "8");
+}
+
+#[tokio::test]
+async fn poll_ready_is_forwarded_and_never_limits() {
+    let layer = RateLimitLayer::new(MemoryStore::new()).policy(Policy::new("api", quota("1/h")));
+    let (mut svc, mut handle) =
+        tower_test::mock::spawn_layer::<Request<()>, Response<Full<Bytes>>, _>(layer);
+
+    handle.allow(0);
+    tokio_test_pending(&mut svc);
+    handle.allow(1);
+    assert!(svc.poll_ready().is_ready());
+}
+
+fn tokio_test_pending<T: Service<Request<()>>>(svc: &mut tower_test::mock::Spawn<T>) {
+    assert!(
+        svc.poll_ready().is_pending(),
+        "poll_ready should be pending"
+    );
+}
+
+#[tokio::test]
+async fn decision_is_available_to_the_handler() {
+    let svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(MemoryStore::new()).policy(Policy::new("api", quota("5/m"))))
+        .service_fn(|req: Request<()>| async move {
+            let d = req.extensions().get::<Decision>().cloned().unwrap();
+            let body = format!("{} of {}", d.remaining(), d.limit());
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(body)))
+        });
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(
+        res.into_body().collect().await.unwrap().to_bytes(),
+        "4 of 5"
+    );
+}
+
+#[tokio::test]
+async fn header_modes() {
+    let cases = [
+        (RateLimitHeaders::Ietf, true, false),
+        (RateLimitHeaders::Legacy, false, true),
+        (RateLimitHeaders::Both, true, true),
+        (RateLimitHeaders::None, false, false),
+    ];
+    for (mode, ietf, legacy) in cases {
+        let (_, inner) = counting();
+        let svc = ServiceBuilder::new()
+            .layer(
+                RateLimitLayer::new(MemoryStore::new())
+                    .policy(Policy::new("api", quota("1/m")))
+                    .headers(mode),
+            )
+            .service(inner);
+        for status in [StatusCode::OK, StatusCode::TOO_MANY_REQUESTS] {
+            let res = svc.clone().oneshot(request()).await.unwrap();
+            assert_eq!(res.status(), status);
+            let h = res.headers();
+            assert_eq!(h.contains_key("ratelimit"), ietf, "{mode:?}");
+            assert_eq!(h.contains_key("ratelimit-policy"), ietf, "{mode:?}");
+            assert_eq!(h.contains_key("x-ratelimit-remaining"), legacy, "{mode:?}");
+            // Retry-After is not optional on a 429.
+            assert_eq!(
+                h.contains_key("retry-after"),
+                status != StatusCode::OK,
+                "{mode:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn custom_limited_response() {
+    let (_, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(MemoryStore::new())
+                .policy(Policy::new("api", quota("1/m")))
+                .limited_response(|d| {
+                    Response::builder()
+                        .status(StatusCode::SERVICE_UNAVAILABLE)
+                        .header("content-type", "application/json")
+                        .body(Bytes::from(format!("{{\"limit\":{}}}", d.limit())))
+                        .unwrap()
+                }),
+        )
+        .service(inner);
+    svc.clone().oneshot(request()).await.unwrap();
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()["content-type"], "application/json");
+    assert_eq!(res.headers()["retry-after"], "60");
+    assert_eq!(
+        res.into_body().collect().await.unwrap().to_bytes(),
+        "{\"limit\":1}"
+    );
+}
+
+#[tokio::test]
+async fn fail_open_lets_requests_through_and_counts_them() {
+    let recorder = DebuggingRecorder::new();
+    let counters = Counters::new(recorder.snapshotter());
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let clock = ManualClock::new();
+    let store = FlakyStore::new(&clock);
+    let (calls, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(store.clone()).policy(Policy::new("api", quota("1/m"))))
+        .service(inner);
+
+    // Registered at zero when the layer is applied, before any failure.
+    for reason in ["timeout", "unavailable", "circuit_open", "script_error"] {
+        assert_eq!(
+            counters.get(
+                "ratelimit_fail_open_total",
+                &[("policy", "api"), ("reason", reason)]
+            ),
+            Some(0),
+            "{reason}"
+        );
+    }
+
+    store.fail_with(Some(StoreErrorKind::Timeout));
+    for _ in 0..3 {
+        let res = svc.clone().oneshot(request()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        // No decision, so no rate-limit headers.
+        assert!(!res.headers().contains_key("ratelimit"));
+    }
+    store.fail_with(Some(StoreErrorKind::Unavailable));
+    svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+
+    let fail_open = |reason| {
+        counters.get(
+            "ratelimit_fail_open_total",
+            &[("policy", "api"), ("reason", reason)],
+        )
+    };
+    assert_eq!(fail_open("timeout"), Some(3));
+    assert_eq!(fail_open("unavailable"), Some(1));
+    assert_eq!(
+        counters.get(
+            "ratelimit_requests_total",
+            &[("policy", "api"), ("decision", "fail_open")]
+        ),
+        Some(4)
+    );
+
+    // Once the store answers again, limiting resumes.
+    store.fail_with(None);
+    assert_eq!(
+        svc.clone().oneshot(request()).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        svc.oneshot(request()).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        counters.get(
+            "ratelimit_requests_total",
+            &[("policy", "api"), ("decision", "limited")]
+        ),
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn fail_closed_answers_503_without_calling_the_service() {
+    let recorder = DebuggingRecorder::new();
+    let counters = Counters::new(recorder.snapshotter());
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let store = FlakyStore::new(&ManualClock::new());
+    let (calls, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(store.clone())
+                .policy(Policy::new("login", quota("3/m")).failure_mode(FailureMode::Closed))
+                .unavailable_retry_after(Duration::from_secs(7)),
+        )
+        .service(inner);
+    store.fail_with(Some(StoreErrorKind::Script));
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()["retry-after"], "7");
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        counters.get(
+            "ratelimit_fail_closed_total",
+            &[("policy", "login"), ("reason", "script_error")]
+        ),
+        Some(1)
+    );
+    assert_eq!(
+        counters.get(
+            "ratelimit_fail_open_total",
+            &[("policy", "login"), ("reason", "script_error")]
+        ),
+        Some(0)
+    );
+}
+
+#[tokio::test]
+async fn a_cost_above_the_burst_is_an_error_not_a_stream_of_429s() {
+    let recorder = DebuggingRecorder::new();
+    let counters = Counters::new(recorder.snapshotter());
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let store = FlakyStore::new(&ManualClock::new());
+    let (calls, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(store.clone()).policy(Policy::new("bulk", quota("5/s")).cost(6)))
+        .service(inner);
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(!res.headers().contains_key("retry-after"));
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        store.calls(),
+        0,
+        "the store was asked a question with no answer"
+    );
+    assert_eq!(
+        counters.get(
+            "ratelimit_requests_total",
+            &[("policy", "bulk"), ("decision", "over_capacity")]
+        ),
+        Some(1)
+    );
+}
+
+#[tokio::test]
+async fn store_reporting_a_cost_above_the_burst_is_not_a_store_failure() {
+    // A store may also detect it (the cost check lives in the store too).
+    let store = FlakyStore::new(&ManualClock::new());
+    store.fail_with(Some(StoreErrorKind::CostExceedsBurst { cost: 9, burst: 2 }));
+    let (calls, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(store).policy(Policy::new("api", quota("2/s"))))
+        .service(inner);
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn requests_without_a_peer_address() {
+    let recorder = DebuggingRecorder::new();
+    let counters = Counters::new(recorder.snapshotter());
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let layer = |missing| {
+        RateLimitLayer::new(MemoryStore::new())
+            .policy(Policy::new("api", quota("1/m")))
+            .missing_key(missing)
+    };
+
+    // Allow (the default): they pass, counted as unkeyed.
+    let (calls, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(layer(MissingKey::Allow))
+        .service(inner);
+    for _ in 0..3 {
+        let res = svc.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        counters.get(
+            "ratelimit_requests_total",
+            &[("policy", "api"), ("decision", "unkeyed")]
+        ),
+        Some(3)
+    );
+
+    // Reject: 500, the service is not called.
+    let (calls, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(layer(MissingKey::Reject))
+        .service(inner);
+    let res = svc.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+
+    // Shared: all of them share one budget.
+    let (_, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(layer(MissingKey::Shared))
+        .service(inner);
+    assert_eq!(
+        svc.clone()
+            .oneshot(Request::new(()))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        svc.clone()
+            .oneshot(Request::new(()))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // Keyed requests keep their own budget.
+    assert_eq!(
+        svc.oneshot(request()).await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn a_layer_without_policies_limits_nothing() {
+    let (calls, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(MemoryStore::new()))
+        .service(inner);
+    for _ in 0..100 {
+        let res = svc.clone().oneshot(request()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(!res.headers().contains_key("ratelimit"));
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 100);
+}
+
+#[tokio::test]
+async fn several_quotas_are_reported_and_enforced_together() {
+    let clock = ManualClock::new();
+    let (calls, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(MemoryStore::with_clock(clock.clone()))
+                .policy(Policy::new("export", quota("2/s")).add_quota(quota("3/m"))),
+        )
+        .service(inner);
+    let res = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(
+        res.headers()["ratelimit-policy"],
+        "\"export-1\";q=2;w=1, \"export-2\";q=3;w=60"
+    );
+    assert_eq!(
+        res.headers()["ratelimit"],
+        "\"export-1\";r=1;t=1, \"export-2\";r=2;t=20"
+    );
+    svc.clone().oneshot(request()).await.unwrap();
+    clock.advance(Duration::from_secs(1));
+    svc.clone().oneshot(request()).await.unwrap();
+    clock.advance(Duration::from_secs(1));
+    // The per-second quota allows, the per-minute one does not.
+    let res = svc.oneshot(request()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.headers()["retry-after"], "18");
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}

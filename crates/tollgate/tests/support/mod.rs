@@ -1,0 +1,90 @@
+//! Helpers shared by the layer tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::HashMap;
+use std::future::{Ready, ready};
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use metrics_util::debugging::{DebugValue, Snapshotter};
+use tollgate::clock::ManualClock;
+use tollgate::{Decision, Key, MemoryStore, Quota, Store, StoreError, StoreErrorKind};
+
+/// A store that answers like a memory store until told to fail.
+#[derive(Clone)]
+pub struct FlakyStore {
+    memory: MemoryStore<ManualClock>,
+    failure: Arc<Mutex<Option<StoreErrorKind>>>,
+    calls: Arc<Mutex<usize>>,
+}
+
+impl FlakyStore {
+    pub fn new(clock: &ManualClock) -> Self {
+        FlakyStore {
+            memory: MemoryStore::with_clock(clock.clone()),
+            failure: Arc::default(),
+            calls: Arc::default(),
+        }
+    }
+
+    /// From now on every call fails with `kind` (or succeeds again with `None`).
+    pub fn fail_with(&self, kind: Option<StoreErrorKind>) {
+        *self.failure.lock().unwrap() = kind;
+    }
+
+    pub fn calls(&self) -> usize {
+        *self.calls.lock().unwrap()
+    }
+}
+
+impl Store for FlakyStore {
+    type Future = Ready<Result<Decision, StoreError>>;
+
+    fn check(&self, key: &Key<'_>, quotas: &[Quota], cost: u32) -> Self::Future {
+        *self.calls.lock().unwrap() += 1;
+        match *self.failure.lock().unwrap() {
+            Some(kind) => ready(Err(StoreError::with_source(
+                kind,
+                std::io::Error::other("injected failure"),
+            ))),
+            None => self.memory.check(key, quotas, cost),
+        }
+    }
+}
+
+/// Reads counters from a `DebuggingRecorder`, whose snapshots reset counters to zero: this
+/// keeps the running totals.
+pub struct Counters {
+    snapshotter: Snapshotter,
+    totals: Mutex<HashMap<String, u64>>,
+}
+
+impl Counters {
+    pub fn new(snapshotter: Snapshotter) -> Self {
+        Counters {
+            snapshotter,
+            totals: Mutex::default(),
+        }
+    }
+
+    /// The total of a counter with exactly these labels, or `None` when it was never
+    /// registered.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+        let mut totals = self.totals.lock().unwrap();
+        for (key, _, _, value) in self.snapshotter.snapshot().into_vec() {
+            if let DebugValue::Counter(v) = value {
+                let key = key.key();
+                let labels: Vec<(&str, &str)> =
+                    key.labels().map(|l| (l.key(), l.value())).collect();
+                *totals.entry(id(key.name(), &labels)).or_default() += v;
+            }
+        }
+        totals.get(&id(name, labels)).copied()
+    }
+}
+
+fn id(name: &str, labels: &[(&str, &str)]) -> String {
+    let mut labels = labels.to_vec();
+    labels.sort_unstable();
+    format!("{name}{labels:?}")
+}
