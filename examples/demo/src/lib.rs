@@ -1,0 +1,153 @@
+//! The tollgate demo service, as a library so that tests can build its router.
+//!
+//! Run with `cargo run -p tollgate-demo`; see the README next to this crate.
+
+pub mod config;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::routing::{get, post};
+use clap::Parser;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+use tollgate::{MemoryStore, RateLimitLayer};
+
+pub use config::Config;
+
+/// Command-line arguments.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "tollgate-demo",
+    about = "A small axum service rate-limited by tollgate"
+)]
+pub struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    pub listen: SocketAddr,
+    /// TOML file with the per-route policies (the built-in defaults apply without it).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+/// The demo's routes behind the rate limiter, and `/metrics` outside it.
+pub fn app(config: &Config, metrics: PrometheusHandle) -> Router {
+    let mut limits = RateLimitLayer::new(MemoryStore::new()).headers(config.headers);
+    for p in &config.policies {
+        limits = match &p.method {
+            Some(m) => limits.route_method(m.clone(), p.route.clone(), p.policy.clone()),
+            None => limits.route(p.route.clone(), p.policy.clone()),
+        };
+    }
+    Router::new()
+        .route("/hello", get(|| async { "hello\n" }))
+        .route("/login", post(|| async { "welcome\n" }))
+        .layer(limits)
+        // Added after the layer, so outside it: scraping is never limited.
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        )
+}
+
+/// The demo's `main`: logging to stdout, arguments from the command line, a multi-threaded
+/// runtime, and an exit code.
+pub fn cli_main() -> std::process::ExitCode {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| EnvFilter::new("tollgate_demo=info,tollgate=info")),
+        )
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs the demo until Ctrl-C or SIGTERM.
+///
+/// # Errors
+///
+/// When the configuration is invalid, the address cannot be bound, or serving fails.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the Prometheus recorder")?;
+    let upkeep = metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    // Build the router after the recorder is installed: the layer registers its metrics then.
+    let app = app(&config, metrics);
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    for p in &config.policies {
+        tracing::info!(
+            policy = p.policy.name(),
+            route = %p.route,
+            method = p.method.as_ref().map_or("any", http::Method::as_str),
+            quotas = ?p.policy.quotas(),
+            failure = ?p.policy.failure(),
+            "rate-limit policy"
+        );
+    }
+    tracing::info!("listening on {addr}");
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown())
+    .await
+    .context("server error")
+}
+
+async fn shutdown() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,168 @@
+//! Support code for the end-to-end tests: start the demo as a real process on a free loopback
+//! port, read its log, stop it when the test ends.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The entry point of the `demo-under-test` binary.
+pub fn run_demo() -> std::process::ExitCode {
+    tollgate_demo::cli_main()
+}
+
+/// How long a demo may take to start listening before the test fails.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running demo process. Killed when dropped.
+#[derive(Debug)]
+pub struct Demo {
+    child: Child,
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Demo {
+    /// Starts `binary` (the `CARGO_BIN_EXE_demo-under-test` of the calling test) with
+    /// `--listen 127.0.0.1:0` and `args`, and waits until it logs `listening on ADDR`.
+    ///
+    /// # Panics
+    ///
+    /// When the process cannot start, exits, or does not listen within 30 seconds; the panic
+    /// message carries its log.
+    pub fn start(binary: &str, args: &[&str]) -> Demo {
+        let mut child = Command::new(binary)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        for (stream, tx) in [
+            (Box::new(stdout) as Box<dyn std::io::Read + Send>, Some(tx)),
+            (Box::new(stderr), None),
+        ] {
+            let log = Arc::clone(&log);
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if let (Some(tx), Some(addr)) = (&tx, line.split("listening on ").nth(1)) {
+                        if let Ok(addr) = addr.trim().parse::<SocketAddr>() {
+                            let _ = tx.send(addr);
+                        }
+                    }
+                    log.lock().expect("log lock").push(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(addr) => return Demo { child, addr, log },
+                Err(_) if Instant::now() > deadline => {
+                    let _ = child.kill();
+                    panic!(
+                        "demo did not listen within {START_TIMEOUT:?}; log:\n{}",
+                        log.lock().expect("log lock").join("\n")
+                    );
+                }
+                Err(_) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        // Give the reader threads a moment to collect the last lines.
+                        std::thread::sleep(Duration::from_millis(100));
+                        panic!(
+                            "demo exited with {status} before listening; log:\n{}",
+                            log.lock().expect("log lock").join("\n")
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// `http://ADDR` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// The lines the process logged so far (stdout and stderr).
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().expect("log lock").clone()
+    }
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `binary` with `args` to completion (at most 30 seconds) and returns its exit status and
+/// everything it printed.
+///
+/// # Panics
+///
+/// When the process cannot start or runs too long.
+pub fn run_to_exit(binary: &str, args: &[&str]) -> (ExitStatus, String) {
+    let mut child = Command::new(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{binary} {args:?} did not exit within {START_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("collect output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status, text)
+}
+
+/// The path of a program the tests need, or a panic that says how to install it. Tests never
+/// skip silently because a tool is missing.
+///
+/// # Panics
+///
+/// When `program` is not on the `PATH`.
+pub fn require_program(program: &str, debian_package: &str) -> std::path::PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| is_executable(p))
+        .unwrap_or_else(|| {
+            panic!(
+                "`{program}` is needed by this test and is not installed. Install it with \
+                 `sudo apt-get install -y {debian_package}` (or run `.ci/run`, which does)."
+            )
+        })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
