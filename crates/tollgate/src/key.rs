@@ -4,7 +4,7 @@
 //!
 //! - **route**: axum's [`MatchedPath`](axum::extract::MatchedPath) template (`/users/{id}`, never
 //!   the raw path, which a client could vary to get a fresh bucket per request), or the policy's
-//!   name when the policy's [`KeyScope`] says so or when there is no matched path;
+//!   name when the policy's [`KeyScope`](crate::KeyScope) says so or when there is no matched path;
 //! - **ip**: the client address, see [`ClientIp`];
 //! - **user**: optional, from a [`UserKey`] extractor (for example the user id an authentication
 //!   layer put in the request extensions).

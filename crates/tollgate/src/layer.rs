@@ -397,7 +397,11 @@ impl LogThrottle {
     /// `Some(n)` when a line may be written now, `n` being how many were held back since the
     /// last one; `None` when this one is held back.
     pub(crate) fn permit(&self) -> Option<u64> {
-        let now = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX) + 1;
+        self.permit_at(u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX - 1))
+    }
+
+    fn permit_at(&self, now_ms: u64) -> Option<u64> {
+        let now = now_ms + 1;
         let last = self.last_ms.load(Ordering::Relaxed);
         if last != 0 && now < last + LOG_INTERVAL_MS {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
@@ -412,5 +416,22 @@ impl LogThrottle {
             return None;
         }
         Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_throttle_writes_one_line_per_interval_and_counts_the_rest() {
+        let t = LogThrottle::default();
+        assert_eq!(t.permit_at(0), Some(0));
+        for ms in [1, 500, 9_999] {
+            assert_eq!(t.permit_at(ms), None);
+        }
+        assert_eq!(t.permit_at(10_000), Some(3));
+        assert_eq!(t.permit_at(10_001), None);
+        assert_eq!(t.permit_at(60_000), Some(1));
     }
 }

@@ -22,3 +22,14 @@ pub use quota::{Quota, QuotaError};
 pub use response::RateLimitHeaders;
 pub use service::RateLimit;
 pub use store::{MemoryStore, Store, StoreError, StoreErrorKind};
+
+// The guides' and the README's code blocks compile and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ProjectReadme;
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/configuration.md")]
+struct ConfigurationGuide;
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/algorithms.md")]
+struct AlgorithmsGuide;
