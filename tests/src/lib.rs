@@ -1,5 +1,9 @@
 //! Support code for the end-to-end tests: start the demo as a real process on a free loopback
-//! port, read its log, stop it when the test ends.
+//! port, read its log, stop it when the test ends; start real Redis servers and clusters; the
+//! store conformance suite.
+
+pub mod conformance;
+pub mod redis;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

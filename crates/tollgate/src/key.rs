@@ -179,6 +179,25 @@ impl fmt::Display for Key<'_> {
     }
 }
 
+impl Key<'_> {
+    /// The key with its policy: `<policy>:<route>:<ip>:<user>`, every part escaped as in the
+    /// [`Display`](fmt::Display) form. Distinct keys (policy included) always render distinctly:
+    /// the policy, route and user contain no raw `:`, so the first two `:` and the last one
+    /// delimit the parts, whatever the IP. The result contains no `{` or `}`, so it is safe
+    /// inside a Redis Cluster hash tag.
+    pub fn qualified(&self) -> impl fmt::Display + '_ {
+        struct Qualified<'k, 'a>(&'k Key<'a>);
+        impl fmt::Display for Qualified<'_, '_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write_escaped(f, self.0.policy)?;
+                f.write_str(":")?;
+                fmt::Display::fmt(self.0, f)
+            }
+        }
+        Qualified(self)
+    }
+}
+
 impl fmt::Debug for Key<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Key({self})")
@@ -425,6 +444,38 @@ mod tests {
             Key::new("p", "/users/{id}", None, Some("é")).to_string(),
             "/users/%7Bid%7D:-:%C3%A9"
         );
+    }
+
+    #[test]
+    fn qualified_form_includes_the_escaped_policy() {
+        let k = Key::new("a:b{", "/x", Some(IP), Some("u}"));
+        assert_eq!(k.qualified().to_string(), "a%3Ab%7B:/x:192.0.2.1:u%7D");
+        assert_ne!(
+            Key::new("a", "/b", None, None::<&str>)
+                .qualified()
+                .to_string(),
+            Key::new("a:/b", "", None, None::<&str>)
+                .qualified()
+                .to_string()
+        );
+    }
+
+    proptest::proptest! {
+        /// No two distinct keys share a qualified form, and none contains a brace.
+        #[test]
+        fn qualified_form_is_injective(
+            a in proptest::collection::vec(".{0,6}", 3),
+            b in proptest::collection::vec(".{0,6}", 3),
+            ip_a in proptest::option::of(proptest::arbitrary::any::<std::net::IpAddr>()),
+            ip_b in proptest::option::of(proptest::arbitrary::any::<std::net::IpAddr>()),
+        ) {
+            let ka = Key::new(&a[0], &a[1], ip_a, Some(a[2].as_str()));
+            let kb = Key::new(&b[0], &b[1], ip_b, Some(b[2].as_str()));
+            let (sa, sb) = (ka.qualified().to_string(), kb.qualified().to_string());
+            let braces = sa.contains(['{', '}']);
+            proptest::prop_assert!(!braces, "braces in {}", sa);
+            proptest::prop_assert_eq!(ka == kb, sa == sb, "{} vs {}", sa, sb);
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ use clap::Parser;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tollgate::{MemoryStore, RateLimitLayer};
+use tollgate_redis::{RedisStore, redact};
 
 pub use config::Config;
 
@@ -31,11 +32,20 @@ pub struct Args {
     /// TOML file with the per-route policies (the built-in defaults apply without it).
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Share limits through Redis (`redis://`, `rediss://`, `redis-cluster://`,
+    /// `redis-sentinel://`); without it the in-process memory store is used.
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
 }
 
-/// The demo's routes behind the rate limiter, and `/metrics` outside it.
-pub fn app(config: &Config, metrics: PrometheusHandle) -> Router {
-    let mut limits = RateLimitLayer::new(MemoryStore::new()).headers(config.headers);
+/// The demo's routes behind the rate limiter (deciding with `store`), and `/metrics` outside
+/// it.
+pub fn app<St>(config: &Config, store: St, metrics: PrometheusHandle) -> Router
+where
+    St: tollgate::Store + Clone + Send + Sync + 'static,
+    St::Future: Send + 'static,
+{
+    let mut limits = RateLimitLayer::new(store).headers(config.headers);
     for p in &config.policies {
         limits = match &p.method {
             Some(m) => limits.route_method(m.clone(), p.route.clone(), p.policy.clone()),
@@ -106,7 +116,27 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
     // Build the router after the recorder is installed: the layer registers its metrics then.
-    let app = app(&config, metrics);
+    let app = match &args.redis {
+        None => {
+            tracing::info!("store: memory (limits are per instance)");
+            app(&config, MemoryStore::new(), metrics)
+        }
+        Some(url) => {
+            let store = RedisStore::builder(url)?.build()?;
+            // Start anyway when Redis is not there yet: requests fail open (or closed) until
+            // it is, and the client keeps reconnecting.
+            match store.wait_connected(Duration::from_secs(5)).await {
+                Ok(()) => {
+                    tracing::info!(url = %redact(url), "store: redis (limits shared by every instance)");
+                }
+                Err(e) => tracing::warn!(
+                    url = %redact(url),
+                    "rate-limit-degraded: {e}; starting anyway, the store keeps reconnecting"
+                ),
+            }
+            app(&config, store, metrics)
+        }
+    };
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -1,0 +1,666 @@
+//! A Redis store for [tollgate](tollgate): every instance of a service shares one limit.
+//!
+//! [`RedisStore`] decides each request with one `EVALSHA` of a GCRA script
+//! ([`GCRA_SCRIPT`]) that reads, decides and writes every quota of the request atomically, on
+//! the Redis server's clock, so instances with skewed clocks agree. It is built on
+//! [`fred`] and connects to a standalone server, a Redis Cluster or Sentinel from a URL.
+//!
+//! ```no_run
+//! use axum::{routing::get, Router};
+//! use tollgate::{Policy, Quota, RateLimitLayer};
+//! use tollgate_redis::RedisStore;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = RedisStore::builder("redis://127.0.0.1:6379")?.build()?;
+//! let app: Router = Router::new()
+//!     .route("/hello", get(|| async { "hello" }))
+//!     .layer(RateLimitLayer::new(store).route("/hello", Policy::new("hello", Quota::per_minute(30)?)));
+//! # Ok(()) }
+//! ```
+//!
+//! # Failure
+//!
+//! Every call has a deadline (100 ms by default; fred alone would wait forever), is never
+//! retried once written (a retried script would count the request twice), and fails at once
+//! while the connection is down instead of queueing. The layer then applies the policy's
+//! [`FailureMode`](tollgate::FailureMode). The client reconnects by itself with exponential
+//! backoff, and reloads the script when a restarted or failed-over server answers `NOSCRIPT`.
+//!
+//! See `docs/redis.md` in the repository for topologies, the key layout and tuning.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::prelude::{
+    Builder, ClientLike, Config, Error as FredError, ErrorKind as FredErrorKind, LuaInterface,
+    Options, ReconnectPolicy, Value,
+};
+use fred::types::config::UnresponsiveConfig;
+use tollgate::clock::Clock;
+use tollgate::{Decision, Key, Quota, QuotaState, Store, StoreError, StoreErrorKind};
+
+pub use fred;
+
+/// The Lua source of the GCRA script the store runs.
+pub const GCRA_SCRIPT: &str = include_str!("gcra.lua");
+
+const DEFAULT_PREFIX: &str = "tollgate:";
+const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_MAX_QUEUED: usize = 10_000;
+const MAX_PREFIX_LEN: usize = 64;
+const SCHEMES: [&str; 8] = [
+    "redis",
+    "rediss",
+    "redis-cluster",
+    "rediss-cluster",
+    "redis-sentinel",
+    "rediss-sentinel",
+    "valkey",
+    "valkeys",
+];
+
+/// Rate-limit state in Redis, shared by every instance that uses the same server and prefix.
+///
+/// Cheap to clone: clones share one client (one connection per server node, pipelined).
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    client: fred::clients::Client,
+    script: fred::types::scripts::Script,
+    options: Options,
+    prefix: String,
+    timeout: Duration,
+    clock: Option<Arc<dyn Clock>>,
+}
+
+impl RedisStore {
+    /// Configures a store for a server given by URL, as fred reads them:
+    ///
+    /// - `redis://[[user]:password@]host:port[/db]`, `rediss://` for TLS (feature `tls`);
+    /// - `redis-cluster://host:port?node=host2:port2&node=...` for a Redis Cluster;
+    /// - `redis-sentinel://host:26379/db?sentinelServiceName=name&node=host2:26379` for Sentinel.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Url`] when the URL cannot be read.
+    pub fn builder(url: &str) -> Result<RedisStoreBuilder, Error> {
+        let scheme = url.split_once("://").map_or("", |(s, _)| s);
+        if !SCHEMES.contains(&scheme) {
+            return Err(Error::Scheme { url: redact(url) });
+        }
+        let config = Config::from_url(url).map_err(|source| Error::Url {
+            url: redact(url),
+            source,
+        })?;
+        Ok(Self::builder_from_config(config))
+    }
+
+    /// Configures a store from a fred [`Config`].
+    pub fn builder_from_config(config: Config) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            config,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            timeout: DEFAULT_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            max_queued: DEFAULT_MAX_QUEUED,
+            reconnect: ReconnectPolicy::new_exponential(0, 100, 2_000, 2),
+            clock: None,
+        }
+    }
+
+    /// The fred client, for health checks or other commands.
+    pub fn client(&self) -> &fred::clients::Client {
+        &self.inner.client
+    }
+
+    /// Whether the client is connected right now.
+    pub fn is_connected(&self) -> bool {
+        self.inner.client.is_connected()
+    }
+
+    /// Waits until the client is connected, at most `timeout`. A store works without this (it
+    /// fails each call at once until it is connected); call it where start-up should wait.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotConnected`] when the client did not connect in time.
+    pub async fn wait_connected(&self, timeout: Duration) -> Result<(), Error> {
+        match tokio::time::timeout(timeout, self.inner.client.wait_for_connect()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(source)) => Err(Error::NotConnected {
+                waited: timeout,
+                source: Some(source),
+            }),
+            Err(_) => Err(Error::NotConnected {
+                waited: timeout,
+                source: None,
+            }),
+        }
+    }
+
+    /// The Redis key of quota `index` of `key`: `<prefix>{<policy>:<route>:<ip>:<user>}:<index>`.
+    ///
+    /// The braces are the Redis Cluster hash tag: all quotas of one request live in one slot.
+    /// Every part inside is escaped (see [`Key::qualified`]), so no request content can add a
+    /// brace and move the slot, or a separator and reach another client's state.
+    pub fn redis_key(&self, key: &Key<'_>, index: usize) -> String {
+        format!("{}{{{}}}:{index}", self.inner.prefix, key.qualified())
+    }
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .field("connected", &self.inner.client.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Inner {
+    /// EVALSHA, and on NOSCRIPT (a restarted or failed-over server lost its script cache)
+    /// SCRIPT LOAD on every primary and EVALSHA once more. NOSCRIPT means the script did not
+    /// run, so the retry cannot count the request twice; nothing else is retried.
+    async fn eval(&self, keys: Vec<String>, args: Vec<i64>) -> Result<Value, FredError> {
+        let client = self.client.with_options(&self.options);
+        let sha = self.script.sha1().clone();
+        match client
+            .evalsha::<Value, _, _, _>(sha.clone(), keys.clone(), args.clone())
+            .await
+        {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                tracing::info!("rate-limit script not in the Redis script cache; loading it");
+                client.script_load_cluster::<(), _>(GCRA_SCRIPT).await?;
+                client.evalsha(sha, keys, args).await
+            }
+            other => other,
+        }
+    }
+}
+
+type CheckFuture = Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>;
+
+impl Store for RedisStore {
+    type Future = CheckFuture;
+
+    fn check(&self, key: &Key<'_>, quotas: &[Quota], cost: u32) -> Self::Future {
+        if let Err(e) = StoreError::check_cost(quotas, cost) {
+            return Box::pin(std::future::ready(Err(e)));
+        }
+        if quotas.is_empty() {
+            return Box::pin(std::future::ready(Ok(Decision::from_states([]))));
+        }
+        let keys: Vec<String> = (0..quotas.len()).map(|i| self.redis_key(key, i)).collect();
+        let now_us = self.inner.clock.as_ref().map_or(-1, |c| {
+            i64::try_from(c.now_ns() / 1_000).unwrap_or(i64::MAX)
+        });
+        let mut args = Vec::with_capacity(2 + 2 * quotas.len());
+        args.push(now_us);
+        args.push(i64::from(cost));
+        for q in quotas {
+            args.push(micros(q.emission_interval()));
+            args.push(micros(q.emission_interval() * q.burst_size()));
+        }
+        let quotas = quotas.to_vec();
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            let reply = match tokio::time::timeout(inner.timeout, inner.eval(keys, args)).await {
+                Err(_) => return Err(StoreError::new(StoreErrorKind::Timeout)),
+                Ok(Err(e)) => return Err(classify(e)),
+                Ok(Ok(reply)) => reply,
+            };
+            parse_reply(&reply, &quotas)
+        })
+    }
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// Maps a fred error to the reason the layer counts it under.
+fn classify(e: FredError) -> StoreError {
+    let kind = match e.kind() {
+        FredErrorKind::Timeout => StoreErrorKind::Timeout,
+        FredErrorKind::IO
+        | FredErrorKind::Canceled
+        | FredErrorKind::Backpressure
+        | FredErrorKind::Routing
+        | FredErrorKind::Cluster
+        | FredErrorKind::Sentinel
+        | FredErrorKind::Tls
+        | FredErrorKind::Auth => StoreErrorKind::Unavailable,
+        FredErrorKind::Protocol | FredErrorKind::Parse => StoreErrorKind::InvalidResponse,
+        _ if is_script_error(e.details()) => StoreErrorKind::Script,
+        _ if is_unavailable(e.details()) => StoreErrorKind::Unavailable,
+        _ => StoreErrorKind::Other,
+    };
+    StoreError::with_source(kind, e)
+}
+
+fn is_script_error(details: &str) -> bool {
+    [
+        "NOSCRIPT",
+        "ERR Error running script",
+        "user_script",
+        "ERR Error compiling script",
+    ]
+    .iter()
+    .any(|p| details.contains(p))
+}
+
+fn is_unavailable(details: &str) -> bool {
+    [
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "READONLY",
+    ]
+    .iter()
+    .any(|p| details.starts_with(p))
+}
+
+/// Reads the script's reply: `[allowed, (allowed, remaining, reset_after_us, retry_after_us)
+/// for each quota]`. Anything else is an invalid response, never a panic or a guess.
+fn parse_reply(reply: &Value, quotas: &[Quota]) -> Result<Decision, StoreError> {
+    let invalid = |why: &str| {
+        StoreError::with_source(
+            StoreErrorKind::InvalidResponse,
+            format!("rate-limit script reply {why}: {reply:?}"),
+        )
+    };
+    let Value::Array(items) = reply else {
+        return Err(invalid("is not an array"));
+    };
+    if items.len() != 1 + 4 * quotas.len() {
+        return Err(invalid("has the wrong length"));
+    }
+    let mut ints = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Value::Integer(i) if *i >= 0 => ints.push(*i),
+            _ => return Err(invalid("holds a value that is not a non-negative integer")),
+        }
+    }
+    let flag = |v: i64| match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(invalid("holds a flag that is neither 0 nor 1")),
+    };
+    let all = flag(ints[0])?;
+    let mut states = Vec::with_capacity(quotas.len());
+    for (quota, chunk) in quotas.iter().zip(ints[1..].chunks_exact(4)) {
+        let allowed = flag(chunk[0])?;
+        if all && !allowed {
+            return Err(invalid(
+                "allows the request while refusing one of its quotas",
+            ));
+        }
+        let remaining = u32::try_from(chunk[1]).unwrap_or(u32::MAX);
+        let reset_after = Duration::from_micros(chunk[2].unsigned_abs());
+        let retry_after = Duration::from_micros(chunk[3].unsigned_abs());
+        states.push(QuotaState::new(
+            *quota,
+            allowed,
+            remaining,
+            reset_after,
+            retry_after,
+        ));
+    }
+    let decision = Decision::from_states(states);
+    if decision.is_allowed() != all {
+        return Err(invalid("disagrees with itself"));
+    }
+    Ok(decision)
+}
+
+/// Settings of a [`RedisStore`].
+#[must_use]
+pub struct RedisStoreBuilder {
+    config: Config,
+    prefix: String,
+    timeout: Duration,
+    connect_timeout: Duration,
+    max_queued: usize,
+    reconnect: ReconnectPolicy,
+    clock: Option<Arc<dyn Clock>>,
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every key (default `tollgate:`). Use one per application sharing a server.
+    /// At most 64 bytes, without `{` or `}` (they would change the cluster hash tag).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The deadline of each decision, round trips and a script reload included (default
+    /// 100 ms). Past it the request is decided by the policy's failure mode.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// How long one connection attempt may take (default 2 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The most commands queued in the client (default 10 000). Past it, calls fail at once
+    /// instead of piling up behind a slow server.
+    pub fn max_queued(mut self, max: usize) -> Self {
+        self.max_queued = max;
+        self
+    }
+
+    /// How to reconnect (default: forever, exponential backoff from 100 ms to 2 s, with jitter).
+    pub fn reconnect_policy(mut self, policy: ReconnectPolicy) -> Self {
+        self.reconnect = policy;
+        self
+    }
+
+    /// Decides with this clock instead of the Redis server's `TIME`. **For tests only**: it
+    /// makes decisions reproducible, but instances with different clocks would disagree, which
+    /// is exactly what the server clock prevents.
+    pub fn clock<C: Clock>(mut self, clock: C) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// Builds the store and starts connecting in the background. Calls fail (and the layer
+    /// applies the failure mode) until the connection is up; see
+    /// [`RedisStore::wait_connected`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Prefix`] for a prefix that cannot work, [`Error::Config`] when fred refuses the
+    /// configuration, [`Error::NoRuntime`] outside a Tokio runtime.
+    pub fn build(self) -> Result<RedisStore, Error> {
+        if self.prefix.len() > MAX_PREFIX_LEN
+            || self.prefix.contains(['{', '}'])
+            || self
+                .prefix
+                .chars()
+                .any(|c| c.is_control() || c.is_whitespace())
+        {
+            return Err(Error::Prefix(self.prefix));
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::Timeout);
+        }
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(Error::NoRuntime);
+        }
+        let mut config = self.config;
+        // Keep trying when the server is not there at start-up; the layer fails open (or
+        // closed) meanwhile.
+        config.fail_fast = false;
+        let timeout = self.timeout;
+        let connect_timeout = self.connect_timeout;
+        let max_queued = self.max_queued;
+        let mut builder = Builder::from_config(config);
+        builder
+            .with_connection_config(|c| {
+                c.connection_timeout = connect_timeout;
+                c.internal_command_timeout = connect_timeout;
+                // Never write a command twice: a resent script would count the request twice.
+                c.max_command_attempts = 1;
+                c.max_command_buffer_len = max_queued;
+                // Notice a server that stopped answering (frozen, partitioned) and reconnect.
+                c.unresponsive = UnresponsiveConfig {
+                    max_timeout: Some(connect_timeout),
+                    interval: Duration::from_millis(500),
+                };
+            })
+            .with_performance_config(|p| {
+                p.default_command_timeout = timeout;
+            })
+            .set_policy(self.reconnect);
+        let client = builder.build().map_err(Error::Config)?;
+        let _connection = client.connect();
+        let options = Options {
+            max_attempts: Some(1),
+            timeout: Some(timeout),
+            fail_fast: true,
+            ..Options::default()
+        };
+        Ok(RedisStore {
+            inner: Arc::new(Inner {
+                client,
+                script: fred::types::scripts::Script::from_lua(GCRA_SCRIPT),
+                options,
+                prefix: self.prefix,
+                timeout,
+                clock: self.clock,
+            }),
+        })
+    }
+}
+
+impl fmt::Debug for RedisStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStoreBuilder")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_queued", &self.max_queued)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a [`RedisStore`] could not be built or connected.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The URL could not be read.
+    #[error("invalid Redis URL {url:?}: {source}")]
+    Url {
+        /// The URL, with any password replaced by `***`.
+        url: String,
+        /// fred's reason.
+        source: FredError,
+    },
+    /// The URL's scheme is not one of Redis's.
+    #[error(
+        "invalid Redis URL {url:?}: expected redis://, rediss://, redis-cluster://, \
+         redis-sentinel:// (or their rediss-/valkey variants)"
+    )]
+    Scheme {
+        /// The URL, with any password replaced by `***`.
+        url: String,
+    },
+    /// The key prefix cannot work.
+    #[error(
+        "invalid key prefix {0:?}: use at most 64 bytes without braces, spaces or control characters"
+    )]
+    Prefix(String),
+    /// A zero deadline would fail every call.
+    #[error("the store timeout must be longer than zero")]
+    Timeout,
+    /// fred refused the configuration.
+    #[error("invalid Redis client configuration: {0}")]
+    Config(#[source] FredError),
+    /// `build` was called outside a Tokio runtime.
+    #[error("RedisStore::build must be called inside a Tokio runtime")]
+    NoRuntime,
+    /// The client did not connect in time.
+    #[error("not connected to Redis after {waited:?}")]
+    NotConnected {
+        /// How long it waited.
+        waited: Duration,
+        /// The connection error, if one was reported.
+        #[source]
+        source: Option<FredError>,
+    },
+}
+
+/// The URL with its password (if any) replaced, for error messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = rest.split_once('/').map_or((rest, ""), |(a, t)| (a, t));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+    let slash = if rest.contains('/') { "/" } else { "" };
+    format!("{scheme}://{user}:***@{host}{slash}{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quota(s: &str) -> Quota {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn replies_that_are_not_decisions_are_invalid_responses() {
+        let q = [quota("5/s")];
+        let int = Value::Integer;
+        let cases = vec![
+            Value::Null,
+            Value::String("OK".into()),
+            Value::Array(vec![int(1)]),
+            Value::Array(vec![int(1), int(1), int(4), int(200_000)]),
+            Value::Array(vec![int(1), int(1), int(-4), int(200_000), int(0)]),
+            Value::Array(vec![int(2), int(1), int(4), int(200_000), int(0)]),
+            Value::Array(vec![int(1), int(0), int(4), int(200_000), int(0)]),
+            Value::Array(vec![
+                int(1),
+                Value::String("4".into()),
+                int(4),
+                int(200_000),
+                int(0),
+            ]),
+            Value::Array(vec![int(0), int(1), int(4), int(200_000), int(0)]),
+        ];
+        for reply in cases {
+            let err = parse_reply(&reply, &q).unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::InvalidResponse, "{reply:?}");
+        }
+    }
+
+    #[test]
+    fn a_valid_reply_becomes_a_decision() {
+        let q = [quota("5/10s"), quota("20/m")];
+        let int = Value::Integer;
+        let reply = Value::Array(vec![
+            int(0),
+            int(0),
+            int(0),
+            int(10_000_000),
+            int(2_000_000),
+            int(1),
+            int(19),
+            int(3_000_000),
+            int(0),
+        ]);
+        let d = parse_reply(&reply, &q).unwrap();
+        assert!(d.is_limited());
+        assert_eq!(d.retry_after(), Some(Duration::from_secs(2)));
+        assert_eq!(d.states()[1].remaining(), 19);
+    }
+
+    #[test]
+    fn errors_are_classified_for_the_metrics() {
+        let e = |kind, details: &str| classify(FredError::new(kind, details.to_owned())).kind();
+        assert_eq!(e(FredErrorKind::Timeout, "t"), StoreErrorKind::Timeout);
+        assert_eq!(e(FredErrorKind::IO, "reset"), StoreErrorKind::Unavailable);
+        assert_eq!(e(FredErrorKind::Canceled, "x"), StoreErrorKind::Unavailable);
+        assert_eq!(
+            e(FredErrorKind::Backpressure, "x"),
+            StoreErrorKind::Unavailable
+        );
+        assert_eq!(
+            e(
+                FredErrorKind::Unknown,
+                "ERR Error running script (call to f_x): user_script:1"
+            ),
+            StoreErrorKind::Script
+        );
+        assert_eq!(
+            e(
+                FredErrorKind::Unknown,
+                "LOADING Redis is loading the dataset in memory"
+            ),
+            StoreErrorKind::Unavailable
+        );
+        assert_eq!(e(FredErrorKind::Unknown, "WAT"), StoreErrorKind::Other);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("redis://:secret@h:6379/0"), "redis://:***@h:6379/0");
+        assert_eq!(redact("rediss://u:secret@h:6379"), "rediss://u:***@h:6379");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redact("garbage"), "garbage");
+    }
+
+    #[tokio::test]
+    async fn bad_settings_are_refused_at_build() {
+        let b = || RedisStore::builder("redis://127.0.0.1:1").unwrap();
+        assert!(matches!(b().prefix("a{b}").build(), Err(Error::Prefix(_))));
+        assert!(matches!(
+            b().prefix("x".repeat(65)).build(),
+            Err(Error::Prefix(_))
+        ));
+        assert!(matches!(b().prefix("a b").build(), Err(Error::Prefix(_))));
+        assert!(matches!(
+            b().timeout(Duration::ZERO).build(),
+            Err(Error::Timeout)
+        ));
+        assert!(matches!(
+            RedisStore::builder("http://nope"),
+            Err(Error::Scheme { .. })
+        ));
+        assert!(matches!(
+            RedisStore::builder("redis://:secret@h:notaport"),
+            Err(Error::Url { url, .. }) if !url.contains("secret")
+        ));
+    }
+
+    #[test]
+    fn build_outside_a_runtime_is_an_error_not_a_panic() {
+        let r = RedisStore::builder("redis://127.0.0.1:1").unwrap().build();
+        assert!(matches!(r, Err(Error::NoRuntime)));
+    }
+
+    #[tokio::test]
+    async fn keys_share_one_hash_tag_and_escape_request_content() {
+        let store = RedisStore::builder("redis://127.0.0.1:1")
+            .unwrap()
+            .prefix("app:")
+            .build()
+            .unwrap();
+        let ip = "192.0.2.1".parse().ok();
+        let k = Key::new("login", "/login", ip, Some("ev}il{:x"));
+        assert_eq!(
+            store.redis_key(&k, 0),
+            "app:{login:/login:192.0.2.1:ev%7Dil%7B%3Ax}:0"
+        );
+        assert_eq!(
+            store.redis_key(&k, 1),
+            "app:{login:/login:192.0.2.1:ev%7Dil%7B%3Ax}:1"
+        );
+        // A megabyte of user id makes a short key.
+        let huge = "u".repeat(1 << 20);
+        let k = Key::new("login", "/login", ip, Some(huge.as_str()));
+        assert!(store.redis_key(&k, 0).len() < 100);
+    }
+}

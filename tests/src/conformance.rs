@@ -1,0 +1,216 @@
+//! One specification of the stores' decisions, run against every store.
+//!
+//! Each case is a sequence of requests at given times with the exact decision expected for
+//! each. Time comes from a [`ManualClock`] shared by the test and the store (the Redis store
+//! takes it in place of the server's `TIME`, which is its test seam), so the cases are exact.
+//!
+//! Quotas here have periods of ten seconds or more: Redis expires keys on its own real clock,
+//! and a case must finish long before any key it wrote could expire for real.
+
+use std::time::Duration;
+
+use tollgate::clock::ManualClock;
+use tollgate::{Decision, Key, Quota, Store, StoreErrorKind};
+
+/// What one request must get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Allowed, with these units left in each quota.
+    Allowed(&'static [u32]),
+    /// Refused, retry after exactly this many milliseconds.
+    Limited(u64),
+    /// The cost exceeds a burst: an error, never a limit.
+    CostExceedsBurst,
+}
+
+/// One request of a case.
+#[derive(Debug, Clone, Copy)]
+pub struct Step {
+    /// Milliseconds to advance the clock before this request.
+    pub advance_ms: u64,
+    /// Which client (user part of the key).
+    pub client: &'static str,
+    /// The request's cost.
+    pub cost: u32,
+    /// The decision it must get.
+    pub expect: Expect,
+}
+
+const fn step(advance_ms: u64, client: &'static str, cost: u32, expect: Expect) -> Step {
+    Step {
+        advance_ms,
+        client,
+        cost,
+        expect,
+    }
+}
+
+/// A named sequence of requests under one policy.
+#[derive(Debug, Clone)]
+pub struct Case {
+    /// Unique name; also the policy name, so cases never share state.
+    pub name: &'static str,
+    /// The policy's quotas, as text.
+    pub quotas: &'static [&'static str],
+    /// The requests.
+    pub steps: Vec<Step>,
+}
+
+use Expect::{Allowed, CostExceedsBurst, Limited};
+
+/// The cases every store must pass.
+pub fn cases() -> Vec<Case> {
+    vec![
+        Case {
+            // docs/algorithms.md: 5 per 10 s, six at once.
+            name: "worked-example",
+            quotas: &["5/10s"],
+            steps: vec![
+                step(0, "a", 1, Allowed(&[4])),
+                step(0, "a", 1, Allowed(&[3])),
+                step(0, "a", 1, Allowed(&[2])),
+                step(0, "a", 1, Allowed(&[1])),
+                step(0, "a", 1, Allowed(&[0])),
+                step(0, "a", 1, Limited(2_000)),
+                // Another client is unaffected.
+                step(0, "b", 1, Allowed(&[4])),
+                step(1_999, "a", 1, Limited(1)),
+                step(1, "a", 1, Allowed(&[0])),
+                step(0, "a", 1, Limited(2_000)),
+                // After a full period the burst is back.
+                step(10_000, "a", 1, Allowed(&[4])),
+            ],
+        },
+        Case {
+            name: "burst-below-limit",
+            quotas: &["60/m burst 3"],
+            steps: vec![
+                step(0, "a", 1, Allowed(&[2])),
+                step(0, "a", 1, Allowed(&[1])),
+                step(0, "a", 1, Allowed(&[0])),
+                step(0, "a", 1, Limited(1_000)),
+                step(500, "a", 1, Limited(500)),
+                step(500, "a", 1, Allowed(&[0])),
+                step(3_000, "a", 1, Allowed(&[2])),
+            ],
+        },
+        Case {
+            name: "costs",
+            quotas: &["10/10s"],
+            steps: vec![
+                step(0, "a", 4, Allowed(&[6])),
+                step(0, "a", 4, Allowed(&[2])),
+                step(0, "a", 4, Limited(2_000)),
+                // Nothing was spent by the refusal.
+                step(0, "a", 2, Allowed(&[0])),
+                step(0, "a", 0, Allowed(&[0])),
+                step(0, "a", 11, CostExceedsBurst),
+                step(10_000, "a", 10, Allowed(&[0])),
+            ],
+        },
+        Case {
+            name: "two-quotas",
+            quotas: &["2/10s", "3/m"],
+            steps: vec![
+                step(0, "a", 1, Allowed(&[1, 2])),
+                step(0, "a", 1, Allowed(&[0, 1])),
+                step(0, "a", 1, Limited(5_000)),
+                step(5_000, "a", 1, Allowed(&[0, 0])),
+                // The short quota refills; the long one refuses. A refused request spends
+                // nothing from the quota that would have allowed it.
+                step(5_000, "a", 1, Limited(10_000)),
+                step(10_000, "a", 1, Allowed(&[1, 0])),
+                step(0, "a", 1, Limited(20_000)),
+            ],
+        },
+        Case {
+            name: "idle-keys-start-fresh",
+            quotas: &["3/30s"],
+            steps: vec![
+                step(0, "a", 3, Allowed(&[0])),
+                step(0, "a", 1, Limited(10_000)),
+                step(30_000, "a", 1, Allowed(&[2])),
+                step(3_600_000, "a", 1, Allowed(&[2])),
+            ],
+        },
+    ]
+}
+
+/// Runs every case against `store`, which must read time from `clock`. Panics on the first
+/// decision that differs from the specification, naming the case and step.
+pub async fn run<S: Store>(store: &S, clock: &ManualClock) {
+    for case in cases() {
+        let quotas: Vec<Quota> = case
+            .quotas
+            .iter()
+            .map(|q| q.parse().expect("quota"))
+            .collect();
+        for (i, step) in case.steps.iter().enumerate() {
+            clock.advance(Duration::from_millis(step.advance_ms));
+            let key = Key::new(case.name, "/conformance", None, Some(step.client));
+            let got = store.check(&key, &quotas, step.cost).await;
+            let at = format!("case {} step {i} ({step:?})", case.name);
+            match (step.expect, got) {
+                (Allowed(remaining), Ok(d)) => {
+                    assert!(d.is_allowed(), "{at}: refused: {d:?}");
+                    let got: Vec<u32> = d.states().iter().map(|s| s.remaining()).collect();
+                    assert_eq!(got, remaining, "{at}: remaining");
+                }
+                (Limited(ms), Ok(d)) => {
+                    assert!(d.is_limited(), "{at}: allowed: {d:?}");
+                    assert_eq!(d.retry_after(), Some(Duration::from_millis(ms)), "{at}");
+                }
+                (CostExceedsBurst, Err(e)) => {
+                    assert!(
+                        matches!(e.kind(), StoreErrorKind::CostExceedsBurst { .. }),
+                        "{at}: {e}"
+                    );
+                }
+                (want, got) => panic!("{at}: want {want:?}, got {got:?}"),
+            }
+        }
+    }
+}
+
+/// Pseudo-random request sequences (a fixed seed, so every run is the same), for comparing two
+/// stores decision by decision: every field of every decision must be equal.
+pub async fn compare<A: Store, B: Store>(a: &A, b: &B, clock: &ManualClock, sequences: usize) {
+    const QUOTAS: [&[&str]; 5] = [
+        &["5/10s"],
+        &["10/m burst 3"],
+        &["7/30s", "20/h"],
+        &["3/10s burst 5"],
+        &["100/h burst 10", "4/10s"],
+    ];
+    let mut rng = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    for seq in 0..sequences {
+        let spec = QUOTAS[seq % QUOTAS.len()];
+        let quotas: Vec<Quota> = spec.iter().map(|q| q.parse().expect("quota")).collect();
+        let policy = format!("compare-{seq}");
+        let mut decisions: Vec<Decision> = Vec::new();
+        for i in 0..60 {
+            clock.advance(Duration::from_millis(next(800)));
+            let client = ["a", "b", "c"][usize::try_from(next(3)).unwrap_or(0)];
+            let cost = u32::try_from(next(3)).unwrap_or(1);
+            let key = Key::new(&policy, "/compare", None, Some(client));
+            let x = a.check(&key, &quotas, cost).await.expect("store a");
+            let y = b.check(&key, &quotas, cost).await.expect("store b");
+            assert_eq!(
+                x, y,
+                "sequence {seq} ({spec:?}) request {i}: client {client} cost {cost}"
+            );
+            decisions.push(x);
+        }
+        assert!(
+            decisions.iter().any(Decision::is_limited)
+                && decisions.iter().any(Decision::is_allowed),
+            "sequence {seq} never exercised both outcomes"
+        );
+    }
+}
