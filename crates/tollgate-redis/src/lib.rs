@@ -1,4 +1,4 @@
-//! A Redis store for [tollgate](tollgate): every instance of a service shares one limit.
+//! A Redis store for [`tollgate`]: every instance of a service shares one limit.
 //!
 //! [`RedisStore`] decides each request with one `EVALSHA` of a GCRA script
 //! ([`GCRA_SCRIPT`]) that reads, decides and writes every quota of the request atomically, on
@@ -664,3 +664,8 @@ mod tests {
         assert!(store.redis_key(&k, 0).len() < 100);
     }
 }
+
+// The guide's code blocks compile as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/redis.md")]
+struct RedisGuide;
