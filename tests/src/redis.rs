@@ -20,7 +20,7 @@ fn redis_cli() -> PathBuf {
 }
 
 /// A loopback port that is free now, and whose cluster bus port (+10000) is free too.
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     for _ in 0..100 {
         let Ok(listener) = TcpListener::bind("127.0.0.1:0") else {
             continue;
@@ -53,6 +53,25 @@ impl RedisServer {
     /// Starts a standalone server on a free port and waits until it answers `PING`.
     pub fn start() -> Self {
         Self::start_with(false)
+    }
+
+    /// Starts a standalone server on `port` (for a server that appears where a service already
+    /// expects one).
+    ///
+    /// # Panics
+    ///
+    /// When it cannot start there.
+    pub fn start_on(port: u16) -> Self {
+        let mut server = RedisServer {
+            port,
+            child: None,
+            dir: tempfile::tempdir().expect("temp dir for redis-server"),
+            cluster: false,
+        };
+        if let Err(e) = server.spawn() {
+            panic!("redis-server did not start on port {port}: {e}");
+        }
+        server
     }
 
     fn start_with(cluster: bool) -> Self {

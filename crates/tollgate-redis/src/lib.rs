@@ -22,9 +22,15 @@
 //!
 //! Every call has a deadline (100 ms by default; fred alone would wait forever), is never
 //! retried once written (a retried script would count the request twice), and fails at once
-//! while the connection is down instead of queueing. The layer then applies the policy's
-//! [`FailureMode`](tollgate::FailureMode). The client reconnects by itself with exponential
-//! backoff, and reloads the script when a restarted or failed-over server answers `NOSCRIPT`.
+//! while the connection is down instead of queueing. After 5 consecutive timeouts or connection
+//! failures a circuit breaker stops asking Redis (calls fail at once as `circuit_open`) and
+//! pings it in the background until it answers. A failed call goes to the local
+//! [fallback](RedisStoreBuilder::fallback) store when one is set, and otherwise the layer
+//! applies the policy's [`FailureMode`](tollgate::FailureMode). The client reconnects by itself
+//! with exponential backoff, and reloads the script when a restarted or failed-over server
+//! answers `NOSCRIPT`. Health is reported in `ratelimit_store_errors_total`,
+//! `ratelimit_store_degraded` and `ratelimit_store_duration_seconds` (see
+//! [`tollgate::metrics`]).
 //!
 //! See `docs/redis.md` in the repository for topologies, the key layout and tuning.
 
@@ -34,7 +40,8 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use fred::prelude::{
     Builder, ClientLike, Config, Error as FredError, ErrorKind as FredErrorKind, LuaInterface,
@@ -42,7 +49,8 @@ use fred::prelude::{
 };
 use fred::types::config::UnresponsiveConfig;
 use tollgate::clock::Clock;
-use tollgate::{Decision, Key, Quota, QuotaState, Store, StoreError, StoreErrorKind};
+use tollgate::metrics::StoreMetrics;
+use tollgate::{Decision, Key, MemoryStore, Quota, QuotaState, Store, StoreError, StoreErrorKind};
 
 pub use fred;
 
@@ -54,6 +62,8 @@ const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_MAX_QUEUED: usize = 10_000;
 const MAX_PREFIX_LEN: usize = 64;
+const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
+const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(500);
 const SCHEMES: [&str; 8] = [
     "redis",
     "rediss",
@@ -80,6 +90,20 @@ struct Inner {
     prefix: String,
     timeout: Duration,
     clock: Option<Arc<dyn Clock>>,
+    fallback: Option<MemoryStore>,
+    breaker: Breaker,
+    metrics: StoreMetrics,
+    name: String,
+}
+
+/// The circuit breaker: after `threshold` consecutive calls that timed out or found no
+/// connection, stop asking Redis (each call fails at once with `circuit_open`) and probe it in
+/// the background until it answers.
+struct Breaker {
+    threshold: u32,
+    probe_interval: Duration,
+    failures: AtomicU32,
+    open: AtomicBool,
 }
 
 impl RedisStore {
@@ -114,6 +138,10 @@ impl RedisStore {
             max_queued: DEFAULT_MAX_QUEUED,
             reconnect: ReconnectPolicy::new_exponential(0, 100, 2_000, 2),
             clock: None,
+            fallback: None,
+            breaker_threshold: DEFAULT_BREAKER_THRESHOLD,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+            name: "redis".to_owned(),
         }
     }
 
@@ -125,6 +153,12 @@ impl RedisStore {
     /// Whether the client is connected right now.
     pub fn is_connected(&self) -> bool {
         self.inner.client.is_connected()
+    }
+
+    /// Whether the store is degraded: its circuit breaker is open, so calls fail at once (or go
+    /// to the fallback store) while it probes Redis in the background.
+    pub fn is_degraded(&self) -> bool {
+        self.inner.breaker.open.load(Ordering::Acquire)
     }
 
     /// Waits until the client is connected, at most `timeout`. A store works without this (it
@@ -168,6 +202,74 @@ impl fmt::Debug for RedisStore {
 }
 
 impl Inner {
+    /// Records a call that reached Redis and got an answer.
+    fn succeeded(&self) {
+        self.breaker.failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Records a failed call; opens the circuit after enough consecutive connection failures.
+    fn failed(self: &Arc<Self>, kind: StoreErrorKind) {
+        self.metrics.error(kind);
+        if !matches!(kind, StoreErrorKind::Timeout | StoreErrorKind::Unavailable) {
+            // Redis answered (a script error, garbage): it is reachable.
+            return;
+        }
+        let failures = self.breaker.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= self.breaker.threshold
+            && self
+                .breaker
+                .open
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.metrics.degraded(true);
+            tracing::warn!(
+                store = %self.name,
+                consecutive_failures = failures,
+                last_reason = kind.reason(),
+                fallback = self.fallback.is_some(),
+                "rate-limit-degraded: Redis is not answering; circuit open, requests are decided \
+                 without it (fallback store, or each policy's failure mode) until it answers again"
+            );
+            let inner = Arc::clone(self);
+            tokio::spawn(async move { inner.probe().await });
+        }
+    }
+
+    /// Pings Redis every probe interval until it answers, then closes the circuit.
+    async fn probe(self: Arc<Self>) {
+        let started = Instant::now();
+        let mut attempts = 0u64;
+        loop {
+            tokio::time::sleep(self.breaker.probe_interval).await;
+            attempts += 1;
+            let client = self.client.with_options(&self.options);
+            let pong = tokio::time::timeout(self.timeout, client.ping::<Value>(None)).await;
+            if matches!(pong, Ok(Ok(_))) {
+                self.breaker.failures.store(0, Ordering::Relaxed);
+                self.breaker.open.store(false, Ordering::Release);
+                self.metrics.degraded(false);
+                tracing::info!(
+                    store = %self.name,
+                    down_for = ?started.elapsed(),
+                    probes = attempts,
+                    "rate-limit-recovered: Redis answers again; circuit closed, limits are shared again"
+                );
+                return;
+            }
+            // A summary every 30 s while it stays down.
+            if attempts % (30_000 / self.breaker.probe_interval.as_millis().max(1) as u64).max(1)
+                == 0
+            {
+                tracing::warn!(
+                    store = %self.name,
+                    down_for = ?started.elapsed(),
+                    "rate-limit-degraded: Redis still not answering"
+                );
+            }
+        }
+    }
+
     /// EVALSHA, and on NOSCRIPT (a restarted or failed-over server lost its script cache)
     /// SCRIPT LOAD on every primary and EVALSHA once more. NOSCRIPT means the script did not
     /// run, so the retry cannot count the request twice; nothing else is retried.
@@ -200,8 +302,20 @@ impl Store for RedisStore {
         if quotas.is_empty() {
             return Box::pin(std::future::ready(Ok(Decision::from_states([]))));
         }
+        let inner = &self.inner;
+        if inner.breaker.open.load(Ordering::Acquire) {
+            // Known down: no round trip, no waiting.
+            inner.metrics.error(StoreErrorKind::CircuitOpen);
+            let result = match &inner.fallback {
+                Some(fallback) => fallback
+                    .decide(key, quotas, cost)
+                    .map(|d| d.into_fallback(StoreErrorKind::CircuitOpen)),
+                None => Err(StoreError::new(StoreErrorKind::CircuitOpen)),
+            };
+            return Box::pin(std::future::ready(result));
+        }
         let keys: Vec<String> = (0..quotas.len()).map(|i| self.redis_key(key, i)).collect();
-        let now_us = self.inner.clock.as_ref().map_or(-1, |c| {
+        let now_us = inner.clock.as_ref().map_or(-1, |c| {
             i64::try_from(c.now_ns() / 1_000).unwrap_or(i64::MAX)
         });
         let mut args = Vec::with_capacity(2 + 2 * quotas.len());
@@ -212,15 +326,58 @@ impl Store for RedisStore {
             args.push(micros(q.emission_interval() * q.burst_size()));
         }
         let quotas = quotas.to_vec();
-        let inner = Arc::clone(&self.inner);
+        // The fallback decides after the round trip failed, so it needs its own copy of the key.
+        let owned_key = inner.fallback.as_ref().map(|_| OwnedKey::from(key));
+        let inner = Arc::clone(inner);
         Box::pin(async move {
-            let reply = match tokio::time::timeout(inner.timeout, inner.eval(keys, args)).await {
-                Err(_) => return Err(StoreError::new(StoreErrorKind::Timeout)),
-                Ok(Err(e)) => return Err(classify(e)),
-                Ok(Ok(reply)) => reply,
+            let started = Instant::now();
+            let result = match tokio::time::timeout(inner.timeout, inner.eval(keys, args)).await {
+                Err(_) => Err(StoreError::new(StoreErrorKind::Timeout)),
+                Ok(Err(e)) => Err(classify(e)),
+                Ok(Ok(reply)) => parse_reply(&reply, &quotas),
             };
-            parse_reply(&reply, &quotas)
+            inner.metrics.duration(started.elapsed());
+            match result {
+                Ok(decision) => {
+                    inner.succeeded();
+                    Ok(decision)
+                }
+                Err(e) => {
+                    inner.failed(e.kind());
+                    match (&inner.fallback, owned_key) {
+                        (Some(fallback), Some(k)) => fallback
+                            .decide(&k.key(), &quotas, cost)
+                            .map(|d| d.into_fallback(e.kind())),
+                        _ => Err(e),
+                    }
+                }
+            }
         })
+    }
+}
+
+/// A copy of a [`Key`] that a future can own.
+struct OwnedKey {
+    policy: String,
+    route: String,
+    ip: Option<std::net::IpAddr>,
+    user: Option<String>,
+}
+
+impl From<&Key<'_>> for OwnedKey {
+    fn from(key: &Key<'_>) -> Self {
+        OwnedKey {
+            policy: key.policy().to_owned(),
+            route: key.route().to_owned(),
+            ip: key.ip(),
+            user: key.user().map(str::to_owned),
+        }
+    }
+}
+
+impl OwnedKey {
+    fn key(&self) -> Key<'_> {
+        Key::new(&self.policy, &self.route, self.ip, self.user.as_deref())
     }
 }
 
@@ -336,9 +493,42 @@ pub struct RedisStoreBuilder {
     max_queued: usize,
     reconnect: ReconnectPolicy,
     clock: Option<Arc<dyn Clock>>,
+    fallback: Option<MemoryStore>,
+    breaker_threshold: u32,
+    probe_interval: Duration,
+    name: String,
 }
 
 impl RedisStoreBuilder {
+    /// Decides with this in-process store whenever Redis cannot (down, slow, circuit open),
+    /// instead of leaving each request to its policy's failure mode. The limit is then enforced
+    /// per instance (N instances let a client through up to N times the limit), which is looser
+    /// than the shared limit but far better than none. Such decisions are counted in
+    /// `ratelimit_fallback_total`. Off by default.
+    pub fn fallback(mut self, store: MemoryStore) -> Self {
+        self.fallback = Some(store);
+        self
+    }
+
+    /// Opens the circuit after this many consecutive calls that timed out or found no
+    /// connection (default 5; at least 1).
+    pub fn breaker_threshold(mut self, failures: u32) -> Self {
+        self.breaker_threshold = failures.max(1);
+        self
+    }
+
+    /// How often an open circuit pings Redis to find out whether it is back (default 500 ms).
+    pub fn probe_interval(mut self, interval: Duration) -> Self {
+        self.probe_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// The `store` label of this store's metrics and logs (default `redis`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
     /// The prefix of every key (default `tollgate:`). Use one per application sharing a server.
     /// At most 64 bytes, without `{` or `}` (they would change the cluster hash tag).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
@@ -445,6 +635,15 @@ impl RedisStoreBuilder {
                 prefix: self.prefix,
                 timeout,
                 clock: self.clock,
+                fallback: self.fallback,
+                breaker: Breaker {
+                    threshold: self.breaker_threshold,
+                    probe_interval: self.probe_interval,
+                    failures: AtomicU32::new(0),
+                    open: AtomicBool::new(false),
+                },
+                metrics: StoreMetrics::new(&self.name),
+                name: self.name,
             }),
         })
     }
@@ -457,6 +656,9 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("max_queued", &self.max_queued)
+            .field("fallback", &self.fallback.is_some())
+            .field("breaker_threshold", &self.breaker_threshold)
+            .field("probe_interval", &self.probe_interval)
             .finish_non_exhaustive()
     }
 }

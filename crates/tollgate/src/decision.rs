@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 
-use crate::Quota;
+use crate::{Quota, StoreErrorKind};
 
 /// The state of one quota after a request was decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,6 +78,7 @@ impl QuotaState {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     allowed: bool,
+    fallback: Option<StoreErrorKind>,
     states: SmallVec<[QuotaState; 2]>,
 }
 
@@ -87,7 +88,29 @@ impl Decision {
     pub fn from_states(states: impl IntoIterator<Item = QuotaState>) -> Self {
         let states: SmallVec<[QuotaState; 2]> = states.into_iter().collect();
         let allowed = states.iter().all(QuotaState::is_allowed);
-        Decision { allowed, states }
+        Decision {
+            allowed,
+            fallback: None,
+            states,
+        }
+    }
+
+    /// Marks the decision as made by a local fallback store because the shared store failed
+    /// for `reason`. The layer counts such decisions in `ratelimit_fallback_total{reason}`.
+    #[must_use]
+    pub fn into_fallback(mut self, reason: StoreErrorKind) -> Self {
+        self.fallback = Some(reason);
+        self
+    }
+
+    /// Whether a local fallback store made this decision (the limit was then per instance).
+    pub fn is_fallback(&self) -> bool {
+        self.fallback.is_some()
+    }
+
+    /// Why the shared store could not decide, when a fallback store did.
+    pub fn fallback_reason(&self) -> Option<StoreErrorKind> {
+        self.fallback
     }
 
     /// Whether the request may go through.

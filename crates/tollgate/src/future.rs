@@ -125,12 +125,18 @@ where
                     };
                     let report = match decision {
                         Ok(decision) if decision.is_allowed() => {
+                            if let Some(reason) = decision.fallback_reason() {
+                                policy.counters.fallback(reason);
+                            }
                             policy.counters.outcome(Outcome::Allowed);
                             let report = policy.respond.headers.any().then(|| decision.clone());
                             req.extensions_mut().insert(decision);
                             report.map(|d| (Arc::clone(policy), d))
                         }
                         Ok(decision) => {
+                            if let Some(reason) = decision.fallback_reason() {
+                                policy.counters.fallback(reason);
+                            }
                             policy.counters.outcome(Outcome::Limited);
                             return Poll::Ready(Ok(limited(policy, &decision)));
                         }

@@ -10,7 +10,11 @@
 //! | `ratelimit_requests_total` | counter | `policy`, `decision` | every request a policy applied to, by outcome: `allowed`, `limited`, `fail_open`, `fail_closed`, `over_capacity`, `unkeyed` |
 //! | `ratelimit_fail_open_total` | counter | `policy`, `reason` | requests let through without a decision because the store failed; registered at zero for every policy and reason at start-up |
 //! | `ratelimit_fail_closed_total` | counter | `policy`, `reason` | requests refused with 503 because the store failed on a fail-closed policy |
+//! | `ratelimit_fallback_total` | counter | `policy`, `reason` | requests decided by a local fallback store because the shared store failed; registered at zero |
 //! | `ratelimit_store_evictions_total` | counter | | live memory-store states dropped because the store was full |
+//! | `ratelimit_store_errors_total` | counter | `store`, `reason` | failed store calls (shared stores) |
+//! | `ratelimit_store_degraded` | gauge | `store` | 1 while the store is known to be down (circuit open), else 0 |
+//! | `ratelimit_store_duration_seconds` | histogram | `store` | time of each store round trip, failed ones included |
 //!
 //! Reasons: `timeout`, `unavailable`, `circuit_open`, `script_error`, `invalid_response`,
 //! `other` (see [`StoreErrorKind::reason`](crate::StoreErrorKind::reason)).
@@ -21,8 +25,16 @@ pub const REQUESTS_TOTAL: &str = "ratelimit_requests_total";
 pub const FAIL_OPEN_TOTAL: &str = "ratelimit_fail_open_total";
 /// Requests refused because the store failed on a fail-closed policy.
 pub const FAIL_CLOSED_TOTAL: &str = "ratelimit_fail_closed_total";
+/// Requests decided by a local fallback store because the shared store failed.
+pub const FALLBACK_TOTAL: &str = "ratelimit_fallback_total";
 /// Live memory-store states evicted because the store was full.
 pub const STORE_EVICTIONS_TOTAL: &str = "ratelimit_store_evictions_total";
+/// Failed store calls, by store and reason.
+pub const STORE_ERRORS_TOTAL: &str = "ratelimit_store_errors_total";
+/// 1 while a store is known to be down.
+pub const STORE_DEGRADED: &str = "ratelimit_store_degraded";
+/// Duration of store round trips.
+pub const STORE_DURATION_SECONDS: &str = "ratelimit_store_duration_seconds";
 
 /// The `decision` label values of [`REQUESTS_TOTAL`].
 pub const DECISIONS: [&str; 6] = [
@@ -58,6 +70,25 @@ pub fn describe() {
             "Requests refused with 503 because the rate-limit store failed on a fail-closed policy."
         );
         describe_counter!(
+            FALLBACK_TOTAL,
+            Unit::Count,
+            "Requests decided by a local fallback store (a per-instance limit) because the shared store failed."
+        );
+        metrics::describe_gauge!(
+            STORE_DEGRADED,
+            "1 while the rate-limit store is known to be down (circuit breaker open), else 0."
+        );
+        metrics::describe_histogram!(
+            STORE_DURATION_SECONDS,
+            Unit::Seconds,
+            "Duration of rate-limit store round trips, failed ones included."
+        );
+        describe_counter!(
+            STORE_ERRORS_TOTAL,
+            Unit::Count,
+            "Failed rate-limit store calls, by reason."
+        );
+        describe_counter!(
             STORE_EVICTIONS_TOTAL,
             Unit::Count,
             "Live rate-limit states dropped because the memory store reached its maximum size."
@@ -83,6 +114,8 @@ pub(crate) struct PolicyCounters {
     fail_open: [metrics::Counter; 6],
     #[cfg(feature = "metrics")]
     fail_closed: [metrics::Counter; 6],
+    #[cfg(feature = "metrics")]
+    fallback: [metrics::Counter; 6],
 }
 
 /// Indexes into [`DECISIONS`].
@@ -111,13 +144,15 @@ impl PolicyCounters {
                     .map(|r| metrics::counter!(name, "policy" => policy.clone(), "reason" => r))
             };
             let fail_open = reason_counters(FAIL_OPEN_TOTAL);
-            for c in &fail_open {
+            let fallback = reason_counters(FALLBACK_TOTAL);
+            for c in fail_open.iter().chain(&fallback) {
                 c.increment(0);
             }
             PolicyCounters {
                 decisions,
                 fail_open,
                 fail_closed: reason_counters(FAIL_CLOSED_TOTAL),
+                fallback,
             }
         }
         #[cfg(not(feature = "metrics"))]
@@ -139,10 +174,7 @@ impl PolicyCounters {
     pub(crate) fn failure(&self, open: bool, kind: crate::StoreErrorKind) {
         #[cfg(feature = "metrics")]
         {
-            let i = crate::StoreErrorKind::FAILURE_REASONS
-                .iter()
-                .position(|r| *r == kind.reason())
-                .unwrap_or(crate::StoreErrorKind::FAILURE_REASONS.len() - 1);
+            let i = reason_index(kind);
             if open {
                 self.fail_open[i].increment(1);
             } else {
@@ -151,5 +183,90 @@ impl PolicyCounters {
         }
         #[cfg(not(feature = "metrics"))]
         let _ = (open, kind);
+    }
+
+    #[cfg_attr(not(feature = "metrics"), allow(clippy::unused_self))]
+    pub(crate) fn fallback(&self, reason: crate::StoreErrorKind) {
+        #[cfg(feature = "metrics")]
+        self.fallback[reason_index(reason)].increment(1);
+        #[cfg(not(feature = "metrics"))]
+        let _ = reason;
+    }
+}
+
+#[cfg(feature = "metrics")]
+fn reason_index(kind: crate::StoreErrorKind) -> usize {
+    crate::StoreErrorKind::FAILURE_REASONS
+        .iter()
+        .position(|r| *r == kind.reason())
+        .unwrap_or(crate::StoreErrorKind::FAILURE_REASONS.len() - 1)
+}
+
+/// The health metrics of one shared store (`store` label): failed calls by reason, a degraded
+/// gauge, round-trip durations. For store implementations; the handles are registered when
+/// this is built, so build it after the recorder is installed.
+#[derive(Debug, Clone)]
+pub struct StoreMetrics {
+    #[cfg(feature = "metrics")]
+    errors: [metrics::Counter; 6],
+    #[cfg(feature = "metrics")]
+    degraded: metrics::Gauge,
+    #[cfg(feature = "metrics")]
+    duration: metrics::Histogram,
+}
+
+impl StoreMetrics {
+    /// Registers the metrics of the store named `store` (errors at zero, degraded at 0).
+    pub fn new(store: &str) -> Self {
+        describe();
+        #[cfg(feature = "metrics")]
+        {
+            let store: metrics::SharedString = store.to_owned().into();
+            let errors = crate::StoreErrorKind::FAILURE_REASONS.map(
+                |r| metrics::counter!(STORE_ERRORS_TOTAL, "store" => store.clone(), "reason" => r),
+            );
+            for c in &errors {
+                c.increment(0);
+            }
+            let degraded = metrics::gauge!(STORE_DEGRADED, "store" => store.clone());
+            degraded.set(0.0);
+            StoreMetrics {
+                errors,
+                degraded,
+                duration: metrics::histogram!(STORE_DURATION_SECONDS, "store" => store),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        {
+            let _ = store;
+            StoreMetrics {}
+        }
+    }
+
+    /// Counts one failed call.
+    #[cfg_attr(not(feature = "metrics"), allow(clippy::unused_self))]
+    pub fn error(&self, kind: crate::StoreErrorKind) {
+        #[cfg(feature = "metrics")]
+        self.errors[reason_index(kind)].increment(1);
+        #[cfg(not(feature = "metrics"))]
+        let _ = kind;
+    }
+
+    /// Sets the degraded gauge.
+    #[cfg_attr(not(feature = "metrics"), allow(clippy::unused_self))]
+    pub fn degraded(&self, degraded: bool) {
+        #[cfg(feature = "metrics")]
+        self.degraded.set(if degraded { 1.0 } else { 0.0 });
+        #[cfg(not(feature = "metrics"))]
+        let _ = degraded;
+    }
+
+    /// Records one round trip.
+    #[cfg_attr(not(feature = "metrics"), allow(clippy::unused_self))]
+    pub fn duration(&self, took: std::time::Duration) {
+        #[cfg(feature = "metrics")]
+        self.duration.record(took.as_secs_f64());
+        #[cfg(not(feature = "metrics"))]
+        let _ = took;
     }
 }

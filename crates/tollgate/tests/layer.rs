@@ -483,3 +483,55 @@ async fn several_quotas_are_reported_and_enforced_together() {
     assert_eq!(res.headers()["retry-after"], "18");
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn fallback_decisions_are_enforced_and_counted_apart_from_fail_open() {
+    let recorder = DebuggingRecorder::new();
+    let counters = Counters::new(recorder.snapshotter());
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let store = FlakyStore::new(&ManualClock::new());
+    let (calls, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(store.clone()).policy(Policy::new("api", quota("2/m"))))
+        .service(inner);
+    assert_eq!(
+        counters.get(
+            "ratelimit_fallback_total",
+            &[("policy", "api"), ("reason", "circuit_open")]
+        ),
+        Some(0)
+    );
+    store.fail_with(Some(StoreErrorKind::CircuitOpen));
+    store.with_fallback(true);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let res = svc.clone().oneshot(request()).await.unwrap();
+        // A fallback decision is a real decision: headers included.
+        assert!(res.headers().contains_key("ratelimit"));
+        got.push(res.status().as_u16());
+    }
+    assert_eq!(got, [200, 200, 429]);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        counters.get(
+            "ratelimit_fallback_total",
+            &[("policy", "api"), ("reason", "circuit_open")]
+        ),
+        Some(3)
+    );
+    assert_eq!(
+        counters.get(
+            "ratelimit_fail_open_total",
+            &[("policy", "api"), ("reason", "circuit_open")]
+        ),
+        Some(0)
+    );
+    assert_eq!(
+        counters.get(
+            "ratelimit_requests_total",
+            &[("policy", "api"), ("decision", "limited")]
+        ),
+        Some(1)
+    );
+}

@@ -12,7 +12,7 @@ use anyhow::Context;
 use axum::Router;
 use axum::routing::{get, post};
 use clap::Parser;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tollgate::{MemoryStore, RateLimitLayer};
 use tollgate_redis::{RedisStore, redact};
@@ -36,6 +36,16 @@ pub struct Args {
     /// `redis-sentinel://`); without it the in-process memory store is used.
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
+    /// Deadline of each Redis decision, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 100)]
+    pub redis_timeout: u64,
+    /// While Redis cannot decide, limit with an in-process store (per instance) instead of
+    /// applying each policy's failure mode.
+    #[arg(long)]
+    pub redis_fallback: bool,
+    /// How long start-up waits for Redis before serving anyway, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    pub redis_connect_wait: u64,
 }
 
 /// The demo's routes behind the rate limiter (deciding with `store`), and `/metrics` outside
@@ -105,6 +115,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         None => Config::default(),
     };
     let metrics = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(tollgate::metrics::STORE_DURATION_SECONDS.to_owned()),
+            &[
+                0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                0.5, 1.0,
+            ],
+        )
+        .context("invalid histogram buckets")?
         .install_recorder()
         .context("cannot install the Prometheus recorder")?;
     let upkeep = metrics.clone();
@@ -122,10 +140,18 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             app(&config, MemoryStore::new(), metrics)
         }
         Some(url) => {
-            let store = RedisStore::builder(url)?.build()?;
-            // Start anyway when Redis is not there yet: requests fail open (or closed) until
-            // it is, and the client keeps reconnecting.
-            match store.wait_connected(Duration::from_secs(5)).await {
+            let mut builder =
+                RedisStore::builder(url)?.timeout(Duration::from_millis(args.redis_timeout.max(1)));
+            if args.redis_fallback {
+                builder = builder.fallback(MemoryStore::new());
+            }
+            let store = builder.build()?;
+            // Start anyway when Redis is not there yet: requests fail open (or closed, or go to
+            // the fallback) until it is, and the client keeps reconnecting.
+            match store
+                .wait_connected(Duration::from_millis(args.redis_connect_wait))
+                .await
+            {
                 Ok(()) => {
                     tracing::info!(url = %redact(url), "store: redis (limits shared by every instance)");
                 }

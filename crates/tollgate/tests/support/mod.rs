@@ -15,6 +15,7 @@ use tollgate::{Decision, Key, MemoryStore, Quota, Store, StoreError, StoreErrorK
 pub struct FlakyStore {
     memory: MemoryStore<ManualClock>,
     failure: Arc<Mutex<Option<StoreErrorKind>>>,
+    fallback: Arc<Mutex<bool>>,
     calls: Arc<Mutex<usize>>,
 }
 
@@ -23,6 +24,7 @@ impl FlakyStore {
         FlakyStore {
             memory: MemoryStore::with_clock(clock.clone()),
             failure: Arc::default(),
+            fallback: Arc::default(),
             calls: Arc::default(),
         }
     }
@@ -30,6 +32,11 @@ impl FlakyStore {
     /// From now on every call fails with `kind` (or succeeds again with `None`).
     pub fn fail_with(&self, kind: Option<StoreErrorKind>) {
         *self.failure.lock().unwrap() = kind;
+    }
+
+    /// Failures are answered by the memory store, marked as a fallback decision.
+    pub fn with_fallback(&self, on: bool) {
+        *self.fallback.lock().unwrap() = on;
     }
 
     pub fn calls(&self) -> usize {
@@ -43,6 +50,11 @@ impl Store for FlakyStore {
     fn check(&self, key: &Key<'_>, quotas: &[Quota], cost: u32) -> Self::Future {
         *self.calls.lock().unwrap() += 1;
         match *self.failure.lock().unwrap() {
+            Some(kind) if *self.fallback.lock().unwrap() => ready(
+                self.memory
+                    .decide(key, quotas, cost)
+                    .map(|d| d.into_fallback(kind)),
+            ),
             Some(kind) => ready(Err(StoreError::with_source(
                 kind,
                 std::io::Error::other("injected failure"),

@@ -1,0 +1,345 @@
+//! Real faults under real load: Redis killed, frozen, restarted, absent at start-up, and the
+//! local fallback. The demo runs as a process with `--redis`; clients are real HTTP clients.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tollgate_tests::Demo;
+use tollgate_tests::redis::{RedisServer, free_port};
+
+const DEMO: &str = env!("CARGO_BIN_EXE_demo-under-test");
+/// The demo's Redis deadline in these tests.
+const DEADLINE_MS: u64 = 300;
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+fn demo_on(url: &str, extra: &[&str]) -> Demo {
+    let deadline = DEADLINE_MS.to_string();
+    let mut args = vec!["--redis", url, "--redis-timeout", &deadline];
+    args.extend_from_slice(extra);
+    Demo::start(DEMO, &args)
+}
+
+/// What the client saw of one response.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    status: u16,
+    /// The response carried RateLimit headers: a store (shared or fallback) decided it.
+    decided: bool,
+    took: Duration,
+}
+
+async fn get(client: &reqwest::Client, demo: &Demo, path: &str) -> Seen {
+    let started = Instant::now();
+    let res = client.get(demo.url(path)).send().await.expect("response");
+    Seen {
+        status: res.status().as_u16(),
+        decided: res.headers().contains_key("ratelimit"),
+        took: started.elapsed(),
+    }
+}
+
+/// Sum of every sample of `name` whose labels include all of `labels`.
+async fn metric(client: &reqwest::Client, demo: &Demo, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let body = client
+        .get(demo.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric_name, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric_name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+            .then(|| value.parse::<f64>().ok())
+            .flatten()
+        })
+        .sum()
+}
+
+/// Sends requests until one is decided by the store again (at most 20 s), and returns every
+/// response from that one on, `n` in all.
+async fn until_decided(client: &reqwest::Client, demo: &Demo, n: usize) -> Vec<Seen> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let seen = get(client, demo, "/hello").await;
+        if seen.decided {
+            let mut out = vec![seen];
+            for _ in 1..n {
+                out.push(get(client, demo, "/hello").await);
+            }
+            return out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "limiting did not resume: {seen:?}\n{}",
+            demo.log().join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn statuses(seen: &[Seen]) -> Vec<u16> {
+    seen.iter().map(|s| s.status).collect()
+}
+
+#[tokio::test]
+async fn redis_killed_mid_load_fails_open_and_counts_every_undecided_request() {
+    let mut server = RedisServer::start();
+    let demo = demo_on(&server.url(), &[]);
+    let client = client();
+    let fail_open_before = metric(
+        &client,
+        &demo,
+        "ratelimit_fail_open_total",
+        &[("policy", "hello")],
+    )
+    .await;
+    assert_eq!(fail_open_before, 0.0);
+
+    // Six concurrent clients, 100 requests each; Redis dies after the 150th response.
+    let done = Arc::new(AtomicUsize::new(0));
+    let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
+    let kill_tx = Arc::new(std::sync::Mutex::new(Some(kill_tx)));
+    let mut tasks = Vec::new();
+    for _ in 0..6 {
+        let client = client.clone();
+        let url = demo.url("/hello");
+        let done = Arc::clone(&done);
+        let kill_tx = Arc::clone(&kill_tx);
+        tasks.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            for _ in 0..100 {
+                let res = client.get(&url).send().await.expect("response");
+                seen.push((
+                    res.status().as_u16(),
+                    res.headers().contains_key("ratelimit"),
+                ));
+                if done.fetch_add(1, Ordering::SeqCst) + 1 == 150 {
+                    if let Some(tx) = kill_tx.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+            seen
+        }));
+    }
+    kill_rx.await.unwrap();
+    server.stop();
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.extend(t.await.unwrap());
+    }
+    assert_eq!(seen.len(), 600);
+    // Every request was answered: 200 or 429, never a 5xx.
+    assert!(seen.iter().all(|&(s, _)| s == 200 || s == 429), "{seen:?}");
+    // Undecided requests are exactly the 200s without RateLimit headers...
+    let undecided = seen.iter().filter(|&&(_, decided)| !decided).count();
+    assert!(seen.iter().filter(|&&(_, d)| !d).all(|&(s, _)| s == 200));
+    assert!(
+        undecided > 0,
+        "Redis was killed but every request was decided"
+    );
+    // ...and the counter says the same, to the request.
+    let fail_open = metric(
+        &client,
+        &demo,
+        "ratelimit_fail_open_total",
+        &[("policy", "hello")],
+    )
+    .await;
+    assert_eq!(fail_open, undecided as f64);
+    let by_decision = metric(
+        &client,
+        &demo,
+        "ratelimit_requests_total",
+        &[("policy", "hello"), ("decision", "fail_open")],
+    )
+    .await;
+    assert_eq!(by_decision, undecided as f64);
+
+    // The fail-closed route refuses while Redis is down.
+    let res = client.post(demo.url("/login")).send().await.unwrap();
+    assert_eq!(res.status(), 503);
+    assert!(res.headers().contains_key("retry-after"));
+    // The store says it is degraded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while metric(&client, &demo, "ratelimit_store_degraded", &[]).await != 1.0 {
+        assert!(Instant::now() < deadline, "degraded gauge never rose");
+        get(&client, &demo, "/hello").await;
+    }
+    // The log says so once, not once per request.
+    let degraded_lines = demo
+        .log()
+        .iter()
+        .filter(|l| l.contains("rate-limit-degraded"))
+        .count();
+    assert!(
+        (1..=6).contains(&degraded_lines),
+        "{degraded_lines} degraded lines for {undecided} undecided requests"
+    );
+}
+
+#[tokio::test]
+async fn a_frozen_redis_costs_at_most_the_deadline_then_nothing() {
+    let server = RedisServer::start();
+    let demo = demo_on(&server.url(), &[]);
+    let client = client();
+    assert!(get(&client, &demo, "/hello").await.decided);
+
+    server.pause();
+    // Sent while Redis is frozen: without a deadline these would hang until it thawed.
+    let mut seen = Vec::new();
+    for _ in 0..30 {
+        seen.push(get(&client, &demo, "/hello").await);
+    }
+    let timeouts = metric(
+        &client,
+        &demo,
+        "ratelimit_fail_open_total",
+        &[("policy", "hello"), ("reason", "timeout")],
+    )
+    .await;
+    let circuit_open = metric(
+        &client,
+        &demo,
+        "ratelimit_fail_open_total",
+        &[("policy", "hello"), ("reason", "circuit_open")],
+    )
+    .await;
+    server.resume();
+
+    assert!(
+        seen.iter().all(|s| s.status == 200 && !s.decided),
+        "{seen:?}"
+    );
+    // The breaker opens after 5 consecutive timeouts; every later request is decided without
+    // asking Redis.
+    assert_eq!(timeouts, 5.0);
+    assert_eq!(circuit_open, 25.0);
+    let deadline = Duration::from_millis(DEADLINE_MS);
+    // No request waited much longer than the deadline...
+    let slowest = seen.iter().map(|s| s.took).max().unwrap();
+    assert!(
+        slowest < deadline + Duration::from_secs(2),
+        "slowest {slowest:?}"
+    );
+    // ...and once the circuit opened, none waited for Redis at all (a wait would take at least
+    // the deadline).
+    let waited = seen.iter().filter(|s| s.took >= deadline).count();
+    assert_eq!(waited, 5, "{seen:?}");
+
+    // Thawed: limiting comes back by itself.
+    let after = until_decided(&client, &demo, 1).await;
+    assert!(after[0].decided);
+}
+
+#[tokio::test]
+async fn a_restarted_redis_resumes_limiting_without_restarting_the_service() {
+    let mut server = RedisServer::start();
+    let demo = demo_on(&server.url(), &[]);
+    let client = client();
+    let mut before = Vec::new();
+    for _ in 0..6 {
+        before.push(get(&client, &demo, "/hello").await);
+    }
+    assert_eq!(statuses(&before), [200, 200, 200, 200, 200, 429]);
+
+    server.restart();
+    // Empty data and an empty script cache: the first decided response starts a fresh budget.
+    let after = until_decided(&client, &demo, 6).await;
+    assert!(after.iter().all(|s| s.decided), "{after:?}");
+    assert_eq!(statuses(&after), [200, 200, 200, 200, 200, 429]);
+}
+
+#[tokio::test]
+async fn redis_absent_at_start_up_and_appearing_later() {
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let demo = demo_on(&url, &["--redis-connect-wait", "200"]);
+    let client = client();
+    // The service is up and answering without Redis: fail open on /hello, closed on /login.
+    for _ in 0..8 {
+        let seen = get(&client, &demo, "/hello").await;
+        assert_eq!((seen.status, seen.decided), (200, false));
+    }
+    assert_eq!(
+        client
+            .post(demo.url("/login"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+
+    let _server = RedisServer::start_on(port);
+    let after = until_decided(&client, &demo, 6).await;
+    assert_eq!(statuses(&after), [200, 200, 200, 200, 200, 429]);
+    assert_eq!(
+        client
+            .post(demo.url("/login"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn with_the_local_fallback_one_instance_still_refuses_past_its_limit() {
+    let mut server = RedisServer::start();
+    let demo = demo_on(&server.url(), &["--redis-fallback"]);
+    let client = client();
+    assert!(get(&client, &demo, "/hello").await.decided);
+    server.stop();
+
+    let mut seen = Vec::new();
+    for _ in 0..8 {
+        seen.push(get(&client, &demo, "/hello").await);
+    }
+    // Decided locally: the fallback store starts fresh, 5 pass, then 429s.
+    assert!(seen.iter().all(|s| s.decided), "{seen:?}");
+    assert_eq!(statuses(&seen), [200, 200, 200, 200, 200, 429, 429, 429]);
+    let fallback = metric(
+        &client,
+        &demo,
+        "ratelimit_fallback_total",
+        &[("policy", "hello")],
+    )
+    .await;
+    assert_eq!(fallback, 8.0);
+    let fail_open = metric(
+        &client,
+        &demo,
+        "ratelimit_fail_open_total",
+        &[("policy", "hello")],
+    )
+    .await;
+    assert_eq!(fail_open, 0.0);
+    // Login is decided by the fallback too, not refused.
+    assert_eq!(
+        client
+            .post(demo.url("/login"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
