@@ -5,17 +5,17 @@
 //! - **route**: axum's [`MatchedPath`](axum::extract::MatchedPath) template (`/users/{id}`, never
 //!   the raw path, which a client could vary to get a fresh bucket per request), or the policy's
 //!   name when the policy's [`KeyScope`](crate::KeyScope) says so or when there is no matched path;
-//! - **ip**: the client address, see [`ClientIp`];
+//! - **ip**: the client address, see [`ClientIp`](crate::ClientIp);
 //! - **user**: optional, from a [`UserKey`] extractor (for example the user id an authentication
 //!   layer put in the request extensions).
 
 use std::borrow::Cow;
 use std::fmt;
 use std::hash::Hasher;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::{Extensions, HeaderMap, Request};
+use http::{Extensions, HeaderMap};
 use sha2::{Digest, Sha256};
 use siphasher::sip128::{Hasher128, SipHasher13};
 
@@ -202,46 +202,6 @@ impl fmt::Debug for Key<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Key({self})")
     }
-}
-
-/// Where the client address of a request comes from.
-///
-/// By default it is the socket peer: axum's `ConnectInfo<SocketAddr>` (serve with
-/// `into_make_service_with_connect_info::<SocketAddr>()`; axum's `MockConnectInfo` works in
-/// tests), or a plain [`SocketAddr`] request
-/// extension for other servers. Forwarding headers are never read unless the operator names the
-/// proxies to trust (a later release adds that here, keeping this type).
-#[derive(Debug, Clone, Default)]
-#[non_exhaustive]
-pub struct ClientIp {}
-
-impl ClientIp {
-    /// The socket peer, and nothing the client can write.
-    pub fn peer() -> Self {
-        ClientIp {}
-    }
-
-    /// The client address of a request, or `None` when the server put no peer address in the
-    /// request.
-    pub fn client_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
-        peer_addr(req.extensions()).map(|addr| addr.ip().to_canonical())
-    }
-}
-
-fn peer_addr(ext: &Extensions) -> Option<SocketAddr> {
-    #[cfg(feature = "axum")]
-    {
-        use axum::extract::ConnectInfo;
-        use axum::extract::connect_info::MockConnectInfo;
-        if let Some(ConnectInfo(addr)) = ext.get::<ConnectInfo<SocketAddr>>() {
-            return Some(*addr);
-        }
-        // What axum's own `ConnectInfo` extractor falls back to in tests.
-        if let Some(MockConnectInfo(addr)) = ext.get::<MockConnectInfo<SocketAddr>>() {
-            return Some(*addr);
-        }
-    }
-    ext.get::<SocketAddr>().copied()
 }
 
 /// Extracts the optional user part of a key from a request.
@@ -503,32 +463,6 @@ mod tests {
             Key::new("p", "/a", Some(IP), Some("")),
             Key::new("p", "/a", Some(IP), None::<&str>)
         );
-    }
-
-    #[test]
-    fn client_ip_is_the_canonical_peer() {
-        let mut req = Request::new(());
-        assert_eq!(ClientIp::peer().client_ip(&req), None);
-        let mapped: SocketAddr = "[::ffff:192.0.2.1]:4000".parse().unwrap();
-        req.extensions_mut()
-            .insert(axum::extract::ConnectInfo(mapped));
-        assert_eq!(ClientIp::peer().client_ip(&req), Some(IP));
-
-        let mut req = Request::new(());
-        req.extensions_mut().insert(SocketAddr::from((IP, 1)));
-        assert_eq!(ClientIp::peer().client_ip(&req), Some(IP));
-    }
-
-    #[test]
-    fn forwarding_headers_are_ignored_by_default() {
-        let mut req = Request::builder()
-            .header("x-forwarded-for", "203.0.113.9")
-            .header("forwarded", "for=203.0.113.9")
-            .header("x-real-ip", "203.0.113.9")
-            .body(())
-            .unwrap();
-        req.extensions_mut().insert(SocketAddr::from((IP, 1)));
-        assert_eq!(ClientIp::peer().client_ip(&req), Some(IP));
     }
 
     #[test]

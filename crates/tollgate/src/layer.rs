@@ -8,7 +8,8 @@ use bytes::Bytes;
 use http::{Method, Request, Response};
 use tower_layer::Layer;
 
-use crate::key::{ClientIp, Key, MissingKey, NoUser, UserKey};
+use crate::ClientIp;
+use crate::key::{Key, MissingKey, NoUser, UserKey};
 use crate::metrics::PolicyCounters;
 use crate::response::{LimitedResponseFn, PolicyHeaders, RateLimitHeaders, default_limited};
 use crate::{Decision, FailureMode, KeyScope, Policy, Quota, RateLimit};

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod client_ip;
 pub mod clock;
 mod decision;
 pub mod future;
@@ -14,8 +15,9 @@ mod response;
 mod service;
 pub mod store;
 
+pub use client_ip::{ClientIp, ForwardedHeader};
 pub use decision::{Decision, QuotaState};
-pub use key::{ClientIp, Key, MissingKey};
+pub use key::{Key, MissingKey};
 pub use layer::RateLimitLayer;
 pub use policy::{FailureMode, KeyScope, Policy};
 pub use quota::{Quota, QuotaError};
@@ -33,3 +35,6 @@ struct ConfigurationGuide;
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/algorithms.md")]
 struct AlgorithmsGuide;
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/client-ip.md")]
+struct ClientIpGuide;

@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use clap::Parser;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tollgate::{MemoryStore, RateLimitLayer};
+use tollgate::{ClientIp, ForwardedHeader, MemoryStore, RateLimitLayer};
 use tollgate_redis::{RedisStore, redact};
 
 pub use config::Config;
@@ -46,16 +46,52 @@ pub struct Args {
     /// How long start-up waits for Redis before serving anyway, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     pub redis_connect_wait: u64,
+    /// A proxy address range to trust for X-Forwarded-For (repeatable). Without it, clients
+    /// are keyed on the socket peer and forwarding headers are ignored.
+    #[arg(long = "trusted-proxy", value_name = "CIDR")]
+    pub trusted_proxies: Vec<tollgate::client_ip::IpNet>,
+    /// The header trusted proxies report the client in: x-forwarded-for (default), forwarded,
+    /// or the name of a single-address header such as x-real-ip or cf-connecting-ip.
+    #[arg(long, value_name = "NAME", default_value = "x-forwarded-for")]
+    pub client_ip_header: String,
+    /// Key IPv6 clients on this prefix length (1 to 128).
+    #[arg(long, value_name = "BITS", default_value_t = 64)]
+    pub ipv6_prefix: u8,
+}
+
+impl Args {
+    /// The client-IP settings these arguments describe.
+    ///
+    /// # Errors
+    ///
+    /// When the prefix length or header name is invalid.
+    pub fn client_ip(&self) -> anyhow::Result<ClientIp> {
+        let header = match self.client_ip_header.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => ForwardedHeader::XForwardedFor,
+            "forwarded" => ForwardedHeader::Forwarded,
+            other => ForwardedHeader::Single(
+                http::HeaderName::from_bytes(other.as_bytes())
+                    .with_context(|| format!("--client-ip-header {other:?}: not a header name"))?,
+            ),
+        };
+        ClientIp::peer()
+            .trust_proxies(self.trusted_proxies.iter().copied())
+            .header(header)
+            .ipv6_prefix(self.ipv6_prefix)
+            .with_context(|| format!("--ipv6-prefix {}", self.ipv6_prefix))
+    }
 }
 
 /// The demo's routes behind the rate limiter (deciding with `store`), and `/metrics` outside
 /// it.
-pub fn app<St>(config: &Config, store: St, metrics: PrometheusHandle) -> Router
+pub fn app<St>(config: &Config, store: St, client_ip: ClientIp, metrics: PrometheusHandle) -> Router
 where
     St: tollgate::Store + Clone + Send + Sync + 'static,
     St::Future: Send + 'static,
 {
-    let mut limits = RateLimitLayer::new(store).headers(config.headers);
+    let mut limits = RateLimitLayer::new(store)
+        .headers(config.headers)
+        .client_ip(client_ip);
     for p in &config.policies {
         limits = match &p.method {
             Some(m) => limits.route_method(m.clone(), p.route.clone(), p.policy.clone()),
@@ -110,6 +146,7 @@ pub fn cli_main() -> std::process::ExitCode {
 ///
 /// When the configuration is invalid, the address cannot be bound, or serving fails.
 pub async fn run(args: Args) -> anyhow::Result<()> {
+    let client_ip = args.client_ip()?;
     let config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -137,7 +174,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let app = match &args.redis {
         None => {
             tracing::info!("store: memory (limits are per instance)");
-            app(&config, MemoryStore::new(), metrics)
+            app(&config, MemoryStore::new(), client_ip, metrics)
         }
         Some(url) => {
             let mut builder =
@@ -160,7 +197,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     "rate-limit-degraded: {e}; starting anyway, the store keeps reconnecting"
                 ),
             }
-            app(&config, store, metrics)
+            app(&config, store, client_ip, metrics)
         }
     };
     let listener = TcpListener::bind(args.listen)
@@ -177,6 +214,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "rate-limit policy"
         );
     }
+    tracing::info!(
+        trusted_proxies = ?args.trusted_proxies,
+        header = %args.client_ip_header,
+        ipv6_prefix = args.ipv6_prefix,
+        "client ip: {}",
+        if args.trusted_proxies.is_empty() { "socket peer (no proxy trusted)" } else { "forwarded by trusted proxies" }
+    );
     tracing::info!("listening on {addr}");
     axum::serve(
         listener,
