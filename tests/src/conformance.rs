@@ -4,12 +4,14 @@
 //! each. Time comes from a [`ManualClock`] shared by the test and the store (the Redis store
 //! takes it in place of the server's `TIME`, which is its test seam), so the cases are exact.
 //!
-//! Quotas here have periods of ten seconds or more: Redis expires keys on its own real clock,
-//! and a case must finish long before any key it wrote could expire for real.
+//! Quotas here have periods of five seconds or more: Redis expires keys on its own real clock,
+//! and a case must finish long before any key it wrote could expire for real. Every algorithm
+//! (GCRA, fixed window, sliding window) has cases here.
 
 use std::time::Duration;
 
 use tollgate::clock::ManualClock;
+use tollgate::store::window_offset;
 use tollgate::{Decision, Key, Quota, Store, StoreErrorKind};
 
 /// What one request must get.
@@ -54,6 +56,9 @@ pub struct Case {
     pub quotas: &'static [&'static str],
     /// The requests.
     pub steps: Vec<Step>,
+    /// Start at the beginning of a window of the first quota (for client "a"), so that window
+    /// cases can state exact expectations whatever the key's window offset.
+    pub align: bool,
 }
 
 use Expect::{Allowed, CostExceedsBurst, Limited};
@@ -80,6 +85,7 @@ pub fn cases() -> Vec<Case> {
                 // After a full period the burst is back.
                 step(10_000, "a", 1, Allowed(&[4])),
             ],
+            align: false,
         },
         Case {
             name: "burst-below-limit",
@@ -93,6 +99,7 @@ pub fn cases() -> Vec<Case> {
                 step(500, "a", 1, Allowed(&[0])),
                 step(3_000, "a", 1, Allowed(&[2])),
             ],
+            align: false,
         },
         Case {
             name: "costs",
@@ -107,6 +114,7 @@ pub fn cases() -> Vec<Case> {
                 step(0, "a", 11, CostExceedsBurst),
                 step(10_000, "a", 10, Allowed(&[0])),
             ],
+            align: false,
         },
         Case {
             name: "two-quotas",
@@ -122,6 +130,7 @@ pub fn cases() -> Vec<Case> {
                 step(10_000, "a", 1, Allowed(&[1, 0])),
                 step(0, "a", 1, Limited(20_000)),
             ],
+            align: false,
         },
         Case {
             name: "idle-keys-start-fresh",
@@ -132,6 +141,50 @@ pub fn cases() -> Vec<Case> {
                 step(30_000, "a", 1, Allowed(&[2])),
                 step(3_600_000, "a", 1, Allowed(&[2])),
             ],
+            align: false,
+        },
+        Case {
+            name: "fixed-window",
+            quotas: &["3/10s fixed-window"],
+            steps: vec![
+                step(0, "a", 1, Allowed(&[2])),
+                step(1_000, "a", 1, Allowed(&[1])),
+                step(1_000, "a", 1, Allowed(&[0])),
+                step(1_000, "a", 1, Limited(7_000)),
+                step(6_999, "a", 1, Limited(1)),
+                // The next window: a full limit again.
+                step(1, "a", 1, Allowed(&[2])),
+                step(0, "a", 3, Limited(10_000)),
+                step(0, "a", 4, CostExceedsBurst),
+            ],
+            align: true,
+        },
+        Case {
+            name: "sliding-window",
+            quotas: &["10/m sliding-window"],
+            steps: vec![
+                step(30_000, "a", 8, Allowed(&[2])),
+                // 15 s into the next window the previous one weighs 8 x 45/60 = 6.
+                step(45_000, "a", 4, Allowed(&[0])),
+                step(0, "a", 1, Limited(7_500)),
+                step(7_499, "a", 1, Limited(1)),
+                step(1, "a", 1, Allowed(&[0])),
+            ],
+            align: true,
+        },
+        Case {
+            name: "sliding-and-gcra",
+            quotas: &["4/m sliding-window", "2/10s"],
+            steps: vec![
+                step(0, "a", 1, Allowed(&[3, 1])),
+                step(0, "a", 1, Allowed(&[2, 0])),
+                step(0, "a", 1, Limited(5_000)),
+                step(5_000, "a", 1, Allowed(&[1, 0])),
+                step(5_000, "a", 1, Allowed(&[0, 0])),
+                // The window is full: wait into the next one until enough of this one slid out.
+                step(5_000, "a", 1, Limited(60_000)),
+            ],
+            align: true,
         },
     ]
 }
@@ -145,6 +198,14 @@ pub async fn run<S: Store>(store: &S, clock: &ManualClock) {
             .iter()
             .map(|q| q.parse().expect("quota"))
             .collect();
+        if case.align {
+            // Every advance is whole milliseconds, so the clock is on one.
+            let key = Key::new(case.name, "/conformance", None, Some("a"));
+            let w = u64::try_from(quotas[0].period().as_millis()).expect("window");
+            let offset = window_offset(&key, &quotas[0]);
+            let now_ms = u64::try_from(clock.elapsed().as_millis()).expect("time");
+            clock.advance(Duration::from_millis((w - (now_ms + offset) % w) % w));
+        }
         for (i, step) in case.steps.iter().enumerate() {
             clock.advance(Duration::from_millis(step.advance_ms));
             let key = Key::new(case.name, "/conformance", None, Some(step.client));
@@ -175,12 +236,15 @@ pub async fn run<S: Store>(store: &S, clock: &ManualClock) {
 /// Pseudo-random request sequences (a fixed seed, so every run is the same), for comparing two
 /// stores decision by decision: every field of every decision must be equal.
 pub async fn compare<A: Store, B: Store>(a: &A, b: &B, clock: &ManualClock, sequences: usize) {
-    const QUOTAS: [&[&str]; 5] = [
+    const QUOTAS: [&[&str]; 8] = [
         &["5/10s"],
         &["10/m burst 3"],
         &["7/30s", "20/h"],
         &["3/10s burst 5"],
         &["100/h burst 10", "4/10s"],
+        &["6/10s fixed-window"],
+        &["8/20s sliding-window"],
+        &["5/10s sliding-window", "3/5s", "12/m fixed-window"],
     ];
     let mut rng = 0x2545_f491_4f6c_dd1d_u64;
     let mut next = move |n: u64| {

@@ -1,88 +1,187 @@
--- tollgate: GCRA for every quota of one request, decided atomically.
+-- tollgate: every quota of one request, decided atomically.
 --
--- KEYS[i]  the state of quota i: its theoretical arrival time (TAT) in microseconds, as an
---          integer string. All keys of one call share a hash tag, so they live in one slot.
+-- KEYS[i]  the state of quota i. All keys of one call share a hash tag, so they live in one slot.
 -- ARGV[1]  now in microseconds, or -1 to use the server's clock (TIME). Only tests pass a time.
 -- ARGV[2]  cost of the request in units (0 <= cost <= the smallest burst; checked by the caller)
--- ARGV[2i+1], ARGV[2i+2]  for quota i: the emission interval T and the burst span B*T, in
---          microseconds
+-- ARGV[4i-1 .. 4i+2]  for quota i: algorithm, then
+--          0 (GCRA):           emission interval T (us), burst span B*T (us), unused
+--          1 (fixed window):   window W (ms), limit L, this key's window offset (ms)
+--          2 (sliding window): window W (ms), limit L, this key's window offset (ms)
+--
+-- States: GCRA stores the theoretical arrival time (TAT, us); a fixed window "end_ms count";
+-- a sliding window "end_ms current previous" (the end of the current window).
 --
 -- Returns a flat array of integers: allowed (1 or 0), then for each quota
 --   allowed, remaining, reset_after_us, retry_after_us
 --
--- A request passes only if every quota allows it; then every TAT is written with an expiry at
--- the moment it stops mattering (TAT - now, in whole milliseconds rounded up, at least 1).
--- A refused request writes nothing. Read, decide and write happen in this one script, so they
--- are atomic: there is no window between a read and a write for another instance to use.
+-- A request passes only if every quota allows it; then every state is written with an expiry
+-- at the moment it stops mattering (in whole milliseconds rounded up, at least 1). A refused
+-- request writes nothing (except to repair an impossible GCRA value, see below). Read, decide
+-- and write happen in this one script, so they are atomic. All arithmetic is on integers below
+-- 2^53, exact in Lua's doubles; it mirrors crates/tollgate/src/algorithm.rs step by step.
 
 local now = tonumber(ARGV[1])
 if now < 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+local now_ms = math.floor(now / 1000)
 local cost = tonumber(ARGV[2])
 local n = #KEYS
 
-local tat = {}
-local repaired = {}
+local function window_start(w, offset)
+  local x = now_ms + offset
+  return x - (x % w) - offset
+end
+
+local function px_until(t_ms)
+  local px = t_ms - now_ms
+  if px < 1 then px = 1 end
+  return px
+end
+
+-- Each entry: allowed, write (a function or nil), spent {remaining, reset_us, retry_us},
+-- unspent {remaining, reset_us, retry_us}, repair (a function or nil).
+local evals = {}
 local all = 1
+
 for i = 1, n do
-  local T = tonumber(ARGV[2 * i + 1])
-  local span = tonumber(ARGV[2 * i + 2])
-  -- A missing or unreadable state is a fresh key.
-  local stored = tonumber(redis.call('GET', KEYS[i]))
-  if stored == nil or stored < now then
-    stored = now
-  elseif stored > now + span then
-    -- Impossible for a state this script wrote, unless the clock moved back (a failover to a
-    -- server whose clock is behind) or something else wrote the key: cap it at a spent burst
-    -- rather than refuse the client for however long the bad value says.
-    stored = now + span
-    repaired[i] = true
+  local algo = tonumber(ARGV[4 * i - 1])
+  local p1 = tonumber(ARGV[4 * i])
+  local p2 = tonumber(ARGV[4 * i + 1])
+  local p3 = tonumber(ARGV[4 * i + 2])
+  local key = KEYS[i]
+  local raw = redis.call('GET', key)
+  local e = {}
+
+  if algo == 0 then
+    local T, span = p1, p2
+    -- A missing or unreadable state is a fresh key.
+    local tat = tonumber(raw)
+    if tat == nil or tat < now then
+      tat = now
+    elseif tat > now + span then
+      -- Impossible for a state this script wrote, unless the clock moved back (a failover to a
+      -- server whose clock is behind) or something else wrote the key: cap it at a spent burst
+      -- rather than refuse the client for however long the bad value says.
+      tat = now + span
+      e.repair = function()
+        redis.call('SET', key, string.format('%.0f', tat), 'PX', math.max(1, math.ceil((tat - now) / 1000)))
+      end
+    end
+    local new_tat = tat + cost * T
+    local ahead = new_tat - now
+    local used = tat - now
+    local free = span - used
+    if free < 0 then free = 0 end
+    e.allowed = ahead <= span
+    e.unspent = { math.floor(free / T), used, 0 }
+    if e.allowed then
+      e.spent = { math.floor((span - ahead) / T), ahead, 0 }
+      if ahead > 0 then
+        e.write = function()
+          redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil(ahead / 1000)))
+        end
+      end
+    else
+      e.unspent[3] = ahead - span
+    end
+
+  elseif algo == 1 then
+    local w, limit, offset = p1, p2, p3
+    local start_ms = window_start(w, offset)
+    local end_ms = start_ms + w
+    local until_end = (end_ms - now_ms) * 1000
+    local count = 0
+    if raw then
+      local s_end, s_count = string.match(raw, '^(%d+) (%d+)$')
+      -- A stored window that has not ended is the current one (or a later one, if the clock
+      -- moved back: counting it is the conservative choice). Anything unreadable is fresh.
+      if s_end and tonumber(s_end) > now_ms then
+        count = tonumber(s_count)
+      end
+    end
+    local after = count + cost
+    e.allowed = after <= limit
+    local reset_spent, reset_unspent = 0, 0
+    if after > 0 then reset_spent = until_end end
+    if count > 0 then reset_unspent = until_end end
+    e.spent = { math.max(limit - after, 0), reset_spent, 0 }
+    e.unspent = { math.max(limit - count, 0), reset_unspent, 0 }
+    if not e.allowed then e.unspent[3] = until_end end
+    if e.allowed and after > 0 then
+      e.write = function()
+        redis.call('SET', key, string.format('%.0f %.0f', end_ms, after), 'PX', px_until(end_ms))
+      end
+    end
+
+  else
+    local w, limit, offset = p1, p2, p3
+    local start_ms = window_start(w, offset)
+    local end_ms = start_ms + w
+    local elapsed = now_ms - start_ms
+    local curr, prev = 0, 0
+    if raw then
+      local s_end, s_curr, s_prev = string.match(raw, '^(%d+) (%d+) (%d+)$')
+      if s_end then
+        s_end = tonumber(s_end)
+        if s_end >= end_ms then
+          curr, prev = tonumber(s_curr), tonumber(s_prev)
+        elseif s_end == end_ms - w then
+          curr, prev = 0, tonumber(s_curr)
+        end
+      end
+    end
+    local lw = limit * w
+    -- The estimate, scaled by the window length to stay in integers.
+    local est = prev * (w - elapsed) + curr * w
+    e.allowed = est + cost * w <= lw
+    local function reset(c)
+      if c > 0 then return (end_ms + w - now_ms) * 1000 end
+      if prev > 0 then return (end_ms - now_ms) * 1000 end
+      return 0
+    end
+    local retry = 0
+    if not e.allowed then
+      if curr + cost <= limit then
+        local room = (limit - curr - cost) * w
+        local d = (w - elapsed) - math.floor(room / math.max(prev, 1))
+        if d < 1 then d = 1 end
+        retry = d * 1000
+      else
+        local room = math.max(limit - cost, 0) * w
+        local t = w - math.floor(room / math.max(curr, 1))
+        if t < 0 then t = 0 end
+        retry = ((w - elapsed) + t) * 1000
+      end
+    end
+    e.spent = { math.floor(math.max(lw - est - cost * w, 0) / w), reset(curr + cost), 0 }
+    e.unspent = { math.floor(math.max(lw - est, 0) / w), reset(curr), retry }
+    if e.allowed and curr + cost > 0 then
+      e.write = function()
+        redis.call('SET', key, string.format('%.0f %.0f %.0f', end_ms, curr + cost, prev), 'PX', px_until(end_ms + w))
+      end
+    end
   end
-  tat[i] = stored
-  if stored + cost * T - now > span then
-    all = 0
-  end
+
+  if not e.allowed then all = 0 end
+  evals[i] = e
 end
 
 local out = { all }
 for i = 1, n do
-  local T = tonumber(ARGV[2 * i + 1])
-  local span = tonumber(ARGV[2 * i + 2])
-  local new_tat = tat[i] + cost * T
-  local ahead = new_tat - now
-  if ahead <= span then
-    if all == 1 then
-      if ahead > 0 then
-        local px = math.ceil(ahead / 1000)
-        if px < 1 then px = 1 end
-        redis.call('SET', KEYS[i], string.format('%.0f', new_tat), 'PX', px)
-      end
-      out[#out + 1] = 1
-      out[#out + 1] = math.floor((span - ahead) / T)
-      out[#out + 1] = ahead
-      out[#out + 1] = 0
-    else
-      -- This quota allows, another refuses: nothing is spent here.
-      local used = tat[i] - now
-      out[#out + 1] = 1
-      out[#out + 1] = math.floor((span - used) / T)
-      out[#out + 1] = used
-      out[#out + 1] = 0
-    end
+  local e = evals[i]
+  local r
+  if all == 1 then
+    if e.write then e.write() end
+    r = e.spent
   else
-    local used = tat[i] - now
-    if repaired[i] then
-      -- Keep the repaired value, or the bad one would refuse this client again next time.
-      redis.call('SET', KEYS[i], string.format('%.0f', tat[i]), 'PX', math.max(1, math.ceil(used / 1000)))
-    end
-    local free = span - used
-    if free < 0 then free = 0 end
-    out[#out + 1] = 0
-    out[#out + 1] = math.floor(free / T)
-    out[#out + 1] = used
-    out[#out + 1] = ahead - span
+    if e.repair then e.repair() end
+    r = e.unspent
   end
+  out[#out + 1] = e.allowed and 1 or 0
+  out[#out + 1] = r[1]
+  out[#out + 1] = r[2]
+  out[#out + 1] = r[3]
 end
 return out

@@ -1,8 +1,8 @@
 //! A Redis store for [`tollgate`]: every instance of a service shares one limit.
 //!
-//! [`RedisStore`] decides each request with one `EVALSHA` of a GCRA script
-//! ([`GCRA_SCRIPT`]) that reads, decides and writes every quota of the request atomically, on
-//! the Redis server's clock, so instances with skewed clocks agree. It is built on
+//! [`RedisStore`] decides each request with one `EVALSHA` of a script ([`GCRA_SCRIPT`]: GCRA,
+//! fixed and sliding windows) that reads, decides and writes every quota of the request
+//! atomically, on the Redis server's clock, so instances with skewed clocks agree. It is built on
 //! [`fred`] and connects to a standalone server, a Redis Cluster or Sentinel from a URL.
 //!
 //! ```no_run
@@ -50,11 +50,14 @@ use fred::prelude::{
 use fred::types::config::UnresponsiveConfig;
 use tollgate::clock::Clock;
 use tollgate::metrics::StoreMetrics;
-use tollgate::{Decision, Key, MemoryStore, Quota, QuotaState, Store, StoreError, StoreErrorKind};
+use tollgate::store::window_offset;
+use tollgate::{
+    Algorithm, Decision, Key, MemoryStore, Quota, QuotaState, Store, StoreError, StoreErrorKind,
+};
 
 pub use fred;
 
-/// The Lua source of the GCRA script the store runs.
+/// The Lua source of the script the store runs (every algorithm; named for the default one).
 pub const GCRA_SCRIPT: &str = include_str!("gcra.lua");
 
 const DEFAULT_PREFIX: &str = "tollgate:";
@@ -318,12 +321,28 @@ impl Store for RedisStore {
         let now_us = inner.clock.as_ref().map_or(-1, |c| {
             i64::try_from(c.now_ns() / 1_000).unwrap_or(i64::MAX)
         });
-        let mut args = Vec::with_capacity(2 + 2 * quotas.len());
+        let mut args = Vec::with_capacity(2 + 4 * quotas.len());
         args.push(now_us);
         args.push(i64::from(cost));
         for q in quotas {
-            args.push(micros(q.emission_interval()));
-            args.push(micros(q.emission_interval() * q.burst_size()));
+            match q.algorithm_kind() {
+                Algorithm::FixedWindow | Algorithm::SlidingWindow => {
+                    let window_ms = i64::try_from(q.period().as_millis()).unwrap_or(i64::MAX);
+                    let offset = i64::try_from(window_offset(key, q)).unwrap_or(0);
+                    let algo = if q.algorithm_kind() == Algorithm::FixedWindow {
+                        1
+                    } else {
+                        2
+                    };
+                    args.extend([algo, window_ms, i64::from(q.limit()), offset]);
+                }
+                _ => args.extend([
+                    0,
+                    micros(q.emission_interval()),
+                    micros(q.emission_interval() * q.burst_size()),
+                    0,
+                ]),
+            }
         }
         let quotas = quotas.to_vec();
         // The fallback decides after the round trip failed, so it needs its own copy of the key.

@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod algorithm;
 pub mod client_ip;
 pub mod clock;
 mod decision;
@@ -20,7 +21,7 @@ pub use decision::{Decision, QuotaState};
 pub use key::{Key, MissingKey};
 pub use layer::RateLimitLayer;
 pub use policy::{FailureMode, KeyScope, Policy};
-pub use quota::{Quota, QuotaError};
+pub use quota::{Algorithm, Quota, QuotaError};
 pub use response::RateLimitHeaders;
 pub use service::RateLimit;
 pub use store::{MemoryStore, Store, StoreError, StoreErrorKind};

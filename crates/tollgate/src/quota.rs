@@ -51,7 +51,56 @@ pub struct Quota {
     burst: NonZeroU32,
     /// `period / limit`, rounded up to a whole microsecond, in nanoseconds.
     emission_ns: u64,
+    algorithm: Algorithm,
 }
+
+/// How a quota counts.
+///
+/// Every algorithm behaves the same in every store; see `docs/algorithms.md`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Algorithm {
+    /// The generic cell rate algorithm (the default): a smooth rate of `limit` per `period` with
+    /// bursts of up to `burst`; no window boundary to game, exact `Retry-After`.
+    #[default]
+    Gcra,
+    /// `limit` units per window of `period`. Each key's windows start at its own offset, so
+    /// keys do not all reset at the same instant. A client can spend up to twice the limit
+    /// across a window boundary.
+    FixedWindow,
+    /// The sliding window counter: the previous window's count, weighted by how much of it still
+    /// overlaps the sliding window, plus the current window's count. Smooths the boundary of
+    /// the fixed window with two counters per key.
+    SlidingWindow,
+}
+
+impl Algorithm {
+    /// The name used in configuration files: `gcra`, `fixed_window`, `sliding_window`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Gcra => "gcra",
+            Algorithm::FixedWindow => "fixed_window",
+            Algorithm::SlidingWindow => "sliding_window",
+        }
+    }
+}
+
+impl FromStr for Algorithm {
+    type Err = QuotaError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().replace('-', "_").as_str() {
+            "gcra" => Ok(Algorithm::Gcra),
+            "fixed_window" | "fixed" => Ok(Algorithm::FixedWindow),
+            "sliding_window" | "sliding" => Ok(Algorithm::SlidingWindow),
+            _ => Err(QuotaError::UnknownAlgorithm(truncate_for_error(s))),
+        }
+    }
+}
+
+/// The largest `limit × period in ms` a window quota may have, so that its arithmetic is exact
+/// in every store (Redis computes in Lua doubles, exact up to 2^53).
+const MAX_WINDOW_PRODUCT: u128 = 1 << 52;
 
 impl Quota {
     /// `limit` units per `period`, with a burst equal to `limit`.
@@ -85,6 +134,7 @@ impl Quota {
             period,
             burst: limit,
             emission_ns,
+            algorithm: Algorithm::Gcra,
         };
         quota.check_span()?;
         Ok(quota)
@@ -134,9 +184,47 @@ impl Quota {
     /// Fails when `burst` is zero, or when a full burst would span more than ten years.
     pub fn burst(self, burst: u32) -> Result<Self, QuotaError> {
         let burst = NonZeroU32::new(burst).ok_or(QuotaError::ZeroBurst)?;
+        if self.algorithm != Algorithm::Gcra && burst != self.limit {
+            return Err(QuotaError::BurstWithWindow(self.algorithm));
+        }
         let quota = Quota { burst, ..self };
         quota.check_span()?;
         Ok(quota)
+    }
+
+    /// Sets how the quota counts (default [`Algorithm::Gcra`]).
+    ///
+    /// # Errors
+    ///
+    /// For a window algorithm: when a burst different from the limit was set (windows have no
+    /// burst), when the period is not a whole number of milliseconds, or when `limit × period`
+    /// (in ms) exceeds 2^52, beyond which window arithmetic would not be exact in every store.
+    pub fn algorithm(self, algorithm: Algorithm) -> Result<Self, QuotaError> {
+        if algorithm != Algorithm::Gcra {
+            if self.burst != self.limit {
+                return Err(QuotaError::BurstWithWindow(algorithm));
+            }
+            if self.period.subsec_nanos() % 1_000_000 != 0 {
+                return Err(QuotaError::WindowNotWholeMillis(self.period));
+            }
+            if u128::from(self.limit.get()) * self.period.as_millis() > MAX_WINDOW_PRODUCT {
+                return Err(QuotaError::WindowTooLarge {
+                    limit: self.limit.get(),
+                    period: self.period,
+                });
+            }
+        }
+        Ok(Quota { algorithm, ..self })
+    }
+
+    /// How the quota counts.
+    pub fn algorithm_kind(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The window length in milliseconds (window algorithms count in whole milliseconds).
+    pub(crate) fn window_ms(&self) -> u64 {
+        u64::try_from(self.period.as_millis()).unwrap_or(u64::MAX)
     }
 
     fn check_span(&self) -> Result<(), QuotaError> {
@@ -197,7 +285,11 @@ impl fmt::Display for Quota {
         if self.burst != self.limit {
             write!(f, " burst {}", self.burst)?;
         }
-        Ok(())
+        match self.algorithm {
+            Algorithm::Gcra => Ok(()),
+            Algorithm::FixedWindow => f.write_str(" fixed-window"),
+            Algorithm::SlidingWindow => f.write_str(" sliding-window"),
+        }
     }
 }
 
@@ -228,41 +320,53 @@ fn fmt_period(period: Duration, f: &mut fmt::Formatter<'_>) -> fmt::Result {
 impl FromStr for Quota {
     type Err = QuotaError;
 
-    /// Parses `"<limit>/<period>"` with an optional `" burst <n>"`.
+    /// Parses `"<limit>/<period>"` with an optional `" burst <n>"` and an optional algorithm
+    /// (`gcra`, `fixed-window`, `sliding-window`) at the end.
     ///
     /// The period is an optional count and a unit: `ms`, `s`/`sec`/`second`, `m`/`min`/`minute`,
     /// `h`/`hour`, `d`/`day` (plurals accepted): `"5/10s"`, `"30/5m"`, `"1000/day"`,
-    /// `"10/s burst 20"`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let invalid = |reason: &'static str| QuotaError::Parse {
-            input: truncate_for_error(s),
-            reason,
-        };
-        let (rate, burst) = match s.split_once("burst") {
-            Some((rate, burst)) => (rate, Some(burst.trim())),
-            None => (s, None),
-        };
-        let (limit, period) = rate
-            .split_once('/')
-            .ok_or_else(|| invalid("expected <limit>/<period>, for example 30/5m"))?;
-        let limit: u32 = limit
-            .trim()
-            .parse()
-            .map_err(|_| invalid("the limit is not a whole number up to 4294967295"))?;
-        let period = parse_period(period.trim()).ok_or_else(|| {
-            invalid("the period is not a duration like 10s, 5m, 1h, day or 250ms")
-        })?;
-        let quota = Quota::new(limit, period)?;
-        match burst {
-            None => Ok(quota),
-            Some(b) => {
-                let b: u32 = b
-                    .parse()
-                    .map_err(|_| invalid("the burst is not a whole number up to 4294967295"))?;
-                quota.burst(b)
+    /// `"10/s burst 20"`, `"100/m sliding-window"`.
+    fn from_str(input: &str) -> Result<Self, Self::Err> {
+        let s = input.trim();
+        if let Some((rest, last)) = s.rsplit_once(char::is_whitespace) {
+            if let Ok(algorithm) = last.parse::<Algorithm>() {
+                return parse_rate(input, rest)?.algorithm(algorithm);
+            }
+            if parse_rate(input, rest).is_ok() && parse_rate(input, s).is_err() {
+                return Err(QuotaError::UnknownAlgorithm(truncate_for_error(last)));
             }
         }
+        parse_rate(input, s)
     }
+}
+
+/// `<limit>/<period>[ burst <n>]`.
+fn parse_rate(input: &str, s: &str) -> Result<Quota, QuotaError> {
+    let invalid = |reason: &'static str| QuotaError::Parse {
+        input: truncate_for_error(input),
+        reason,
+    };
+    let (rate, burst) = match s.split_once("burst") {
+        Some((rate, burst)) => (rate, Some(burst.trim())),
+        None => (s, None),
+    };
+    let (limit, period) = rate
+        .split_once('/')
+        .ok_or_else(|| invalid("expected <limit>/<period>, for example 30/5m"))?;
+    let limit: u32 = limit
+        .trim()
+        .parse()
+        .map_err(|_| invalid("the limit is not a whole number up to 4294967295"))?;
+    let period = parse_period(period.trim())
+        .ok_or_else(|| invalid("the period is not a duration like 10s, 5m, 1h, day or 250ms"))?;
+    let mut quota = Quota::new(limit, period)?;
+    if let Some(b) = burst {
+        let b: u32 = b
+            .parse()
+            .map_err(|_| invalid("the burst is not a whole number up to 4294967295"))?;
+        quota = quota.burst(b)?;
+    }
+    Ok(quota)
 }
 
 fn parse_period(s: &str) -> Option<Duration> {
@@ -320,6 +424,19 @@ pub enum QuotaError {
         /// The requested burst.
         burst: u32,
     },
+    /// A window algorithm was given a burst: windows count `limit` per window, with no burst.
+    BurstWithWindow(Algorithm),
+    /// A window algorithm needs a period of whole milliseconds.
+    WindowNotWholeMillis(Duration),
+    /// `limit × period` is too large for exact window arithmetic.
+    WindowTooLarge {
+        /// The requested limit.
+        limit: u32,
+        /// The requested period.
+        period: Duration,
+    },
+    /// An algorithm name that does not exist.
+    UnknownAlgorithm(String),
     /// A quota string could not be parsed.
     Parse {
         /// The input (shortened when long).
@@ -348,6 +465,25 @@ impl fmt::Display for QuotaError {
             QuotaError::BurstTooLong { burst } => write!(
                 f,
                 "quota burst {burst} would take more than ten years to replenish"
+            ),
+            QuotaError::BurstWithWindow(a) => write!(
+                f,
+                "a burst applies to gcra only; {} counts the limit per window",
+                a.name()
+            ),
+            QuotaError::WindowNotWholeMillis(p) => {
+                write!(
+                    f,
+                    "window period {p:?} is not a whole number of milliseconds"
+                )
+            }
+            QuotaError::WindowTooLarge { limit, period } => write!(
+                f,
+                "window quota {limit} per {period:?} is too large: limit x period in ms must be at most 2^52"
+            ),
+            QuotaError::UnknownAlgorithm(name) => write!(
+                f,
+                "unknown algorithm {name:?}: expected \"gcra\", \"fixed_window\" or \"sliding_window\""
             ),
             QuotaError::Parse { input, reason } => {
                 write!(f, "invalid quota {input:?}: {reason}")

@@ -9,9 +9,9 @@ use hashbrown::HashMap;
 use smallvec::SmallVec;
 
 use super::{Store, StoreError};
+use crate::algorithm::{self, Eval, State};
 use crate::clock::{Clock, MonotonicClock};
 use crate::decision::{Decision, QuotaState};
-use crate::gcra::{self, Verdict};
 use crate::{Key, Quota};
 
 const DEFAULT_MAX_KEYS: usize = 1_000_000;
@@ -22,11 +22,11 @@ const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 ///
 /// - **Concurrent**: keys are spread over independently locked shards, so threads deciding
 ///   different keys rarely wait on each other.
-/// - **Bounded**: each tracked quota costs one 16-byte hash and one 8-byte timestamp (the key
-///   itself is not kept): a 25-byte map bucket. Keys whose state has expired are swept by the shards themselves as
+/// - **Bounded**: each tracked quota costs one 16-byte hash and a 16-byte state (a timestamp
+///   and two counters; the key itself is not kept): a 33-byte map bucket. Keys whose state has expired are swept by the shards themselves as
 ///   requests pass (every 5 seconds per shard by default); no background task and no call from
 ///   the user is needed. A maximum number of keys (1 000 000 by default: at most 64 shards of
-///   32 768 buckets, 52 MB) holds even
+///   32 768 buckets, 69 MB) holds even
 ///   under a flood of new keys: when a shard is full it drops expired keys and, if that is not
 ///   enough, the eighth of its keys closest to expiry, which are the ones whose loss loosens the
 ///   limit least. Evictions are counted in `ratelimit_store_evictions_total`.
@@ -79,8 +79,8 @@ struct Shard {
 }
 
 struct ShardState {
-    /// Hash of (key, quota index) -> theoretical arrival time in clock nanoseconds.
-    map: HashMap<Slot, u64, BuildHasherDefault<PrehashedHasher>>,
+    /// Hash of (key, quota index) -> the quota's state (see `algorithm::State`).
+    map: HashMap<Slot, State, BuildHasherDefault<PrehashedHasher>>,
     next_sweep_ns: u64,
 }
 
@@ -129,43 +129,40 @@ impl<C: Clock> MemoryStore<C> {
         let mut state = lock(&shard.state);
         let now = inner.clock.now_ns();
         if now >= state.next_sweep_ns {
-            state.map.retain(|_, tat| *tat > now);
+            state.map.retain(|_, s| s.t > now);
             state.next_sweep_ns = now.saturating_add(inner.sweep_interval_ns);
         }
 
-        let mut verdicts: SmallVec<[Verdict; 2]> = SmallVec::with_capacity(quotas.len());
+        let mut evals: SmallVec<[Eval; 2]> = SmallVec::with_capacity(quotas.len());
         let mut new_entries = 0;
         for (i, quota) in quotas.iter().enumerate() {
             let stored = state.map.get(&entry_key(hash, i)).copied();
             new_entries += usize::from(stored.is_none());
-            verdicts.push(gcra::decide(now, stored, quota, cost));
+            let offset = algorithm::window_offset(key, quota);
+            evals.push(algorithm::eval(quota, now, stored, cost, offset));
         }
-        let allowed = verdicts.iter().all(|v| v.allowed);
+        let allowed = evals.iter().all(|e| e.allowed);
         if allowed {
             if new_entries > 0 && state.map.len() + new_entries > inner.max_keys_per_shard {
                 make_room(&mut state, now, inner.max_keys_per_shard, new_entries);
             }
-            for (i, v) in verdicts.iter().enumerate() {
-                if v.new_tat > now {
-                    state.map.insert(entry_key(hash, i), v.new_tat);
+            for (i, e) in evals.iter().enumerate() {
+                if let Some(write) = e.write {
+                    state.map.insert(entry_key(hash, i), write);
                 }
             }
         }
         drop(state);
-        if !allowed {
-            for (v, quota) in verdicts.iter_mut().zip(quotas) {
-                *v = v.unspent(quota, cost);
-            }
-        }
 
-        Ok(Decision::from_states(quotas.iter().zip(&verdicts).map(
-            |(quota, v)| {
+        Ok(Decision::from_states(quotas.iter().zip(&evals).map(
+            |(quota, e)| {
+                let r = if allowed { e.spent } else { e.unspent };
                 QuotaState::new(
                     *quota,
-                    v.allowed,
-                    v.remaining,
-                    Duration::from_nanos(v.reset_after_ns),
-                    Duration::from_nanos(v.retry_after_ns),
+                    e.allowed,
+                    r.remaining,
+                    Duration::from_nanos(r.reset_after_ns),
+                    Duration::from_nanos(r.retry_after_ns),
                 )
             },
         )))
@@ -191,7 +188,7 @@ impl<C: Clock> MemoryStore<C> {
         let now = self.inner.clock.now_ns();
         for shard in self.inner.shards.iter() {
             let mut state = lock(&shard.state);
-            state.map.retain(|_, tat| *tat > now);
+            state.map.retain(|_, s| s.t > now);
             state.map.shrink_to_fit();
         }
     }
@@ -228,14 +225,14 @@ fn lock(m: &Mutex<ShardState>) -> MutexGuard<'_, ShardState> {
 #[cold]
 fn make_room(state: &mut ShardState, now: u64, cap: usize, needed: usize) {
     let before = state.map.len();
-    state.map.retain(|_, tat| *tat > now);
+    state.map.retain(|_, s| s.t > now);
     if state.map.len() + needed > cap {
         // Still full of live keys (a flood of new clients): drop the eighth closest to expiry.
-        let mut tats: Vec<u64> = state.map.values().copied().collect();
-        let evict = (tats.len() / 8).max(needed).min(tats.len());
+        let mut expiries: Vec<u64> = state.map.values().map(|s| s.t).collect();
+        let evict = (expiries.len() / 8).max(needed).min(expiries.len());
         if evict > 0 {
-            let (_, &mut threshold, _) = tats.select_nth_unstable(evict - 1);
-            state.map.retain(|_, tat| *tat > threshold);
+            let (_, &mut threshold, _) = expiries.select_nth_unstable(evict - 1);
+            state.map.retain(|_, s| s.t > threshold);
         }
     }
     let evicted = before - state.map.len();
@@ -288,8 +285,8 @@ pub struct MemoryStoreBuilder<C> {
 
 impl<C: Clock> MemoryStoreBuilder<C> {
     /// The most quota states the store holds (default 1 000 000). Each shard's map has a
-    /// power-of-two number of 25-byte buckets, at most 7/8 full: about 29 to 57 bytes per state,
-    /// 52 MB at the default. Values below the number of shards are raised to it.
+    /// power-of-two number of 33-byte buckets, at most 7/8 full: about 38 to 76 bytes per state,
+    /// 69 MB at the default. Values below the number of shards are raised to it.
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys;
         self

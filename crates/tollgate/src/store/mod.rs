@@ -12,6 +12,13 @@ use std::future::Future;
 
 pub use memory::MemoryStore;
 
+/// A key's window offset in milliseconds for a window quota (0 for GCRA): where its windows
+/// start, so that keys do not all reset at the same instant. Every store must use this so that
+/// all stores and instances agree. Computed from the key's [`qualified`](Key::qualified) form.
+pub fn window_offset(key: &Key<'_>, quota: &Quota) -> u64 {
+    crate::algorithm::window_offset(key, quota)
+}
+
 use crate::{Decision, Key, Quota};
 
 /// Decides whether a key may spend `cost` units under every quota of a policy.
