@@ -164,8 +164,13 @@ impl ClientIp {
     /// The key address of a request: the client, masked to the IPv6 prefix; `None` when the
     /// server put no peer address in the request.
     pub fn client_ip<B>(&self, req: &Request<B>) -> Option<IpAddr> {
+        self.client_addr(req).map(|ip| self.mask(ip))
+    }
+
+    /// The client address of a request, not masked; `None` without a peer address.
+    pub fn client_addr<B>(&self, req: &Request<B>) -> Option<IpAddr> {
         let peer = peer_addr(req.extensions())?.ip().to_canonical();
-        Some(self.mask(self.resolve(peer, req.headers())))
+        Some(self.resolve(peer, req.headers()))
     }
 
     /// The client address (unmasked), given the socket peer and the request headers.

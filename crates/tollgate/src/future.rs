@@ -124,12 +124,18 @@ where
                         .map(ResBody::from)));
                     };
                     let report = match decision {
-                        Ok(decision) if decision.is_allowed() => {
+                        Ok(decision) if decision.is_allowed() || policy.shadow => {
                             if let Some(reason) = decision.fallback_reason() {
                                 policy.counters.fallback(reason);
                             }
-                            policy.counters.outcome(Outcome::Allowed);
-                            let report = policy.respond.headers.any().then(|| decision.clone());
+                            if decision.is_allowed() {
+                                policy.counters.outcome(Outcome::Allowed);
+                            } else {
+                                shadow_limited(policy, &decision);
+                            }
+                            // A shadow policy is not enforced: it tells clients nothing.
+                            let report = (policy.respond.headers.any() && !policy.shadow)
+                                .then(|| decision.clone());
                             req.extensions_mut().insert(decision);
                             report.map(|d| (Arc::clone(policy), d))
                         }
@@ -207,6 +213,22 @@ fn over_capacity_response<B: From<Bytes>>(policy: &CompiledPolicy, cost: u32) ->
         "Request Cost Exceeds Rate Limit Capacity\n",
     )
     .map(B::from)
+}
+
+fn shadow_limited(policy: &CompiledPolicy, decision: &Decision) {
+    policy.counters.outcome(Outcome::ShadowLimited);
+    if let Some(_held_back) = policy.shadow_log.permit() {
+        #[cfg(feature = "tracing")]
+        tracing::info!(
+            policy = %policy.name(),
+            retry_after = ?decision.retry_after(),
+            suppressed = _held_back,
+            "rate-limit-shadow: this request would have been refused; letting it through \
+             (shadow mode)"
+        );
+    }
+    #[cfg(not(feature = "tracing"))]
+    let _ = decision;
 }
 
 fn fail_open(policy: &CompiledPolicy, err: &StoreError) {

@@ -12,7 +12,7 @@ use crate::ClientIp;
 use crate::key::{Key, MissingKey, NoUser, UserKey};
 use crate::metrics::PolicyCounters;
 use crate::response::{LimitedResponseFn, PolicyHeaders, RateLimitHeaders, default_limited};
-use crate::{Decision, FailureMode, KeyScope, Policy, Quota, RateLimit};
+use crate::{Allowlist, Decision, FailureMode, KeyScope, Policy, Quota, RateLimit, RequestParts};
 
 /// Applies [`RateLimit`] to a service: a tower [`Layer`] for axum's `.layer()` and
 /// `.route_layer()`, or a [`tower::ServiceBuilder`](https://docs.rs/tower).
@@ -31,6 +31,8 @@ pub struct RateLimitLayer<St, U = NoUser> {
     missing_key: MissingKey,
     limited_response: LimitedResponseFn,
     unavailable_retry_after: Duration,
+    shadow: bool,
+    allowlist: Allowlist,
     compiled: OnceLock<Arc<Shared<St, U>>>,
 }
 
@@ -48,6 +50,8 @@ impl<St> RateLimitLayer<St, NoUser> {
             missing_key: MissingKey::default(),
             limited_response: Arc::new(default_limited),
             unavailable_retry_after: Duration::from_secs(5),
+            shadow: false,
+            allowlist: Allowlist::new(),
             compiled: OnceLock::new(),
         }
     }
@@ -96,8 +100,25 @@ impl<St, U> RateLimitLayer<St, U> {
             missing_key: self.missing_key,
             limited_response: self.limited_response,
             unavailable_retry_after: self.unavailable_retry_after,
+            shadow: self.shadow,
+            allowlist: self.allowlist,
             compiled: OnceLock::new(),
         }
+    }
+
+    /// Shadow mode for every policy of the layer (see [`Policy::shadow`]): decide and count, but
+    /// never refuse.
+    pub fn shadow(mut self, shadow: bool) -> Self {
+        self.shadow = shadow;
+        self.compiled = OnceLock::new();
+        self
+    }
+
+    /// Requests no policy of the layer limits (merged with each policy's own allowlist).
+    pub fn allowlist(mut self, allowlist: Allowlist) -> Self {
+        self.allowlist = allowlist;
+        self.compiled = OnceLock::new();
+        self
     }
 
     /// Sets where the client IP comes from (default: the socket peer).
@@ -169,6 +190,8 @@ impl<St: Clone, U: Clone> Clone for RateLimitLayer<St, U> {
             missing_key: self.missing_key,
             limited_response: Arc::clone(&self.limited_response),
             unavailable_retry_after: self.unavailable_retry_after,
+            shadow: self.shadow,
+            allowlist: self.allowlist.clone(),
             compiled: self.compiled.clone(),
         }
     }
@@ -263,10 +286,12 @@ struct RouteEntry {
 pub(crate) enum Keyed<'a> {
     /// No policy applies.
     Pass,
-    /// A policy applies and the key was built.
-    Key(&'a Arc<CompiledPolicy>, Key<'a>),
+    /// A policy applies and the key was built; the request costs this much.
+    Key(&'a Arc<CompiledPolicy>, Key<'a>, u32),
     /// A policy applies but the request has no peer address.
     Missing(&'a Arc<CompiledPolicy>),
+    /// A policy applies but its allowlist exempts the request.
+    Allowlisted(&'a Arc<CompiledPolicy>),
 }
 
 impl<St, U: UserKey> Shared<St, U> {
@@ -278,12 +303,20 @@ impl<St, U: UserKey> Shared<St, U> {
             (KeyScope::Route, Some(matched)) => matched,
             _ => policy.source.name.as_str(),
         };
-        let ip = self.client_ip.client_ip(req);
-        if ip.is_none() && self.missing_key != MissingKey::Shared {
+        let addr = self.client_ip.client_addr(req);
+        let user = self.user.user_key(req.headers(), req.extensions());
+        let parts = RequestParts::new(req);
+        if !policy.allowlist.is_empty()
+            && policy.allowlist.matches(addr, user.as_deref(), &parts)
+        {
+            return Keyed::Allowlisted(policy);
+        }
+        if addr.is_none() && self.missing_key != MissingKey::Shared {
             return Keyed::Missing(policy);
         }
-        let user = self.user.user_key(req.headers(), req.extensions());
-        Keyed::Key(policy, Key::new(policy.name(), route, ip, user))
+        let ip = addr.map(|a| self.client_ip.mask(a));
+        let cost = policy.source.cost.of(&parts);
+        Keyed::Key(policy, Key::new(policy.name(), route, ip, user), cost)
     }
 
     fn policy_for<'a, B>(
@@ -330,12 +363,15 @@ impl<St, U: UserKey> Shared<St, U> {
 /// A policy with everything the request path needs precomputed.
 pub(crate) struct CompiledPolicy {
     pub(crate) source: Policy,
+    pub(crate) shadow: bool,
+    pub(crate) allowlist: Allowlist,
     pub(crate) quotas: Box<[Quota]>,
     pub(crate) min_burst: u32,
     pub(crate) counters: PolicyCounters,
     pub(crate) headers: PolicyHeaders,
     pub(crate) respond: ResponseConfig,
     pub(crate) degraded_log: LogThrottle,
+    pub(crate) shadow_log: LogThrottle,
 }
 
 /// The layer-wide response settings, copied into each policy so the request future needs only
@@ -355,6 +391,8 @@ impl CompiledPolicy {
             .min()
             .unwrap_or(u32::MAX);
         CompiledPolicy {
+            shadow: source.shadow || layer.shadow,
+            allowlist: layer.allowlist.clone().merge(&source.allowlist),
             quotas: source.quotas.clone().into_boxed_slice(),
             min_burst,
             counters: PolicyCounters::register(&source.name),
@@ -365,6 +403,7 @@ impl CompiledPolicy {
                 unavailable_retry_after: layer.unavailable_retry_after,
             },
             degraded_log: LogThrottle::default(),
+            shadow_log: LogThrottle::default(),
             source,
         }
     }

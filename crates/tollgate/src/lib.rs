@@ -20,7 +20,7 @@ pub use client_ip::{ClientIp, ForwardedHeader};
 pub use decision::{Decision, QuotaState};
 pub use key::{Key, MissingKey};
 pub use layer::RateLimitLayer;
-pub use policy::{FailureMode, KeyScope, Policy};
+pub use policy::{Allowlist, FailureMode, KeyScope, Policy, RequestParts};
 pub use quota::{Algorithm, Quota, QuotaError};
 pub use response::RateLimitHeaders;
 pub use service::RateLimit;

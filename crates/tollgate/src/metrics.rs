@@ -7,7 +7,7 @@
 //!
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
-//! | `ratelimit_requests_total` | counter | `policy`, `decision` | every request a policy applied to, by outcome: `allowed`, `limited`, `fail_open`, `fail_closed`, `over_capacity`, `unkeyed` |
+//! | `ratelimit_requests_total` | counter | `policy`, `decision` | every request a policy applied to, by outcome: `allowed`, `limited`, `fail_open`, `fail_closed`, `over_capacity`, `unkeyed`, `shadow_limited`, `allowlisted` |
 //! | `ratelimit_fail_open_total` | counter | `policy`, `reason` | requests let through without a decision because the store failed; registered at zero for every policy and reason at start-up |
 //! | `ratelimit_fail_closed_total` | counter | `policy`, `reason` | requests refused with 503 because the store failed on a fail-closed policy |
 //! | `ratelimit_fallback_total` | counter | `policy`, `reason` | requests decided by a local fallback store because the shared store failed; registered at zero |
@@ -37,13 +37,15 @@ pub const STORE_DEGRADED: &str = "ratelimit_store_degraded";
 pub const STORE_DURATION_SECONDS: &str = "ratelimit_store_duration_seconds";
 
 /// The `decision` label values of [`REQUESTS_TOTAL`].
-pub const DECISIONS: [&str; 6] = [
+pub const DECISIONS: [&str; 8] = [
     "allowed",
     "limited",
     "fail_open",
     "fail_closed",
     "over_capacity",
     "unkeyed",
+    "shadow_limited",
+    "allowlisted",
 ];
 
 /// Describes every metric to the installed recorder (help text and unit).
@@ -109,7 +111,7 @@ pub(crate) fn store_evictions(n: u64) {
 #[derive(Debug)]
 pub(crate) struct PolicyCounters {
     #[cfg(feature = "metrics")]
-    decisions: [metrics::Counter; 6],
+    decisions: [metrics::Counter; 8],
     #[cfg(feature = "metrics")]
     fail_open: [metrics::Counter; 6],
     #[cfg(feature = "metrics")]
@@ -127,6 +129,8 @@ pub(crate) enum Outcome {
     FailClosed = 3,
     OverCapacity = 4,
     Unkeyed = 5,
+    ShadowLimited = 6,
+    Allowlisted = 7,
 }
 
 impl PolicyCounters {

@@ -1,6 +1,204 @@
-//! Policies: which quotas apply to a request, and what to do when the store fails.
+//! Policies: which quotas apply to a request, what a request costs, who is exempt, and what to
+//! do when the store fails.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{Extensions, HeaderMap, Method, Request, Uri};
+use ipnet::IpNet;
 
 use crate::Quota;
+
+/// The parts of a request that cost functions and allowlist predicates see.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestParts<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    extensions: &'a Extensions,
+}
+
+impl<'a> RequestParts<'a> {
+    /// The parts of `req`.
+    pub fn new<B>(req: &'a Request<B>) -> Self {
+        RequestParts {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            extensions: req.extensions(),
+        }
+    }
+
+    /// The method.
+    pub fn method(&self) -> &'a Method {
+        self.method
+    }
+
+    /// The URI (path and query as the client sent them).
+    pub fn uri(&self) -> &'a Uri {
+        self.uri
+    }
+
+    /// The headers.
+    pub fn headers(&self) -> &'a HeaderMap {
+        self.headers
+    }
+
+    /// The extensions (what earlier layers put there).
+    pub fn extensions(&self) -> &'a Extensions {
+        self.extensions
+    }
+}
+
+type CostFn = dyn Fn(&RequestParts<'_>) -> u32 + Send + Sync;
+type Predicate = dyn Fn(&RequestParts<'_>) -> bool + Send + Sync;
+
+/// How many units a request spends.
+#[derive(Clone)]
+pub(crate) enum Cost {
+    Fixed(u32),
+    Fn(Arc<CostFn>),
+}
+
+impl Cost {
+    pub(crate) fn of(&self, parts: &RequestParts<'_>) -> u32 {
+        match self {
+            Cost::Fixed(n) => *n,
+            Cost::Fn(f) => f(parts),
+        }
+    }
+}
+
+impl PartialEq for Cost {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Cost::Fixed(a), Cost::Fixed(b)) => a == b,
+            (Cost::Fn(a), Cost::Fn(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl fmt::Debug for Cost {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cost::Fixed(n) => write!(f, "{n}"),
+            Cost::Fn(_) => f.write_str("<fn>"),
+        }
+    }
+}
+
+/// Requests a policy never limits: client address ranges, user ids, or a predicate.
+///
+/// Allowlisted requests skip the store entirely (no round trip) and are counted in
+/// `ratelimit_requests_total{decision="allowlisted"}`. Addresses are matched on the client
+/// address before any IPv6 prefix masking; users on the value the user extractor returned.
+///
+/// ```
+/// use tollgate::Allowlist;
+///
+/// let office = Allowlist::new()
+///     .cidr("192.0.2.0/24".parse().unwrap())
+///     .user("healthcheck")
+///     .predicate(|req| req.headers().contains_key("x-internal-job"));
+/// # let _ = office;
+/// ```
+#[derive(Clone, Default)]
+#[must_use]
+pub struct Allowlist {
+    cidrs: Vec<IpNet>,
+    users: HashSet<String>,
+    predicate: Option<Arc<Predicate>>,
+}
+
+impl Allowlist {
+    /// An empty allowlist.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds an address range.
+    pub fn cidr(mut self, net: IpNet) -> Self {
+        self.cidrs.push(net.trunc());
+        self
+    }
+
+    /// Adds address ranges.
+    pub fn cidrs(mut self, nets: impl IntoIterator<Item = IpNet>) -> Self {
+        self.cidrs.extend(nets.into_iter().map(|n| n.trunc()));
+        self
+    }
+
+    /// Adds a user id (as the user extractor returns it).
+    pub fn user(mut self, user: impl Into<String>) -> Self {
+        self.users.insert(user.into());
+        self
+    }
+
+    /// Adds user ids.
+    pub fn users(mut self, users: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.users.extend(users.into_iter().map(Into::into));
+        self
+    }
+
+    /// Allowlists the requests for which `f` returns true (replaces an earlier predicate).
+    pub fn predicate<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&RequestParts<'_>) -> bool + Send + Sync + 'static,
+    {
+        self.predicate = Some(Arc::new(f));
+        self
+    }
+
+    /// Adds everything `other` holds (its predicate, if any, is tried after this one's).
+    pub fn merge(mut self, other: &Allowlist) -> Self {
+        self.cidrs.extend(other.cidrs.iter().copied());
+        self.users.extend(other.users.iter().cloned());
+        self.predicate = match (self.predicate.take(), other.predicate.clone()) {
+            (Some(a), Some(b)) => Some(Arc::new(move |r: &RequestParts<'_>| a(r) || b(r))),
+            (a, b) => a.or(b),
+        };
+        self
+    }
+
+    /// Whether nothing is allowlisted.
+    pub fn is_empty(&self) -> bool {
+        self.cidrs.is_empty() && self.users.is_empty() && self.predicate.is_none()
+    }
+
+    /// Whether this request is allowlisted.
+    pub fn matches(&self, ip: Option<IpAddr>, user: Option<&str>, parts: &RequestParts<'_>) -> bool {
+        ip.is_some_and(|ip| {
+            let ip = ip.to_canonical();
+            self.cidrs.iter().any(|n| n.contains(&ip))
+        }) || user.is_some_and(|u| self.users.contains(u))
+            || self.predicate.as_ref().is_some_and(|p| p(parts))
+    }
+}
+
+impl PartialEq for Allowlist {
+    fn eq(&self, other: &Self) -> bool {
+        self.cidrs == other.cidrs
+            && self.users == other.users
+            && match (&self.predicate, &other.predicate) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
+
+impl fmt::Debug for Allowlist {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Allowlist")
+            .field("cidrs", &self.cidrs)
+            .field("users", &self.users.len())
+            .field("predicate", &self.predicate.is_some())
+            .finish()
+    }
+}
 
 /// A named set of quotas applied to some requests.
 ///
@@ -21,14 +219,16 @@ use crate::Quota;
 /// assert_eq!(export.quotas().len(), 2);
 /// # Ok(()) }
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[must_use]
 pub struct Policy {
     pub(crate) name: String,
     pub(crate) quotas: Vec<Quota>,
     pub(crate) failure: FailureMode,
     pub(crate) scope: KeyScope,
-    pub(crate) cost: u32,
+    pub(crate) cost: Cost,
+    pub(crate) shadow: bool,
+    pub(crate) allowlist: Allowlist,
 }
 
 impl Policy {
@@ -39,7 +239,9 @@ impl Policy {
             quotas: vec![quota],
             failure: FailureMode::Open,
             scope: KeyScope::Route,
-            cost: 1,
+            cost: Cost::Fixed(1),
+            shadow: false,
+            allowlist: Allowlist::new(),
         }
     }
 
@@ -62,9 +264,51 @@ impl Policy {
     }
 
     /// How many units each request spends (default 1). A cost above the smallest burst can
-    /// never pass: such requests are answered 413 and logged as an error.
+    /// never pass: such requests are answered 413 and logged as an error. A cost of 0 checks
+    /// without spending.
     pub fn cost(mut self, cost: u32) -> Self {
-        self.cost = cost;
+        self.cost = Cost::Fixed(cost);
+        self
+    }
+
+    /// Computes each request's cost from the request, for example by endpoint weight or by the
+    /// size class a query asks for.
+    ///
+    /// ```
+    /// use tollgate::{Policy, Quota};
+    ///
+    /// # fn main() -> Result<(), tollgate::QuotaError> {
+    /// // A page of up to 1000 rows costs 1 unit per 100 rows.
+    /// let search = Policy::new("search", Quota::per_minute(100)?).cost_fn(|req| {
+    ///     let rows = req.uri().query()
+    ///         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit=")))
+    ///         .and_then(|v| v.parse::<u32>().ok())
+    ///         .unwrap_or(100)
+    ///         .min(1000);
+    ///     rows.div_ceil(100).max(1)
+    /// });
+    /// # let _ = search; Ok(()) }
+    /// ```
+    pub fn cost_fn<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&RequestParts<'_>) -> u32 + Send + Sync + 'static,
+    {
+        self.cost = Cost::Fn(Arc::new(f));
+        self
+    }
+
+    /// Shadow mode: decide and count as usual, but never refuse. Requests that would have been
+    /// refused are let through, counted in `ratelimit_requests_total{decision="shadow_limited"}`
+    /// and logged (`rate-limit-shadow`), and no rate-limit headers are sent. For rolling out a
+    /// new limit safely.
+    pub fn shadow(mut self, shadow: bool) -> Self {
+        self.shadow = shadow;
+        self
+    }
+
+    /// Requests this policy never limits (added to any allowlist of the layer).
+    pub fn allowlist(mut self, allowlist: Allowlist) -> Self {
+        self.allowlist = allowlist;
         self
     }
 

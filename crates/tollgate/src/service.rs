@@ -100,11 +100,14 @@ where
                 }
                 return ResponseFuture::passthrough(self.inner.call(req));
             }
-            Keyed::Key(policy, key) => {
+            Keyed::Allowlisted(policy) => {
+                policy.counters.outcome(Outcome::Allowlisted);
+                return ResponseFuture::passthrough(self.inner.call(req));
+            }
+            Keyed::Key(policy, key, cost) => {
                 if key.ip().is_none() {
                     shared.warn_missing_key(policy);
                 }
-                let cost = policy.source.cost;
                 if cost > policy.min_burst {
                     // Cannot pass, ever: don't bother the store.
                     return ResponseFuture::over_capacity(policy, cost);
