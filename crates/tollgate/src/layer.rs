@@ -306,9 +306,7 @@ impl<St, U: UserKey> Shared<St, U> {
         let addr = self.client_ip.client_addr(req);
         let user = self.user.user_key(req.headers(), req.extensions());
         let parts = RequestParts::new(req);
-        if !policy.allowlist.is_empty()
-            && policy.allowlist.matches(addr, user.as_deref(), &parts)
-        {
+        if !policy.allowlist.is_empty() && policy.allowlist.matches(addr, user.as_deref(), &parts) {
             return Keyed::Allowlisted(policy);
         }
         if addr.is_none() && self.missing_key != MissingKey::Shared {

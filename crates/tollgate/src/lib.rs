@@ -4,6 +4,9 @@
 mod algorithm;
 pub mod client_ip;
 pub mod clock;
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+pub mod config;
 mod decision;
 pub mod future;
 mod gcra;
@@ -30,7 +33,7 @@ pub use store::{MemoryStore, Store, StoreError, StoreErrorKind};
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]
 struct ProjectReadme;
-#[cfg(doctest)]
+#[cfg(all(doctest, feature = "config"))]
 #[doc = include_str!("../../../docs/configuration.md")]
 struct ConfigurationGuide;
 #[cfg(doctest)]

@@ -169,7 +169,12 @@ impl Allowlist {
     }
 
     /// Whether this request is allowlisted.
-    pub fn matches(&self, ip: Option<IpAddr>, user: Option<&str>, parts: &RequestParts<'_>) -> bool {
+    pub fn matches(
+        &self,
+        ip: Option<IpAddr>,
+        user: Option<&str>,
+        parts: &RequestParts<'_>,
+    ) -> bool {
         ip.is_some_and(|ip| {
             let ip = ip.to_canonical();
             self.cidrs.iter().any(|n| n.contains(&ip))
@@ -325,6 +330,11 @@ impl Policy {
     /// The policy's failure mode.
     pub fn failure(&self) -> FailureMode {
         self.failure
+    }
+
+    /// Whether the policy is in shadow mode.
+    pub fn is_shadow(&self) -> bool {
+        self.shadow
     }
 }
 

@@ -369,7 +369,7 @@ fn parse_rate(input: &str, s: &str) -> Result<Quota, QuotaError> {
     Ok(quota)
 }
 
-fn parse_period(s: &str) -> Option<Duration> {
+pub(crate) fn parse_period(s: &str) -> Option<Duration> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (count, unit) = s.split_at(split);
     let count: u64 = if count.is_empty() {

@@ -58,11 +58,23 @@ async fn cost_comes_from_the_request() {
         .layer(RateLimitLayer::new(tollgate::MemoryStore::new()).policy(policy))
         .service(inner);
     let peer = [192, 0, 2, 1];
-    let res = svc.clone().oneshot(request(peer, "/s?rows=700")).await.unwrap();
+    let res = svc
+        .clone()
+        .oneshot(request(peer, "/s?rows=700"))
+        .await
+        .unwrap();
     assert_eq!(res.headers()["ratelimit"], "\"search\";r=3;t=2520");
-    let res = svc.clone().oneshot(request(peer, "/s?rows=400")).await.unwrap();
+    let res = svc
+        .clone()
+        .oneshot(request(peer, "/s?rows=400"))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
-    let res = svc.clone().oneshot(request(peer, "/s?rows=300")).await.unwrap();
+    let res = svc
+        .clone()
+        .oneshot(request(peer, "/s?rows=300"))
+        .await
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     // A request that could never fit is a 413, not a 429.
     let res = svc.oneshot(request(peer, "/s?rows=5000")).await.unwrap();
@@ -86,33 +98,57 @@ async fn allowlisted_requests_skip_the_store_and_are_counted() {
                 .predicate(|req| req.headers().contains_key("x-internal")),
         )
         .user_key(UserFn::new(|h: &http::HeaderMap, _: &http::Extensions| {
-            h.get("x-user").and_then(|v| v.to_str().ok()).map(str::to_owned)
+            h.get("x-user")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
         }));
     let svc = ServiceBuilder::new().layer(layer).service(inner);
 
     // The office network, the robot user and internal jobs: never limited, never stored.
     for _ in 0..5 {
-        let res = svc.clone().oneshot(request([198, 51, 100, 7], "/")).await.unwrap();
+        let res = svc
+            .clone()
+            .oneshot(request([198, 51, 100, 7], "/"))
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         assert!(!res.headers().contains_key("ratelimit"));
         let mut robot = request([203, 0, 113, 1], "/");
-        robot.headers_mut().insert("x-user", "robot".parse().unwrap());
-        assert_eq!(svc.clone().oneshot(robot).await.unwrap().status(), StatusCode::OK);
+        robot
+            .headers_mut()
+            .insert("x-user", "robot".parse().unwrap());
+        assert_eq!(
+            svc.clone().oneshot(robot).await.unwrap().status(),
+            StatusCode::OK
+        );
         let mut job = request([203, 0, 113, 1], "/");
         job.headers_mut().insert("x-internal", "1".parse().unwrap());
-        assert_eq!(svc.clone().oneshot(job).await.unwrap().status(), StatusCode::OK);
+        assert_eq!(
+            svc.clone().oneshot(job).await.unwrap().status(),
+            StatusCode::OK
+        );
     }
     assert_eq!(store.calls(), 0);
     assert_eq!(calls.load(Ordering::SeqCst), 15);
     assert_eq!(
-        counters.get("ratelimit_requests_total", &[("policy", "api"), ("decision", "allowlisted")]),
+        counters.get(
+            "ratelimit_requests_total",
+            &[("policy", "api"), ("decision", "allowlisted")]
+        ),
         Some(15)
     );
     // Everybody else is limited as usual.
     let statuses: Vec<u16> = {
         let mut v = Vec::new();
         for _ in 0..2 {
-            v.push(svc.clone().oneshot(request([203, 0, 113, 1], "/")).await.unwrap().status().as_u16());
+            v.push(
+                svc.clone()
+                    .oneshot(request([203, 0, 113, 1], "/"))
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16(),
+            );
         }
         v
     };
@@ -137,7 +173,11 @@ async fn shadow_mode_decides_and_counts_but_never_refuses() {
             )
             .service(inner);
         for _ in 0..5 {
-            let res = svc.clone().oneshot(request([192, 0, 2, 9], "/")).await.unwrap();
+            let res = svc
+                .clone()
+                .oneshot(request([192, 0, 2, 9], "/"))
+                .await
+                .unwrap();
             assert_eq!(res.status(), StatusCode::OK);
             assert!(!res.headers().contains_key("ratelimit"));
             assert!(!res.headers().contains_key("retry-after"));

@@ -2,8 +2,6 @@
 //!
 //! Run with `cargo run -p tollgate-demo`; see the README next to this crate.
 
-pub mod config;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -14,10 +12,18 @@ use axum::routing::{get, post};
 use clap::Parser;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
-use tollgate::{ClientIp, ForwardedHeader, MemoryStore, RateLimitLayer};
+use tollgate::config::StoreConfig;
+use tollgate::{ClientIp, ForwardedHeader, MemoryStore};
 use tollgate_redis::{RedisStore, redact};
 
-pub use config::Config;
+pub use tollgate::config::Config;
+
+/// The demo's policies when no `--config` is given: `examples/demo/tollgate.toml`, embedded, so
+/// the documented example and the defaults cannot drift apart.
+pub const DEFAULT_CONFIG: &str = include_str!("../tollgate.toml");
+
+/// The route templates the demo serves that policies may name.
+pub const ROUTES: [&str; 3] = ["/hello", "/login", "/export"];
 
 /// Command-line arguments.
 #[derive(Debug, Clone, Parser)]
@@ -29,7 +35,8 @@ pub struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:3000")]
     pub listen: SocketAddr,
-    /// TOML file with the per-route policies (the built-in defaults apply without it).
+    /// TOML file with the policies, store and client-IP settings (default: the embedded
+    /// examples/demo/tollgate.toml).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Share limits through Redis (`redis://`, `rediss://`, `redis-cluster://`,
@@ -46,8 +53,9 @@ pub struct Args {
     /// How long start-up waits for Redis before serving anyway, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     pub redis_connect_wait: u64,
-    /// A proxy address range to trust for X-Forwarded-For (repeatable). Without it, clients
-    /// are keyed on the socket peer and forwarding headers are ignored.
+    /// A proxy address range to trust for X-Forwarded-For (repeatable; replaces the file's
+    /// client_ip settings). Without it, clients are keyed as the file says (by default on the
+    /// socket peer, ignoring forwarding headers).
     #[arg(long = "trusted-proxy", value_name = "CIDR")]
     pub trusted_proxies: Vec<tollgate::client_ip::IpNet>,
     /// The header trusted proxies report the client in: x-forwarded-for (default), forwarded,
@@ -66,6 +74,22 @@ impl Args {
     ///
     /// When the prefix length or header name is invalid.
     pub fn client_ip(&self) -> anyhow::Result<ClientIp> {
+        self.client_ip_override()
+            .map(|c| c.unwrap_or_else(ClientIp::peer))
+    }
+
+    /// The client-IP settings of the command line, if it gives any.
+    ///
+    /// # Errors
+    ///
+    /// When the prefix length or header name is invalid.
+    pub fn client_ip_override(&self) -> anyhow::Result<Option<ClientIp>> {
+        if self.trusted_proxies.is_empty()
+            && self.ipv6_prefix == 64
+            && self.client_ip_header == "x-forwarded-for"
+        {
+            return Ok(None);
+        }
         let header = match self.client_ip_header.to_ascii_lowercase().as_str() {
             "x-forwarded-for" => ForwardedHeader::XForwardedFor,
             "forwarded" => ForwardedHeader::Forwarded,
@@ -78,30 +102,43 @@ impl Args {
             .trust_proxies(self.trusted_proxies.iter().copied())
             .header(header)
             .ipv6_prefix(self.ipv6_prefix)
+            .map(Some)
             .with_context(|| format!("--ipv6-prefix {}", self.ipv6_prefix))
+    }
+
+    /// The configuration: the file, or the embedded defaults, checked against the demo's
+    /// routes, with the command line's client-IP settings applied.
+    ///
+    /// # Errors
+    ///
+    /// When the file cannot be read or is invalid.
+    pub fn load_config(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path).context("invalid configuration")?,
+            None => Config::from_toml(DEFAULT_CONFIG).context("invalid built-in configuration")?,
+        };
+        config
+            .check_routes(ROUTES)
+            .context("invalid configuration")?;
+        if let Some(client_ip) = self.client_ip_override()? {
+            config.client_ip = client_ip;
+        }
+        Ok(config)
     }
 }
 
 /// The demo's routes behind the rate limiter (deciding with `store`), and `/metrics` outside
 /// it.
-pub fn app<St>(config: &Config, store: St, client_ip: ClientIp, metrics: PrometheusHandle) -> Router
+pub fn app<St>(config: &Config, store: St, metrics: PrometheusHandle) -> Router
 where
     St: tollgate::Store + Clone + Send + Sync + 'static,
     St::Future: Send + 'static,
 {
-    let mut limits = RateLimitLayer::new(store)
-        .headers(config.headers)
-        .client_ip(client_ip);
-    for p in &config.policies {
-        limits = match &p.method {
-            Some(m) => limits.route_method(m.clone(), p.route.clone(), p.policy.clone()),
-            None => limits.route(p.route.clone(), p.policy.clone()),
-        };
-    }
     Router::new()
         .route("/hello", get(|| async { "hello\n" }))
         .route("/login", post(|| async { "welcome\n" }))
-        .layer(limits)
+        .route("/export", get(|| async { "id,amount\n1,42\n" }))
+        .layer(config.layer(store))
         // Added after the layer, so outside it: scraping is never limited.
         .route(
             "/metrics",
@@ -146,11 +183,7 @@ pub fn cli_main() -> std::process::ExitCode {
 ///
 /// When the configuration is invalid, the address cannot be bound, or serving fails.
 pub async fn run(args: Args) -> anyhow::Result<()> {
-    let client_ip = args.client_ip()?;
-    let config = match &args.config {
-        Some(path) => Config::load(path)?,
-        None => Config::default(),
-    };
+    let config = args.load_config()?;
     let metrics = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(tollgate::metrics::STORE_DURATION_SECONDS.to_owned()),
@@ -171,15 +204,31 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
     // Build the router after the recorder is installed: the layer registers its metrics then.
-    let app = match &args.redis {
+    let redis = match (&args.redis, &config.store) {
+        (Some(url), _) => Some(RedisSettings::from_args(url, &args)),
+        (None, StoreConfig::Redis(r)) => Some(RedisSettings::from_file(r)),
+        (None, _) => None,
+    };
+    let app = match redis {
         None => {
             tracing::info!("store: memory (limits are per instance)");
-            app(&config, MemoryStore::new(), client_ip, metrics)
+            let store = match config.store {
+                StoreConfig::Memory { max_keys: Some(n) } => {
+                    MemoryStore::builder().max_keys(n).build()
+                }
+                _ => MemoryStore::new(),
+            };
+            app(&config, store, metrics)
         }
-        Some(url) => {
-            let mut builder =
-                RedisStore::builder(url)?.timeout(Duration::from_millis(args.redis_timeout.max(1)));
-            if args.redis_fallback {
+        Some(r) => {
+            let mut builder = RedisStore::builder(&r.url)?.timeout(r.timeout);
+            if let Some(prefix) = &r.prefix {
+                builder = builder.prefix(prefix.clone());
+            }
+            if let Some(n) = r.breaker_threshold {
+                builder = builder.breaker_threshold(n);
+            }
+            if r.fallback {
                 builder = builder.fallback(MemoryStore::new());
             }
             let store = builder.build()?;
@@ -190,14 +239,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 .await
             {
                 Ok(()) => {
-                    tracing::info!(url = %redact(url), "store: redis (limits shared by every instance)");
+                    tracing::info!(url = %redact(&r.url), "store: redis (limits shared by every instance)");
                 }
                 Err(e) => tracing::warn!(
-                    url = %redact(url),
+                    url = %redact(&r.url),
                     "rate-limit-degraded: {e}; starting anyway, the store keeps reconnecting"
                 ),
             }
-            app(&config, store, client_ip, metrics)
+            app(&config, store, metrics)
         }
     };
     let listener = TcpListener::bind(args.listen)
@@ -211,16 +260,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             method = p.method.as_ref().map_or("any", http::Method::as_str),
             quotas = ?p.policy.quotas(),
             failure = ?p.policy.failure(),
+            shadow = p.policy.is_shadow(),
             "rate-limit policy"
         );
     }
-    tracing::info!(
-        trusted_proxies = ?args.trusted_proxies,
-        header = %args.client_ip_header,
-        ipv6_prefix = args.ipv6_prefix,
-        "client ip: {}",
-        if args.trusted_proxies.is_empty() { "socket peer (no proxy trusted)" } else { "forwarded by trusted proxies" }
-    );
+    tracing::info!(client_ip = ?config.client_ip, "client ip settings");
     tracing::info!("listening on {addr}");
     axum::serve(
         listener,
@@ -229,6 +273,37 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .with_graceful_shutdown(shutdown())
     .await
     .context("server error")
+}
+
+/// The Redis settings in effect: the command line's `--redis` and its options, or the file's.
+struct RedisSettings {
+    url: String,
+    timeout: Duration,
+    prefix: Option<String>,
+    breaker_threshold: Option<u32>,
+    fallback: bool,
+}
+
+impl RedisSettings {
+    fn from_args(url: &str, args: &Args) -> Self {
+        RedisSettings {
+            url: url.to_owned(),
+            timeout: Duration::from_millis(args.redis_timeout.max(1)),
+            prefix: None,
+            breaker_threshold: None,
+            fallback: args.redis_fallback,
+        }
+    }
+
+    fn from_file(r: &tollgate::config::RedisConfig) -> Self {
+        RedisSettings {
+            url: r.url.clone(),
+            timeout: r.timeout.unwrap_or(Duration::from_millis(100)),
+            prefix: r.prefix.clone(),
+            breaker_threshold: r.breaker_threshold,
+            fallback: r.fallback,
+        }
+    }
 }
 
 async fn shutdown() {
