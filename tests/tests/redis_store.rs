@@ -237,3 +237,51 @@ fn sha1_of(_store: &RedisStore) -> String {
         .sha1()
         .to_string()
 }
+
+#[tokio::test]
+async fn concurrency_leases_are_taken_atomically_and_given_back_on_drop() {
+    use tollgate::concurrency::Acquire;
+    let server = RedisServer::start();
+    let store = connected(RedisStore::builder(&server.url()).unwrap()).await;
+    let slots = store.concurrency(Duration::from_secs(30));
+    let key = Key::new("conc", "/c", None, Some("u"));
+    let redis_key = slots.redis_key(&key);
+    // Many acquires at once for 3 slots: exactly 3 succeed.
+    let results = futures_join(&slots, &key, 20).await;
+    let held: Vec<_> = results
+        .into_iter()
+        .filter_map(|r| match r.unwrap() {
+            Acquire::Acquired { permit, .. } => Some(permit),
+            Acquire::Full { in_flight } => {
+                assert_eq!(in_flight, 3);
+                None
+            }
+        })
+        .collect();
+    assert_eq!(held.len(), 3);
+    assert_eq!(server.cli(&["zcard", &redis_key]), "3");
+    let ttl: i64 = server.cli(&["pttl", &redis_key]).parse().unwrap();
+    assert!((1..=30_000).contains(&ttl), "{ttl}");
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.cli(&["exists", &redis_key]) != "0" {
+        assert!(Instant::now() < deadline, "leases not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn futures_join(
+    slots: &tollgate_redis::RedisConcurrencyStore,
+    key: &Key<'_>,
+    n: usize,
+) -> Vec<Result<tollgate::concurrency::Acquire<tollgate_redis::RedisPermit>, tollgate::StoreError>>
+{
+    use tollgate::concurrency::ConcurrencyStore;
+    let futures: Vec<_> = (0..n).map(|_| slots.acquire(key, 3)).collect();
+    let handles: Vec<_> = futures.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}

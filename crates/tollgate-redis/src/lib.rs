@@ -60,6 +60,12 @@ pub use fred;
 /// The Lua source of the script the store runs (every algorithm; named for the default one).
 pub const GCRA_SCRIPT: &str = include_str!("gcra.lua");
 
+/// The Lua source of the concurrency-lease script.
+pub const CONCURRENCY_SCRIPT: &str = include_str!("concurrency.lua");
+
+mod concurrency;
+pub use concurrency::{RedisConcurrencyStore, RedisPermit};
+
 const DEFAULT_PREFIX: &str = "tollgate:";
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -97,6 +103,7 @@ struct Inner {
     breaker: Breaker,
     metrics: StoreMetrics,
     name: String,
+    concurrency_script: fred::types::scripts::Script,
 }
 
 /// The circuit breaker: after `threshold` consecutive calls that timed out or found no
@@ -277,15 +284,30 @@ impl Inner {
     /// SCRIPT LOAD on every primary and EVALSHA once more. NOSCRIPT means the script did not
     /// run, so the retry cannot count the request twice; nothing else is retried.
     async fn eval(&self, keys: Vec<String>, args: Vec<i64>) -> Result<Value, FredError> {
+        self.eval_script(&self.script, GCRA_SCRIPT, keys, args)
+            .await
+    }
+
+    async fn eval_script<A>(
+        &self,
+        script: &fred::types::scripts::Script,
+        source: &'static str,
+        keys: Vec<String>,
+        args: Vec<A>,
+    ) -> Result<Value, FredError>
+    where
+        A: Into<Value> + Clone + Send,
+    {
         let client = self.client.with_options(&self.options);
-        let sha = self.script.sha1().clone();
+        let sha = script.sha1().clone();
+        let args: Vec<Value> = args.into_iter().map(Into::into).collect();
         match client
             .evalsha::<Value, _, _, _>(sha.clone(), keys.clone(), args.clone())
             .await
         {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
                 tracing::info!("rate-limit script not in the Redis script cache; loading it");
-                client.script_load_cluster::<(), _>(GCRA_SCRIPT).await?;
+                client.script_load_cluster::<(), _>(source).await?;
                 client.evalsha(sha, keys, args).await
             }
             other => other,
@@ -663,6 +685,7 @@ impl RedisStoreBuilder {
                 },
                 metrics: StoreMetrics::new(&self.name),
                 name: self.name,
+                concurrency_script: fred::types::scripts::Script::from_lua(CONCURRENCY_SCRIPT),
             }),
         })
     }
@@ -886,7 +909,10 @@ mod tests {
     }
 }
 
-// The guide's code blocks compile as doctests.
+// The guides' code blocks compile as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/concurrency.md")]
+struct ConcurrencyGuide;
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/redis.md")]
 struct RedisGuide;

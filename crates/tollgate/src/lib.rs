@@ -4,6 +4,7 @@
 mod algorithm;
 pub mod client_ip;
 pub mod clock;
+pub mod concurrency;
 #[cfg(feature = "config")]
 #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 pub mod config;

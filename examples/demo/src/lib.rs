@@ -8,10 +8,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::Router;
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use clap::Parser;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
+use tollgate::concurrency::{
+    ConcurrencyLimitLayer, ConcurrencyPolicy, ConcurrencyStore, MemoryConcurrencyStore,
+};
 use tollgate::config::StoreConfig;
 use tollgate::{ClientIp, ForwardedHeader, MemoryStore};
 use tollgate_redis::{RedisStore, redact};
@@ -65,6 +69,21 @@ pub struct Args {
     /// Key IPv6 clients on this prefix length (1 to 128).
     #[arg(long, value_name = "BITS", default_value_t = 64)]
     pub ipv6_prefix: u8,
+    /// At most this many `GET /report` per client in flight (across every instance with
+    /// `--redis`).
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub report_concurrency: u32,
+    /// Where `GET /report` gets its report from (`{URL}/report`); without it the demo makes one
+    /// itself in `--report-ms`.
+    #[arg(long, value_name = "URL")]
+    pub upstream: Option<String>,
+    /// How long the built-in report takes, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    pub report_ms: u64,
+    /// Lease time of a concurrency slot in Redis, in milliseconds: a dead instance's slots come
+    /// back after at most this long.
+    #[arg(long, value_name = "MS", default_value_t = 30_000)]
+    pub lease_ms: u64,
 }
 
 impl Args {
@@ -129,15 +148,53 @@ impl Args {
 
 /// The demo's routes behind the rate limiter (deciding with `store`), and `/metrics` outside
 /// it.
-pub fn app<St>(config: &Config, store: St, metrics: PrometheusHandle) -> Router
+pub fn app<St, Cs>(
+    config: &Config,
+    store: St,
+    report: Report<Cs>,
+    metrics: PrometheusHandle,
+) -> Router
 where
     St: tollgate::Store + Clone + Send + Sync + 'static,
     St::Future: Send + 'static,
+    Cs: ConcurrencyStore + Clone + Send + Sync + 'static,
+    Cs::Future: Send + 'static,
 {
+    let concurrency = ConcurrencyLimitLayer::new(report.store)
+        .policy(ConcurrencyPolicy::new("report", report.limit))
+        .client_ip(config.client_ip.clone());
+    let upstream = report.upstream.map(|url| {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap_or_default();
+        (client, format!("{}/report", url.trim_end_matches('/')))
+    });
+    let delay = report.delay;
+    let report_handler = move || {
+        let upstream = upstream.clone();
+        async move {
+            match upstream {
+                Some((client, url)) => {
+                    let res = client
+                        .get(&url)
+                        .send()
+                        .await
+                        .map_err(|_| StatusCode::BAD_GATEWAY)?;
+                    res.text().await.map_err(|_| StatusCode::BAD_GATEWAY)
+                }
+                None => {
+                    tokio::time::sleep(delay).await;
+                    Ok("report\n".to_owned())
+                }
+            }
+        }
+    };
     Router::new()
         .route("/hello", get(|| async { "hello\n" }))
         .route("/login", post(|| async { "welcome\n" }))
         .route("/export", get(|| async { "id,amount\n1,42\n" }))
+        .route("/report", get(report_handler).route_layer(concurrency))
         .layer(config.layer(store))
         // Added after the layer, so outside it: scraping is never limited.
         .route(
@@ -218,7 +275,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 _ => MemoryStore::new(),
             };
-            app(&config, store, metrics)
+            let report = Report {
+                store: MemoryConcurrencyStore::new(),
+                limit: args.report_concurrency,
+                upstream: args.upstream.clone(),
+                delay: Duration::from_millis(args.report_ms),
+            };
+            app(&config, store, report, metrics)
         }
         Some(r) => {
             let mut builder = RedisStore::builder(&r.url)?.timeout(r.timeout);
@@ -246,7 +309,13 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
                     "rate-limit-degraded: {e}; starting anyway, the store keeps reconnecting"
                 ),
             }
-            app(&config, store, metrics)
+            let report = Report {
+                store: store.concurrency(Duration::from_millis(args.lease_ms)),
+                limit: args.report_concurrency,
+                upstream: args.upstream.clone(),
+                delay: Duration::from_millis(args.report_ms),
+            };
+            app(&config, store, report, metrics)
         }
     };
     let listener = TcpListener::bind(args.listen)
@@ -273,6 +342,19 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     .with_graceful_shutdown(shutdown())
     .await
     .context("server error")
+}
+
+/// The settings of `GET /report`, the concurrency-limited route.
+#[derive(Debug)]
+pub struct Report<Cs> {
+    /// Where slots are counted.
+    pub store: Cs,
+    /// Most requests per client in flight.
+    pub limit: u32,
+    /// The upstream to fetch reports from, if any.
+    pub upstream: Option<String>,
+    /// How long the built-in report takes.
+    pub delay: Duration,
 }
 
 /// The Redis settings in effect: the command line's `--redis` and its options, or the file's.

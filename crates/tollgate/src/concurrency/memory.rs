@@ -1,0 +1,187 @@
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::future::{Ready, ready};
+use std::hash::BuildHasher;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use hashbrown::HashMap;
+
+use super::{Acquire, ConcurrencyStore};
+use crate::{Key, StoreError};
+
+/// Requests in flight counted in this process: the concurrency store of a single instance.
+///
+/// Slots are plain counters; a [`MemoryPermit`] gives its slot back when dropped. A key with no
+/// request in flight takes no memory. With N instances each counts alone: use the Redis
+/// concurrency store when the limit must hold across instances.
+#[derive(Clone)]
+pub struct MemoryConcurrencyStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    counts: Mutex<HashMap<u128, u32>>,
+    hash_keys: (u64, u64),
+}
+
+impl MemoryConcurrencyStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        let random = RandomState::new();
+        MemoryConcurrencyStore {
+            inner: Arc::new(Inner {
+                counts: Mutex::new(HashMap::new()),
+                hash_keys: (random.hash_one(1u8), random.hash_one(2u8)),
+            }),
+        }
+    }
+
+    /// Requests in flight for `key`.
+    pub fn in_flight(&self, key: &Key<'_>) -> u32 {
+        let (k0, k1) = self.inner.hash_keys;
+        let counts = self
+            .inner
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        counts.get(&key.hash128(k0, k1)).copied().unwrap_or(0)
+    }
+
+    /// The number of keys with requests in flight.
+    pub fn keys(&self) -> usize {
+        self.inner
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+impl Default for MemoryConcurrencyStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryConcurrencyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryConcurrencyStore")
+            .field("keys", &self.keys())
+            .finish()
+    }
+}
+
+impl ConcurrencyStore for MemoryConcurrencyStore {
+    type Permit = MemoryPermit;
+    type Future = Ready<Result<Acquire<MemoryPermit>, StoreError>>;
+
+    fn acquire(&self, key: &Key<'_>, limit: u32) -> Self::Future {
+        let (k0, k1) = self.inner.hash_keys;
+        let slot = key.hash128(k0, k1);
+        let mut counts = self
+            .inner
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let count = counts.entry(slot).or_insert(0);
+        if *count >= limit {
+            let in_flight = *count;
+            if in_flight == 0 {
+                counts.remove(&slot);
+            }
+            return ready(Ok(Acquire::Full { in_flight }));
+        }
+        *count += 1;
+        let in_flight = *count;
+        ready(Ok(Acquire::Acquired {
+            permit: MemoryPermit {
+                inner: Arc::clone(&self.inner),
+                slot,
+            },
+            in_flight,
+        }))
+    }
+}
+
+/// A slot of a [`MemoryConcurrencyStore`], given back when dropped.
+pub struct MemoryPermit {
+    inner: Arc<Inner>,
+    slot: u128,
+}
+
+impl Drop for MemoryPermit {
+    fn drop(&mut self) {
+        let mut counts = self
+            .inner
+            .counts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(count) = counts.get_mut(&self.slot) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.slot);
+            }
+        }
+    }
+}
+
+impl fmt::Debug for MemoryPermit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryPermit").finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acquire(s: &MemoryConcurrencyStore, key: &Key<'_>, limit: u32) -> Acquire<MemoryPermit> {
+        s.acquire(key, limit).into_inner().unwrap()
+    }
+
+    #[test]
+    fn at_most_limit_and_slots_come_back_on_drop() {
+        let s = MemoryConcurrencyStore::new();
+        let key = Key::new("p", "/r", None, Some("u"));
+        let a = acquire(&s, &key, 2);
+        let b = acquire(&s, &key, 2);
+        assert!(matches!(
+            acquire(&s, &key, 2),
+            Acquire::Full { in_flight: 2 }
+        ));
+        assert_eq!(s.in_flight(&key), 2);
+        drop(a);
+        assert!(matches!(
+            acquire(&s, &key, 2),
+            Acquire::Acquired { in_flight: 2, .. }
+        ));
+        drop(b);
+        // The slot acquired just above was dropped with its Acquire: nothing is held.
+        assert_eq!(s.in_flight(&key), 0);
+        assert_eq!(s.keys(), 0);
+    }
+
+    #[test]
+    fn keys_are_independent_and_threads_never_exceed_the_limit() {
+        let s = MemoryConcurrencyStore::new();
+        let max = std::sync::atomic::AtomicU32::new(0);
+        let now = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    let key = Key::new("p", "/r", None, Some("u"));
+                    for _ in 0..2_000 {
+                        if let Acquire::Acquired { permit, .. } = acquire(&s, &key, 3) {
+                            let n = now.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                            max.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+                            now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                            drop(permit);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(max.into_inner() <= 3);
+        assert_eq!(s.keys(), 0);
+    }
+}

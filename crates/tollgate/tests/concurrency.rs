@@ -1,0 +1,212 @@
+//! The concurrency limit: slots held until the response body ends or is dropped, given back
+//! when the client disconnects or the handler panics, composed with the rate limiter.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use tokio::sync::mpsc;
+use tollgate::concurrency::{ConcurrencyLimitLayer, ConcurrencyPolicy, MemoryConcurrencyStore};
+use tollgate::{Key, MemoryStore, Policy, Quota, RateLimitLayer};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+const PEER: ([u8; 4], u16) = ([192, 0, 2, 1], 1);
+
+fn request() -> Request<()> {
+    let mut req = Request::new(());
+    req.extensions_mut().insert(SocketAddr::from(PEER));
+    req
+}
+
+fn key() -> Key<'static> {
+    Key::new("report", "report", Some(IpAddr::from(PEER.0)), None::<&str>)
+}
+
+/// A body whose chunks the test sends one by one.
+struct ChannelBody(mpsc::UnboundedReceiver<Bytes>);
+
+impl Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+impl From<Bytes> for ChannelBody {
+    fn from(b: Bytes) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(b);
+        ChannelBody(rx)
+    }
+}
+
+#[tokio::test]
+async fn a_streaming_body_holds_its_slot_until_it_ends() {
+    let store = MemoryConcurrencyStore::new();
+    // The handler hands the test the sender of each response body.
+    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel();
+    let svc = ServiceBuilder::new()
+        .layer(
+            ConcurrencyLimitLayer::new(store.clone()).policy(ConcurrencyPolicy::new("report", 1)),
+        )
+        .service_fn(move |_req: Request<()>| {
+            let (chunks, body) = mpsc::unbounded_channel();
+            let _ = senders_tx.send(chunks);
+            async move { Ok::<_, Infallible>(Response::new(ChannelBody(body))) }
+        });
+
+    let first = svc.clone().oneshot(request()).await.unwrap();
+    let chunks = senders_rx.recv().await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    // The handler has returned, but the body is still streaming: the slot is held.
+    assert_eq!(store.in_flight(&key()), 1);
+    let second = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(second.headers()["retry-after"], "1");
+
+    let mut body = first.into_body();
+    chunks.send(Bytes::from_static(b"part 1")).unwrap();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "part 1");
+    assert_eq!(store.in_flight(&key()), 1);
+    assert!(body.holds_slot());
+    // The end of the stream gives the slot back, before the body is even dropped.
+    drop(chunks);
+    assert!(body.frame().await.is_none());
+    assert!(!body.holds_slot());
+    assert_eq!(store.in_flight(&key()), 0);
+    drop(body);
+
+    // A body dropped half-way gives it back too.
+    let third = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(third.status(), StatusCode::OK);
+    let _chunks = senders_rx.recv().await.unwrap();
+    assert_eq!(store.in_flight(&key()), 1);
+    drop(third);
+    assert_eq!(store.in_flight(&key()), 0);
+}
+
+#[tokio::test]
+async fn a_panicking_handler_gives_its_slot_back() {
+    let store = MemoryConcurrencyStore::new();
+    let svc = ServiceBuilder::new()
+        .layer(
+            ConcurrencyLimitLayer::new(store.clone()).policy(ConcurrencyPolicy::new("report", 1)),
+        )
+        .service_fn(|_req: Request<()>| async move {
+            tokio::task::yield_now().await;
+            panic!("handler bug");
+            #[allow(unreachable_code)]
+            Ok::<_, Infallible>(Response::new(http_body_util::Full::<Bytes>::default()))
+        });
+    let task = tokio::spawn(svc.clone().oneshot(request()));
+    assert!(task.await.unwrap_err().is_panic());
+    assert_eq!(store.in_flight(&key()), 0);
+}
+
+#[tokio::test]
+async fn a_disconnecting_client_gives_its_slot_back() {
+    let store = MemoryConcurrencyStore::new();
+    let app = Router::new()
+        .route(
+            "/slow",
+            get(|| async {
+                // Longer than the client waits; bounded so the test always ends.
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                "late"
+            }),
+        )
+        .layer(
+            ConcurrencyLimitLayer::new(store.clone())
+                .route("/slow", ConcurrencyPolicy::new("slow", 1)),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    let key = Key::new(
+        "slow",
+        "/slow",
+        Some(IpAddr::from([127, 0, 0, 1])),
+        None::<&str>,
+    );
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{addr}/slow");
+    // The client gives up; its connection closes mid-request.
+    let impatient = client
+        .get(&url)
+        .timeout(Duration::from_millis(300))
+        .send()
+        .await;
+    assert!(impatient.unwrap_err().is_timeout());
+    // The server notices the closed connection and drops the request, slot included.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.in_flight(&key) != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot was never given back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.abort();
+}
+
+#[tokio::test]
+async fn composes_with_the_rate_limiter_on_the_same_route() {
+    let conc = MemoryConcurrencyStore::new();
+    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel();
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(MemoryStore::new())
+                .policy(Policy::new("report", "3/h".parse::<Quota>().unwrap())),
+        )
+        .layer(ConcurrencyLimitLayer::new(conc.clone()).policy(ConcurrencyPolicy::new("report", 1)))
+        .service_fn(move |_req: Request<()>| {
+            let (chunks, body) = mpsc::unbounded_channel();
+            let _ = senders_tx.send(chunks);
+            async move { Ok::<_, Infallible>(Response::new(ChannelBody(body))) }
+        });
+    let first = svc.ready().await.unwrap().call(request()).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    assert!(first.headers().contains_key("ratelimit"));
+    let chunks = senders_rx.recv().await.unwrap();
+    // Refused by the concurrency limit while the first streams (it spends rate budget, as any
+    // request that reached the concurrency layer).
+    let second = svc.ready().await.unwrap().call(request()).await.unwrap();
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    drop(chunks);
+    drop(first);
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(request())
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::OK
+    );
+    // Then the rate limit: 3 per hour.
+    let fourth = svc.ready().await.unwrap().call(request()).await.unwrap();
+    assert_eq!(fourth.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(fourth.headers().contains_key("ratelimit"));
+}
