@@ -140,7 +140,9 @@ async fn until_answered(store: &RedisStore, key: &Key<'_>, quotas: &[Quota]) -> 
 #[tokio::test]
 async fn a_restarted_server_loses_its_script_cache_and_decisions_stay_right() {
     let mut server = RedisServer::start();
-    let store = connected(RedisStore::builder(&server.url()).unwrap()).await;
+    // Without the deny cache, which would keep refusing the client until the wait Redis gave
+    // runs out, even though the restarted Redis forgot it.
+    let store = connected(RedisStore::builder(&server.url()).unwrap().deny_cache(0)).await;
     let quotas: Vec<Quota> = vec!["5/m".parse().unwrap()];
     let key = Key::new("restart", "/r", None, Some("u"));
     let allowed: Vec<bool> = futures_lite(&store, &key, &quotas, 6).await;
@@ -284,4 +286,66 @@ async fn futures_join(
         out.push(h.await.unwrap());
     }
     out
+}
+
+fn evalsha_calls(server: &RedisServer) -> u64 {
+    server
+        .cli(&["info", "commandstats"])
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// 1000 requests, 90% from three clients far past their limit, 10% from a hundred others.
+async fn abusive_traffic(store: &RedisStore) -> (usize, usize) {
+    let quotas: Vec<Quota> = vec!["5/m".parse().unwrap()];
+    let (mut allowed, mut limited) = (0, 0);
+    for i in 0..1000u32 {
+        let user = if i % 10 == 9 {
+            format!("visitor-{}", i / 10)
+        } else {
+            format!("abuser-{}", i % 3)
+        };
+        let key = Key::new("abuse", "/a", None, Some(user.as_str()));
+        if store.check(&key, &quotas, 1).await.unwrap().is_allowed() {
+            allowed += 1;
+        } else {
+            limited += 1;
+        }
+    }
+    (allowed, limited)
+}
+
+#[tokio::test]
+async fn the_deny_cache_spares_redis_the_clients_it_already_refused() {
+    let server = RedisServer::start();
+    let without = connected(
+        RedisStore::builder(&server.url())
+            .unwrap()
+            .prefix("a:")
+            .deny_cache(0),
+    )
+    .await;
+    let with = connected(RedisStore::builder(&server.url()).unwrap().prefix("b:")).await;
+
+    let before = evalsha_calls(&server);
+    let plain = abusive_traffic(&without).await;
+    let uncached = evalsha_calls(&server) - before;
+    let before = evalsha_calls(&server);
+    let cached = abusive_traffic(&with).await;
+    let with_cache = evalsha_calls(&server) - before;
+
+    // The same decisions...
+    assert_eq!(plain, cached);
+    assert_eq!(plain, (15 + 100, 1000 - 115));
+    // ...for far fewer round trips: one per request without the cache (plus the first call that
+    // found no script loaded); with it, the abusers cost one refusal each and the visitors one
+    // call each.
+    assert!((1000..=1001).contains(&uncached), "{uncached}");
+    assert!(with_cache <= 200, "{with_cache} EVALSHA for 1000 requests");
+    assert!(
+        with_cache * 5 <= uncached,
+        "commands fell by less than 80%: {with_cache} vs {uncached}"
+    );
 }

@@ -100,7 +100,9 @@ fn statuses(seen: &[Seen]) -> Vec<u16> {
 #[tokio::test]
 async fn redis_killed_mid_load_fails_open_and_counts_every_undecided_request() {
     let mut server = RedisServer::start();
-    let demo = demo_on(&server.url(), &[]);
+    // Each request comes from its own client (through a trusted proxy), so none is refused
+    // before the kill and none can be answered from the deny cache after it.
+    let demo = demo_on(&server.url(), &["--trusted-proxy", "127.0.0.1/32"]);
     let client = client();
     let fail_open_before = metric(
         &client,
@@ -116,15 +118,20 @@ async fn redis_killed_mid_load_fails_open_and_counts_every_undecided_request() {
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     let kill_tx = Arc::new(std::sync::Mutex::new(Some(kill_tx)));
     let mut tasks = Vec::new();
-    for _ in 0..6 {
+    for t in 0..6u8 {
         let client = client.clone();
         let url = demo.url("/hello");
         let done = Arc::clone(&done);
         let kill_tx = Arc::clone(&kill_tx);
         tasks.push(tokio::spawn(async move {
             let mut seen = Vec::new();
-            for _ in 0..100 {
-                let res = client.get(&url).send().await.expect("response");
+            for i in 0..100u8 {
+                let res = client
+                    .get(&url)
+                    .header("x-forwarded-for", format!("198.51.{t}.{i}"))
+                    .send()
+                    .await
+                    .expect("response");
                 seen.push((
                     res.status().as_u16(),
                     res.headers().contains_key("ratelimit"),
@@ -260,8 +267,25 @@ async fn a_restarted_redis_resumes_limiting_without_restarting_the_service() {
     assert_eq!(statuses(&before), [200, 200, 200, 200, 200, 429]);
 
     server.restart();
-    // Empty data and an empty script cache: the first decided response starts a fresh budget.
-    let after = until_decided(&client, &demo, 6).await;
+    // Empty data and an empty script cache. Until the wait Redis gave runs out, the deny cache
+    // still refuses this client (it never allows what Redis refused); then the fresh Redis
+    // decides, and the client has a whole new budget: 5, then a refusal.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        let seen = get(&client, &demo, "/hello").await;
+        if seen.decided && seen.status == 200 {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "limiting did not resume: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut after = vec![first];
+    for _ in 0..5 {
+        after.push(get(&client, &demo, "/hello").await);
+    }
     assert!(after.iter().all(|s| s.decided), "{after:?}");
     assert_eq!(statuses(&after), [200, 200, 200, 200, 200, 429]);
 }

@@ -64,6 +64,7 @@ pub const GCRA_SCRIPT: &str = include_str!("gcra.lua");
 pub const CONCURRENCY_SCRIPT: &str = include_str!("concurrency.lua");
 
 mod concurrency;
+mod deny;
 pub use concurrency::{RedisConcurrencyStore, RedisPermit};
 
 const DEFAULT_PREFIX: &str = "tollgate:";
@@ -73,6 +74,7 @@ const DEFAULT_MAX_QUEUED: usize = 10_000;
 const MAX_PREFIX_LEN: usize = 64;
 const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
 const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(500);
+const DEFAULT_DENY_CACHE: usize = 10_000;
 const SCHEMES: [&str; 8] = [
     "redis",
     "rediss",
@@ -104,6 +106,18 @@ struct Inner {
     metrics: StoreMetrics,
     name: String,
     concurrency_script: fred::types::scripts::Script,
+    deny: Option<deny::DenyCache>,
+    origin: Instant,
+}
+
+impl Inner {
+    /// Now, in the store's nanoseconds: the test clock if one is set, else the monotonic clock.
+    fn now_ns(&self) -> u64 {
+        match &self.clock {
+            Some(c) => c.now_ns(),
+            None => u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
 }
 
 /// The circuit breaker: after `threshold` consecutive calls that timed out or found no
@@ -152,6 +166,7 @@ impl RedisStore {
             breaker_threshold: DEFAULT_BREAKER_THRESHOLD,
             probe_interval: DEFAULT_PROBE_INTERVAL,
             name: "redis".to_owned(),
+            deny_cache: DEFAULT_DENY_CACHE,
         }
     }
 
@@ -328,6 +343,13 @@ impl Store for RedisStore {
             return Box::pin(std::future::ready(Ok(Decision::from_states([]))));
         }
         let inner = &self.inner;
+        let tag = key.qualified().to_string();
+        if let Some(deny) = &inner.deny {
+            if let Some(refusal) = deny.get(&tag, cost, inner.now_ns()) {
+                inner.metrics.deny_cache_hit();
+                return Box::pin(std::future::ready(Ok(refusal)));
+            }
+        }
         if inner.breaker.open.load(Ordering::Acquire) {
             // Known down: no round trip, no waiting.
             inner.metrics.error(StoreErrorKind::CircuitOpen);
@@ -339,7 +361,9 @@ impl Store for RedisStore {
             };
             return Box::pin(std::future::ready(result));
         }
-        let keys: Vec<String> = (0..quotas.len()).map(|i| self.redis_key(key, i)).collect();
+        let keys: Vec<String> = (0..quotas.len())
+            .map(|i| format!("{}{{{tag}}}:{i}", inner.prefix))
+            .collect();
         let now_us = inner.clock.as_ref().map_or(-1, |c| {
             i64::try_from(c.now_ns() / 1_000).unwrap_or(i64::MAX)
         });
@@ -381,6 +405,13 @@ impl Store for RedisStore {
             match result {
                 Ok(decision) => {
                     inner.succeeded();
+                    if let Some(deny) = &inner.deny {
+                        if decision.is_limited() {
+                            deny.put(&tag, cost, &decision, inner.now_ns());
+                        } else {
+                            deny.forget(&tag);
+                        }
+                    }
                     Ok(decision)
                 }
                 Err(e) => {
@@ -538,9 +569,21 @@ pub struct RedisStoreBuilder {
     breaker_threshold: u32,
     probe_interval: Duration,
     name: String,
+    deny_cache: usize,
 }
 
 impl RedisStoreBuilder {
+    /// How many refused keys to remember (default 10 000; 0 turns the cache off). Once Redis
+    /// refuses a key until some moment, further requests of that key (of the same cost or more)
+    /// are refused locally until then, without a round trip: a client hammering past its limit
+    /// costs Redis nothing. The cache only ever refuses what Redis refused, for as long as Redis
+    /// said (measured from when the answer arrived, so never shorter). Hits are counted in
+    /// `ratelimit_deny_cache_hits_total`.
+    pub fn deny_cache(mut self, max_keys: usize) -> Self {
+        self.deny_cache = max_keys;
+        self
+    }
+
     /// Decides with this in-process store whenever Redis cannot (down, slow, circuit open),
     /// instead of leaving each request to its policy's failure mode. The limit is then enforced
     /// per instance (N instances let a client through up to N times the limit), which is looser
@@ -686,6 +729,8 @@ impl RedisStoreBuilder {
                 metrics: StoreMetrics::new(&self.name),
                 name: self.name,
                 concurrency_script: fred::types::scripts::Script::from_lua(CONCURRENCY_SCRIPT),
+                deny: (self.deny_cache > 0).then(|| deny::DenyCache::new(self.deny_cache)),
+                origin: Instant::now(),
             }),
         })
     }
@@ -701,6 +746,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("fallback", &self.fallback.is_some())
             .field("breaker_threshold", &self.breaker_threshold)
             .field("probe_interval", &self.probe_interval)
+            .field("deny_cache", &self.deny_cache)
             .finish_non_exhaustive()
     }
 }

@@ -157,6 +157,47 @@ impl Decision {
             .map_or(Duration::ZERO, QuotaState::reset_after)
     }
 
+    /// This refusal as it stands `elapsed` later, without new information: every wait is
+    /// shorter by `elapsed`; `None` once the wait is over (the request may pass now) or for an
+    /// allowed decision. Used by deny caches that answer for a store until the wait is over.
+    pub fn later(&self, elapsed: Duration) -> Option<Decision> {
+        let wait = self.retry_after()?;
+        if elapsed >= wait {
+            return None;
+        }
+        let states = self.states.iter().map(|s| {
+            // A quota whose own wait is over would now allow (nothing else changed).
+            let allowed = s.allowed || s.retry_after <= elapsed;
+            let reset_after = s.reset_after.saturating_sub(elapsed);
+            let (remaining, reset_after) = match s.quota.algorithm_kind() {
+                // GCRA replenishes continuously: what is left follows from the time used.
+                crate::Algorithm::Gcra => {
+                    let used = u64::try_from(reset_after.as_nanos()).unwrap_or(u64::MAX);
+                    let free = s.quota.burst_span_ns().saturating_sub(used);
+                    let left = u32::try_from(free / s.quota.emission_ns()).unwrap_or(u32::MAX);
+                    (left, reset_after)
+                }
+                // A fixed window keeps its count until it ends, then starts empty.
+                crate::Algorithm::FixedWindow if s.reset_after <= elapsed => {
+                    (s.quota.limit(), Duration::ZERO)
+                }
+                _ => (s.remaining, reset_after),
+            };
+            QuotaState::new(
+                s.quota,
+                allowed,
+                remaining,
+                reset_after,
+                s.retry_after.saturating_sub(elapsed),
+            )
+        });
+        Some(Decision {
+            allowed: false,
+            fallback: self.fallback,
+            states: states.collect(),
+        })
+    }
+
     /// The state of every quota, in the policy's order.
     pub fn states(&self) -> &[QuotaState] {
         &self.states

@@ -15,6 +15,7 @@
 //! | `ratelimit_store_errors_total` | counter | `store`, `reason` | failed store calls (shared stores) |
 //! | `ratelimit_store_degraded` | gauge | `store` | 1 while the store is known to be down (circuit open), else 0 |
 //! | `ratelimit_store_duration_seconds` | histogram | `store` | time of each store round trip, failed ones included |
+//! | `ratelimit_deny_cache_hits_total` | counter | `store` | requests refused from the store's local deny cache, without a round trip |
 //!
 //! Reasons: `timeout`, `unavailable`, `circuit_open`, `script_error`, `invalid_response`,
 //! `other` (see [`StoreErrorKind::reason`](crate::StoreErrorKind::reason)).
@@ -35,6 +36,8 @@ pub const STORE_ERRORS_TOTAL: &str = "ratelimit_store_errors_total";
 pub const STORE_DEGRADED: &str = "ratelimit_store_degraded";
 /// Duration of store round trips.
 pub const STORE_DURATION_SECONDS: &str = "ratelimit_store_duration_seconds";
+/// Requests refused from a store's local deny cache, without a round trip.
+pub const DENY_CACHE_HITS_TOTAL: &str = "ratelimit_deny_cache_hits_total";
 
 /// The `decision` label values of [`REQUESTS_TOTAL`].
 pub const DECISIONS: [&str; 8] = [
@@ -84,6 +87,11 @@ pub fn describe() {
             STORE_DURATION_SECONDS,
             Unit::Seconds,
             "Duration of rate-limit store round trips, failed ones included."
+        );
+        describe_counter!(
+            DENY_CACHE_HITS_TOTAL,
+            Unit::Count,
+            "Requests refused from a rate-limit store's local deny cache, without a round trip."
         );
         describe_counter!(
             STORE_ERRORS_TOTAL,
@@ -217,6 +225,8 @@ pub struct StoreMetrics {
     degraded: metrics::Gauge,
     #[cfg(feature = "metrics")]
     duration: metrics::Histogram,
+    #[cfg(feature = "metrics")]
+    deny_cache_hits: metrics::Counter,
 }
 
 impl StoreMetrics {
@@ -234,10 +244,14 @@ impl StoreMetrics {
             }
             let degraded = metrics::gauge!(STORE_DEGRADED, "store" => store.clone());
             degraded.set(0.0);
+            let deny_cache_hits =
+                metrics::counter!(DENY_CACHE_HITS_TOTAL, "store" => store.clone());
+            deny_cache_hits.increment(0);
             StoreMetrics {
                 errors,
                 degraded,
                 duration: metrics::histogram!(STORE_DURATION_SECONDS, "store" => store),
+                deny_cache_hits,
             }
         }
         #[cfg(not(feature = "metrics"))]
@@ -263,6 +277,13 @@ impl StoreMetrics {
         self.degraded.set(if degraded { 1.0 } else { 0.0 });
         #[cfg(not(feature = "metrics"))]
         let _ = degraded;
+    }
+
+    /// Counts one request refused from a local deny cache.
+    #[cfg_attr(not(feature = "metrics"), allow(clippy::unused_self))]
+    pub fn deny_cache_hit(&self) {
+        #[cfg(feature = "metrics")]
+        self.deny_cache_hits.increment(1);
     }
 
     /// Records one round trip.

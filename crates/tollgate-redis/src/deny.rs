@@ -1,0 +1,198 @@
+//! The deny cache: once Redis says a key is refused for a while, refuse it locally until then.
+//!
+//! What it may get wrong, and why that is safe: while a key is cached here, requests of other
+//! costs (here) or on other instances may still be allowed by Redis and push the real wait
+//! further out; the cached answer then understates `Retry-After`, and the client's retry is
+//! refused by Redis with the exact wait. It never lets through a request Redis would refuse. An
+//! allowed answer from Redis for the key drops the entry here.
+
+use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tollgate::{Algorithm, Decision};
+
+const SHARDS: usize = 16;
+
+/// Refusals Redis handed out, by key, until their wait is over.
+///
+/// It only ever refuses, and only what Redis refused: a request is answered from here only
+/// while the wait Redis gave for a request of at least its cost has not run out (measured from
+/// when the answer arrived, so a little longer than Redis itself would, never shorter). Bounded:
+/// a full shard first drops expired entries and otherwise caches nothing more.
+pub(crate) struct DenyCache {
+    shards: Box<[Mutex<HashMap<u64, Entry>>]>,
+    per_shard: usize,
+    hasher: RandomState,
+}
+
+struct Entry {
+    decision: Decision,
+    /// When the refusal arrived and when its wait ends, in the store's nanoseconds.
+    at: u64,
+    until: u64,
+    cost: u32,
+}
+
+impl DenyCache {
+    pub(crate) fn new(max_entries: usize) -> Self {
+        DenyCache {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            per_shard: max_entries.div_ceil(SHARDS).max(1),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn slot(&self, tag: &str) -> (usize, u64) {
+        let h = self.hasher.hash_one(tag);
+        ((h >> 59) as usize % SHARDS, h)
+    }
+
+    /// The refusal still standing for this key and a request of `cost`, if any.
+    pub(crate) fn get(&self, tag: &str, cost: u32, now: u64) -> Option<Decision> {
+        let (shard, h) = self.slot(tag);
+        let mut map = self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = map.get(&h)?;
+        if now >= entry.until {
+            map.remove(&h);
+            return None;
+        }
+        // A cheaper request may fit earlier, and a dearer one waits longer, than the one Redis
+        // refused: only the same cost gets the same answer.
+        if cost != entry.cost {
+            return None;
+        }
+        entry
+            .decision
+            .later(Duration::from_nanos(now.saturating_sub(entry.at)))
+    }
+
+    /// Remembers a refusal that arrived at `now`.
+    pub(crate) fn put(&self, tag: &str, cost: u32, decision: &Decision, now: u64) {
+        let Some(wait) = decision.retry_after() else {
+            return;
+        };
+        // A sliding window's count decays continuously in a way the cache cannot replay
+        // exactly; such decisions always ask Redis.
+        if decision
+            .states()
+            .iter()
+            .any(|s| s.quota().algorithm_kind() == Algorithm::SlidingWindow)
+        {
+            return;
+        }
+        let until = now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+        let (shard, h) = self.slot(tag);
+        let mut map = self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= self.per_shard && !map.contains_key(&h) {
+            map.retain(|_, e| e.until > now);
+            if map.len() >= self.per_shard {
+                return;
+            }
+        }
+        map.insert(
+            h,
+            Entry {
+                decision: decision.clone(),
+                at: now,
+                until,
+                cost,
+            },
+        );
+    }
+
+    /// Forgets a key: Redis allowed a request of it (of another cost), so the state moved on.
+    pub(crate) fn forget(&self, tag: &str) {
+        let (shard, h) = self.slot(tag);
+        self.shards[shard]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&h);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tollgate::{Quota, QuotaState};
+
+    fn refusal(wait_ms: u64) -> Decision {
+        let q: Quota = "5/10s".parse().unwrap();
+        Decision::from_states([QuotaState::new(
+            q,
+            false,
+            0,
+            Duration::from_secs(10),
+            Duration::from_millis(wait_ms),
+        )])
+    }
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn refuses_until_the_wait_is_over_and_never_after() {
+        let c = DenyCache::new(100);
+        c.put("k", 1, &refusal(2_000), 0);
+        let d = c.get("k", 1, 500 * MS).unwrap();
+        assert_eq!(d.retry_after(), Some(Duration::from_millis(1_500)));
+        assert!(c.get("k", 1, 2_000 * MS).is_none());
+        // Another key is not affected.
+        c.put("k", 1, &refusal(2_000), 0);
+        assert!(c.get("other", 1, 0).is_none());
+    }
+
+    #[test]
+    fn only_the_same_cost_gets_the_cached_answer() {
+        let c = DenyCache::new(100);
+        c.put("k", 3, &refusal(2_000), 0);
+        assert!(c.get("k", 2, MS).is_none());
+        assert!(c.get("k", 3, MS).is_some());
+        assert!(c.get("k", 4, MS).is_none());
+    }
+
+    #[test]
+    fn sliding_window_refusals_are_not_cached() {
+        let c = DenyCache::new(100);
+        let q: Quota = "5/10s sliding-window".parse().unwrap();
+        let d = Decision::from_states([QuotaState::new(
+            q,
+            false,
+            0,
+            Duration::from_secs(10),
+            Duration::from_secs(1),
+        )]);
+        c.put("k", 1, &d, 0);
+        assert!(c.get("k", 1, 0).is_none());
+    }
+
+    #[test]
+    fn allowed_decisions_are_not_cached_and_the_size_is_bounded() {
+        let c = DenyCache::new(32);
+        let q: Quota = "5/10s".parse().unwrap();
+        let allowed =
+            Decision::from_states([QuotaState::new(q, true, 4, Duration::ZERO, Duration::ZERO)]);
+        c.put("a", 1, &allowed, 0);
+        assert_eq!(c.len(), 0);
+        for i in 0..10_000 {
+            c.put(&i.to_string(), 1, &refusal(60_000), 0);
+        }
+        assert!(c.len() <= 32, "{}", c.len());
+        // Expired entries make room.
+        c.put("late", 1, &refusal(1_000), 120_000 * MS);
+        assert!(c.get("late", 1, 120_000 * MS).is_some());
+    }
+}
