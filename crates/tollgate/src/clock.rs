@@ -7,7 +7,9 @@
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(doc)]
+use std::time::Instant;
 
 /// A monotonic source of time, in nanoseconds since an arbitrary origin.
 ///
@@ -17,18 +19,22 @@ pub trait Clock: Send + Sync + 'static {
     fn now_ns(&self) -> u64;
 }
 
-/// The default clock: [`Instant`], counted from when the clock was created.
-#[derive(Clone, Copy)]
+/// The default clock: the CPU's monotonic counter through `quanta` (about 10 ns a read, against
+/// about 25 ns for [`Instant::now`] on the machines measured in `docs/benchmarks.md`), counted
+/// from when the clock was created. `quanta` falls back to the operating system's monotonic clock
+/// where the counter is not usable.
+#[derive(Clone)]
 pub struct MonotonicClock {
-    origin: Instant,
+    clock: quanta::Clock,
+    origin: u64,
 }
 
 impl MonotonicClock {
     /// A clock whose origin is now.
     pub fn new() -> Self {
-        MonotonicClock {
-            origin: Instant::now(),
-        }
+        let clock = quanta::Clock::new();
+        let origin = clock.raw();
+        MonotonicClock { clock, origin }
     }
 }
 
@@ -47,7 +53,7 @@ impl fmt::Debug for MonotonicClock {
 impl Clock for MonotonicClock {
     fn now_ns(&self) -> u64 {
         // u64 nanoseconds last 584 years from the origin.
-        self.origin.elapsed().as_nanos() as u64
+        self.clock.delta_as_nanos(self.origin, self.clock.raw())
     }
 }
 

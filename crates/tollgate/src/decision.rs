@@ -12,8 +12,9 @@ pub struct QuotaState {
     quota: Quota,
     allowed: bool,
     remaining: u32,
-    reset_after: Duration,
-    retry_after: Duration,
+    // Nanoseconds: `Duration`s would make every decision larger to copy.
+    reset_after_ns: u64,
+    retry_after_ns: u64,
 }
 
 impl QuotaState {
@@ -25,12 +26,13 @@ impl QuotaState {
         reset_after: Duration,
         retry_after: Duration,
     ) -> Self {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         QuotaState {
             quota,
             allowed,
             remaining: remaining.min(quota.burst_size()),
-            reset_after,
-            retry_after: if allowed { Duration::ZERO } else { retry_after },
+            reset_after_ns: ns(reset_after),
+            retry_after_ns: if allowed { 0 } else { ns(retry_after) },
         }
     }
 
@@ -52,12 +54,12 @@ impl QuotaState {
 
     /// Time until this quota is back to a full burst.
     pub fn reset_after(&self) -> Duration {
-        self.reset_after
+        Duration::from_nanos(self.reset_after_ns)
     }
 
     /// Time until a request of the same cost would pass this quota; zero when it passed.
     pub fn retry_after(&self) -> Duration {
-        self.retry_after
+        Duration::from_nanos(self.retry_after_ns)
     }
 }
 
@@ -137,7 +139,7 @@ impl Decision {
         self.states.iter().min_by(|a, b| {
             a.remaining
                 .cmp(&b.remaining)
-                .then(b.reset_after.cmp(&a.reset_after))
+                .then(b.reset_after_ns.cmp(&a.reset_after_ns))
         })
     }
 
@@ -167,8 +169,8 @@ impl Decision {
         }
         let states = self.states.iter().map(|s| {
             // A quota whose own wait is over would now allow (nothing else changed).
-            let allowed = s.allowed || s.retry_after <= elapsed;
-            let reset_after = s.reset_after.saturating_sub(elapsed);
+            let allowed = s.allowed || s.retry_after() <= elapsed;
+            let reset_after = s.reset_after().saturating_sub(elapsed);
             let (remaining, reset_after) = match s.quota.algorithm_kind() {
                 // GCRA replenishes continuously: what is left follows from the time used.
                 crate::Algorithm::Gcra => {
@@ -178,7 +180,7 @@ impl Decision {
                     (left, reset_after)
                 }
                 // A fixed window keeps its count until it ends, then starts empty.
-                crate::Algorithm::FixedWindow if s.reset_after <= elapsed => {
+                crate::Algorithm::FixedWindow if s.reset_after() <= elapsed => {
                     (s.quota.limit(), Duration::ZERO)
                 }
                 _ => (s.remaining, reset_after),
@@ -188,7 +190,7 @@ impl Decision {
                 allowed,
                 remaining,
                 reset_after,
-                s.retry_after.saturating_sub(elapsed),
+                s.retry_after().saturating_sub(elapsed),
             )
         });
         Some(Decision {

@@ -11,13 +11,23 @@
 
 use std::borrow::Cow;
 use std::fmt;
-use std::hash::Hasher;
+use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{Extensions, HeaderMap};
 use sha2::{Digest, Sha256};
-use siphasher::sip128::{Hasher128, SipHasher13};
+
+/// Two randomly seeded hashers: a key's 128-bit identity in the memory stores. Clients cannot
+/// choose keys that collide, since they do not know the seeds.
+#[derive(Clone)]
+pub(crate) struct KeyHasher(ahash::RandomState, ahash::RandomState);
+
+impl KeyHasher {
+    pub(crate) fn new() -> Self {
+        KeyHasher(ahash::RandomState::new(), ahash::RandomState::new())
+    }
+}
 
 /// User parts longer than this many bytes are replaced by a digest, so that huge values cannot
 /// bloat a store.
@@ -97,33 +107,38 @@ impl<'a> Key<'a> {
         self.user.as_deref()
     }
 
-    /// A 128-bit keyed hash of the key: what the memory store indexes by.
-    pub(crate) fn hash128(&self, k0: u64, k1: u64) -> u128 {
-        let mut h = SipHasher13::new_with_keys(k0, k1);
-        h.write_usize(self.policy.len());
+    /// A 128-bit keyed hash of the key (two independently, randomly seeded 64-bit hashes):
+    /// what the memory stores index by.
+    pub(crate) fn hash128(&self, seeds: &KeyHasher) -> u128 {
+        let hi = self.hash_with(seeds.0.build_hasher());
+        let lo = self.hash_with(seeds.1.build_hasher());
+        (u128::from(hi) << 64) | u128::from(lo)
+    }
+
+    fn hash_with(&self, mut h: impl Hasher) -> u64 {
+        // One word of lengths and the address family first, so that no two different keys
+        // feed the hasher the same bytes (lengths are far below 2^20: policy and route names
+        // are the operator's, user parts at most MAX_USER_LEN).
+        let user = self.user.as_deref().map(str::as_bytes);
+        let (family, addr) = match self.ip {
+            None => (0u64, 0u128),
+            Some(IpAddr::V4(ip)) => (1, u128::from(u32::from(ip))),
+            Some(IpAddr::V6(ip)) => (2, u128::from(ip)),
+        };
+        let len = |n: usize| (n as u64) & 0xf_ffff;
+        let head = family << 62
+            | u64::from(user.is_some()) << 61
+            | len(self.policy.len()) << 40
+            | len(self.route.len()) << 20
+            | user.map_or(0, |u| len(u.len()));
+        h.write_u64(head);
         h.write(self.policy.as_bytes());
-        h.write_usize(self.route.len());
         h.write(self.route.as_bytes());
-        match self.ip {
-            None => h.write_u8(0),
-            Some(IpAddr::V4(ip)) => {
-                h.write_u8(4);
-                h.write(&ip.octets());
-            }
-            Some(IpAddr::V6(ip)) => {
-                h.write_u8(6);
-                h.write(&ip.octets());
-            }
+        h.write_u128(addr);
+        if let Some(user) = user {
+            h.write(user);
         }
-        match &self.user {
-            None => h.write_u8(0),
-            Some(user) => {
-                h.write_u8(1);
-                h.write_usize(user.len());
-                h.write(user.as_bytes());
-            }
-        }
-        h.finish128().as_u128()
+        h.finish()
     }
 }
 
@@ -396,7 +411,8 @@ mod tests {
         ];
         for (a, b) in pairs {
             assert_ne!(a.to_string(), b.to_string());
-            assert_ne!(a.hash128(1, 2), b.hash128(1, 2));
+            let h = KeyHasher::new();
+            assert_ne!(a.hash128(&h), b.hash128(&h));
         }
         let v6 = Key::new("p", "/a", Some(IpAddr::V6(Ipv6Addr::LOCALHOST)), Some("u"));
         assert_eq!(v6.to_string(), "/a:::1:u");

@@ -47,7 +47,8 @@ const MAX_BURST_SPAN_NS: u64 = 10 * 366 * 24 * 3600 * 1_000_000_000;
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Quota {
     limit: NonZeroU32,
-    period: Duration,
+    /// In nanoseconds (a `Duration` would double the size of every quota state).
+    period_ns: u64,
     burst: NonZeroU32,
     /// `period / limit`, rounded up to a whole microsecond, in nanoseconds.
     emission_ns: u64,
@@ -131,7 +132,7 @@ impl Quota {
         let emission_ns = emission_ns.div_ceil(1_000) * 1_000;
         let quota = Quota {
             limit,
-            period,
+            period_ns,
             burst: limit,
             emission_ns,
             algorithm: Algorithm::Gcra,
@@ -204,13 +205,15 @@ impl Quota {
             if self.burst != self.limit {
                 return Err(QuotaError::BurstWithWindow(algorithm));
             }
-            if self.period.subsec_nanos() % 1_000_000 != 0 {
-                return Err(QuotaError::WindowNotWholeMillis(self.period));
+            if self.period_ns % 1_000_000 != 0 {
+                return Err(QuotaError::WindowNotWholeMillis(self.period()));
             }
-            if u128::from(self.limit.get()) * self.period.as_millis() > MAX_WINDOW_PRODUCT {
+            if u128::from(self.limit.get()) * u128::from(self.period_ns / 1_000_000)
+                > MAX_WINDOW_PRODUCT
+            {
                 return Err(QuotaError::WindowTooLarge {
                     limit: self.limit.get(),
-                    period: self.period,
+                    period: self.period(),
                 });
             }
         }
@@ -224,7 +227,7 @@ impl Quota {
 
     /// The window length in milliseconds (window algorithms count in whole milliseconds).
     pub(crate) fn window_ms(&self) -> u64 {
-        u64::try_from(self.period.as_millis()).unwrap_or(u64::MAX)
+        self.period_ns / 1_000_000
     }
 
     fn check_span(&self) -> Result<(), QuotaError> {
@@ -243,7 +246,7 @@ impl Quota {
 
     /// The period over which `limit` units are allowed.
     pub fn period(&self) -> Duration {
-        self.period
+        Duration::from_nanos(self.period_ns)
     }
 
     /// The largest number of units a key may spend at once.
@@ -281,7 +284,7 @@ impl fmt::Display for Quota {
     /// `30/5m`, `10/s burst 20`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/", self.limit)?;
-        fmt_period(self.period, f)?;
+        fmt_period(self.period(), f)?;
         if self.burst != self.limit {
             write!(f, " burst {}", self.burst)?;
         }

@@ -1,12 +1,11 @@
-use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::future::{Ready, ready};
-use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use hashbrown::HashMap;
 
 use super::{Acquire, ConcurrencyStore};
+use crate::key::KeyHasher;
 use crate::{Key, StoreError};
 
 /// Requests in flight counted in this process: the concurrency store of a single instance.
@@ -21,30 +20,28 @@ pub struct MemoryConcurrencyStore {
 
 struct Inner {
     counts: Mutex<HashMap<u128, u32>>,
-    hash_keys: (u64, u64),
+    hasher: KeyHasher,
 }
 
 impl MemoryConcurrencyStore {
     /// An empty store.
     pub fn new() -> Self {
-        let random = RandomState::new();
         MemoryConcurrencyStore {
             inner: Arc::new(Inner {
                 counts: Mutex::new(HashMap::new()),
-                hash_keys: (random.hash_one(1u8), random.hash_one(2u8)),
+                hasher: KeyHasher::new(),
             }),
         }
     }
 
     /// Requests in flight for `key`.
     pub fn in_flight(&self, key: &Key<'_>) -> u32 {
-        let (k0, k1) = self.inner.hash_keys;
         let counts = self
             .inner
             .counts
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        counts.get(&key.hash128(k0, k1)).copied().unwrap_or(0)
+        counts.get(&key.hash128(&self.inner.hasher)).copied().unwrap_or(0)
     }
 
     /// The number of keys with requests in flight.
@@ -76,8 +73,7 @@ impl ConcurrencyStore for MemoryConcurrencyStore {
     type Future = Ready<Result<Acquire<MemoryPermit>, StoreError>>;
 
     fn acquire(&self, key: &Key<'_>, limit: u32) -> Self::Future {
-        let (k0, k1) = self.inner.hash_keys;
-        let slot = key.hash128(k0, k1);
+        let slot = key.hash128(&self.inner.hasher);
         let mut counts = self
             .inner
             .counts

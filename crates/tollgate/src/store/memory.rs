@@ -1,7 +1,6 @@
-use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::future::{Ready, ready};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -12,6 +11,7 @@ use super::{Store, StoreError};
 use crate::algorithm::{self, Eval, State};
 use crate::clock::{Clock, MonotonicClock};
 use crate::decision::{Decision, QuotaState};
+use crate::key::KeyHasher;
 use crate::{Key, Quota};
 
 const DEFAULT_MAX_KEYS: usize = 1_000_000;
@@ -67,7 +67,7 @@ struct Inner<C> {
     clock: C,
     shards: Box<[Shard]>,
     shard_mask: usize,
-    hash_keys: (u64, u64),
+    hasher: KeyHasher,
     max_keys_per_shard: usize,
     sweep_interval_ns: u64,
 }
@@ -121,8 +121,7 @@ impl<C: Clock> MemoryStore<C> {
     ) -> Result<Decision, StoreError> {
         StoreError::check_cost(quotas, cost)?;
         let inner = &*self.inner;
-        let (k0, k1) = inner.hash_keys;
-        let hash = key.hash128(k0, k1);
+        let hash = key.hash128(&inner.hasher);
         // The high half picks the shard, the low half indexes within it: every quota of one
         // key lives in one shard, so one lock makes the decision atomic.
         let shard = &inner.shards[((hash >> 64) as usize) & inner.shard_mask];
@@ -148,7 +147,13 @@ impl<C: Clock> MemoryStore<C> {
             }
             for (i, e) in evals.iter().enumerate() {
                 if let Some(write) = e.write {
-                    state.map.insert(entry_key(hash, i), write);
+                    let slot = entry_key(hash, i);
+                    match state.map.get_mut(&slot) {
+                        Some(stored) => *stored = write,
+                        None => {
+                            state.map.insert(slot, write);
+                        }
+                    }
                 }
             }
         }
@@ -321,11 +326,6 @@ impl<C: Clock> MemoryStoreBuilder<C> {
         let sweep_interval_ns = u64::try_from(self.sweep_interval.as_nanos())
             .unwrap_or(u64::MAX)
             .max(1_000_000);
-        let random = RandomState::new();
-        let hash_keys = (
-            random.hash_one(0x746f_6c6c_u64),
-            random.hash_one(0x6761_7465_u64),
-        );
         let shards = (0..shards)
             .map(|_| Shard {
                 state: Mutex::new(ShardState {
@@ -339,7 +339,7 @@ impl<C: Clock> MemoryStoreBuilder<C> {
                 clock: self.clock,
                 shards,
                 shard_mask: (self.shards.clamp(1, 1 << 16).next_power_of_two()) - 1,
-                hash_keys,
+                hasher: KeyHasher::new(),
                 max_keys_per_shard,
                 sweep_interval_ns,
             }),

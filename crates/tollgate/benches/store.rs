@@ -1,0 +1,166 @@
+//! The memory store's check against governor's keyed limiter, the layer's own overhead, and key
+//! extraction. Run with `cargo bench -p tollgate --bench store`; see docs/benchmarks.md.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroU32;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use governor::{DefaultKeyedRateLimiter, RateLimiter};
+use http::{HeaderMap, Request, Response};
+use tollgate::{ClientIp, Key, MemoryStore, Policy, Quota, RateLimitLayer};
+use tower::{ServiceBuilder, ServiceExt};
+
+fn ips(n: usize) -> Vec<IpAddr> {
+    // Distinct addresses in a scattered order.
+    (0..n as u32)
+        .map(|i| IpAddr::V4(Ipv4Addr::from(i.wrapping_mul(2_654_435_761) ^ 0x0a00_0000)))
+        .collect()
+}
+
+/// Never limits within a run: every check does the full work of an allowed request.
+fn tollgate_quota() -> Quota {
+    Quota::per_second(1_000_000).unwrap()
+}
+
+fn governor_quota() -> governor::Quota {
+    governor::Quota::per_second(NonZeroU32::new(1_000_000).unwrap())
+}
+
+fn tollgate_check(store: &MemoryStore, quotas: &[Quota], ip: IpAddr) -> bool {
+    let key = Key::new("hello", "/hello", Some(ip), None::<&str>);
+    store.decide(&key, quotas, 1).map(|d| d.is_allowed()).unwrap_or(false)
+}
+
+/// Runs `iters` checks spread over `threads` threads; returns the wall time.
+fn threaded<F: Fn(usize) + Sync>(threads: usize, iters: u64, f: F) -> Duration {
+    let per = (iters as usize).div_ceil(threads);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let f = &f;
+            s.spawn(move || {
+                for i in 0..per {
+                    f(t * 7_919 + i);
+                }
+            });
+        }
+    });
+    start.elapsed()
+}
+
+fn check(c: &mut Criterion) {
+    for (label, n) in [("hot_key", 1usize), ("100k_keys", 100_000), ("1M_keys", 1_000_000)] {
+        let mut group = c.benchmark_group(format!("check/{label}"));
+        group
+            .warm_up_time(Duration::from_secs(1))
+            .measurement_time(Duration::from_secs(3))
+            .sample_size(20);
+        let ips = ips(n);
+        let quotas = [tollgate_quota()];
+        let store = MemoryStore::new();
+        // governor keyed by the address (as tower_governor's peer-IP extractor does), and by a
+        // "<route>:<ip>" String built per request (a per-route key, as tollgate's).
+        let gov_ip: DefaultKeyedRateLimiter<IpAddr> = RateLimiter::keyed(governor_quota());
+        let gov_string: DefaultKeyedRateLimiter<String> = RateLimiter::keyed(governor_quota());
+        // Fill every store with every key first, so the runs measure lookups in a full map.
+        for ip in &ips {
+            tollgate_check(&store, &quotas, *ip);
+            let _ = gov_ip.check_key(ip);
+            let _ = gov_string.check_key(&format!("/hello:{ip}"));
+        }
+        for threads in [1usize, 2] {
+            group.bench_function(BenchmarkId::new("tollgate", format!("{threads}t")), |b| {
+                b.iter_custom(|iters| {
+                    threaded(threads, iters, |i| {
+                        black_box(tollgate_check(&store, &quotas, ips[i % n]));
+                    })
+                });
+            });
+            group.bench_function(BenchmarkId::new("governor_ip_key", format!("{threads}t")), |b| {
+                b.iter_custom(|iters| {
+                    threaded(threads, iters, |i| {
+                        black_box(gov_ip.check_key(&ips[i % n]).is_ok());
+                    })
+                });
+            });
+            group.bench_function(BenchmarkId::new("governor_string_key", format!("{threads}t")), |b| {
+                b.iter_custom(|iters| {
+                    threaded(threads, iters, |i| {
+                        let key = format!("/hello:{}", ips[i % n]);
+                        black_box(gov_string.check_key(&key).is_ok());
+                    })
+                });
+            });
+        }
+        group.finish();
+    }
+}
+
+/// Polls a future that is ready without waiting (every future here is).
+fn now<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => unreachable!("the benchmarked services are ready at once"),
+    }
+}
+
+fn layer(c: &mut Criterion) {
+    let mut group = c.benchmark_group("layer");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(20);
+    let request = || {
+        let mut req = Request::new(());
+        req.extensions_mut().insert(SocketAddr::from(([192, 0, 2, 1], 4000)));
+        req
+    };
+    let handler = |_req: Request<()>| {
+        std::future::ready(Ok::<_, Infallible>(Response::new(http_body_util::Full::<bytes::Bytes>::default())))
+    };
+    let bare = ServiceBuilder::new().service_fn(handler);
+    group.bench_function("no_limiter", |b| {
+        b.iter(|| black_box(now(bare.clone().oneshot(request())).map(|r| r.status())));
+    });
+    for (label, quota) in [("allowed", tollgate_quota()), ("limited", Quota::per_hour(1).unwrap())] {
+        let svc = ServiceBuilder::new()
+            .layer(RateLimitLayer::new(MemoryStore::new()).policy(Policy::new("api", quota)))
+            .service_fn(handler);
+        group.bench_function(format!("tollgate_{label}"), |b| {
+            b.iter(|| black_box(now(svc.clone().oneshot(request())).map(|r| r.status())));
+        });
+    }
+    group.finish();
+}
+
+fn key_extraction(c: &mut Criterion) {
+    let mut group = c.benchmark_group("key");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20);
+    let peer: IpAddr = "10.0.0.2".parse().unwrap();
+    let mut headers = HeaderMap::new();
+    headers.insert("x-forwarded-for", "6.6.6.6, 198.51.100.7, 10.0.0.9".parse().unwrap());
+    let direct = ClientIp::peer();
+    let proxied = ClientIp::peer().trust_proxies(["10.0.0.0/8".parse().unwrap()]);
+    group.bench_function("peer", |b| b.iter(|| black_box(direct.resolve(black_box(peer), &HeaderMap::new()))));
+    group.bench_function("x_forwarded_for_trusted", |b| {
+        b.iter(|| black_box(proxied.resolve(black_box(peer), &headers)));
+    });
+    let ip: IpAddr = "198.51.100.7".parse().unwrap();
+    group.bench_function("key_display", |b| {
+        b.iter(|| black_box(Key::new("hello", "/hello", Some(ip), Some("user-42")).qualified().to_string()));
+    });
+    group.finish();
+}
+
+criterion_group!(benches, check, layer, key_extraction);
+criterion_main!(benches);

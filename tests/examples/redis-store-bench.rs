@@ -1,0 +1,61 @@
+//! The Redis store's check called from 128 concurrent tasks, in checks per second, to compare
+//! with `redis-benchmark` running the same script at the same time of day.
+//!
+//! `cargo run --release -p tollgate-tests --example redis-store-bench -- REDIS_URL [TOTAL] [QUOTAS]`
+//! Started by scripts/bench.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tollgate::{Key, Quota, Store};
+use tollgate_redis::RedisStore;
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let url = args.first().ok_or("usage: redis-store-bench URL [TOTAL] [QUOTAS]")?;
+    let total: usize = args.get(1).map_or(Ok(200_000), |s| s.parse())?;
+    let n_quotas: usize = args.get(2).map_or(Ok(1), |s| s.parse())?;
+    let store = RedisStore::builder(url)?
+        .timeout(Duration::from_secs(1))
+        .deny_cache(0)
+        .build()?;
+    store.wait_connected(Duration::from_secs(5)).await?;
+    // The allowed path: never limited, every check a full read-decide-write.
+    let quotas: Arc<Vec<Quota>> = Arc::new(
+        (0..n_quotas)
+            .map(|i| Quota::per_second(1_000_000 - i as u32))
+            .collect::<Result<_, _>>()?,
+    );
+    let tasks = 128;
+    let per = total / tasks;
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for t in 0..tasks {
+        let store = store.clone();
+        let quotas = Arc::clone(&quotas);
+        handles.push(tokio::spawn(async move {
+            let mut failures = 0usize;
+            for i in 0..per {
+                let user = format!("{}", (t * per + i) % 100_000);
+                let key = Key::new("bench", "/hello", None, Some(user.as_str()));
+                if store.check(&key, &quotas, 1).await.is_err() {
+                    failures += 1;
+                }
+            }
+            failures
+        }));
+    }
+    let mut failures = 0;
+    for h in handles {
+        failures += h.await?;
+    }
+    let took = started.elapsed();
+    let done = per * tasks;
+    println!(
+        "checks={done} quotas={n_quotas} failures={failures} seconds={:.3} checks_per_second={:.0}",
+        took.as_secs_f64(),
+        done as f64 / took.as_secs_f64()
+    );
+    Ok(())
+}
