@@ -37,7 +37,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hello = Router::new().route("/hello", get(|| async { "hello\n" }));
     let app = match variant.as_str() {
         "none" => hello,
-        "memory" => hello.layer(RateLimitLayer::new(MemoryStore::new()).route("/hello", Policy::new("hello", quota))),
+        "memory" => hello.layer(
+            RateLimitLayer::new(MemoryStore::new()).route("/hello", Policy::new("hello", quota)),
+        ),
         "redis" => {
             let url = rest.first().ok_or("redis needs a URL")?;
             let store = RedisStore::builder(url)?.build()?;
@@ -47,7 +49,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "governor" => {
             let mut builder = GovernorConfigBuilder::default();
             if allowed {
-                builder.period(Duration::from_micros(1)).burst_size(1_000_000);
+                builder
+                    .period(Duration::from_micros(1))
+                    .burst_size(1_000_000);
             } else {
                 builder.period(Duration::from_secs(3600)).burst_size(1);
             }
@@ -58,6 +62,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let listener = tokio::net::TcpListener::bind(addr.as_str()).await?;
     println!("listening on {}", listener.local_addr()?);
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .await?;
     Ok(())
 }

@@ -9,14 +9,24 @@ use tollgate::{Key, MemoryStore, Quota};
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 
 fn main() {
-    let n: u32 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let n: u32 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
     let quotas = [Quota::per_hour(100).expect("quota")];
-    let store = MemoryStore::builder().max_keys(n as usize).build();
+    // Shards fill unevenly: leave room so that no shard evicts before all N are in.
+    let store = MemoryStore::builder()
+        .max_keys(n as usize + n as usize / 8)
+        .build();
     let before = rss_bytes();
     for i in 0..n {
         let ip = IpAddr::V4(Ipv4Addr::from(i.wrapping_mul(2_654_435_761)));

@@ -13,7 +13,9 @@ use tollgate_redis::RedisStore;
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let url = args.first().ok_or("usage: redis-store-bench URL [TOTAL] [QUOTAS]")?;
+    let url = args
+        .first()
+        .ok_or("usage: redis-store-bench URL [TOTAL] [QUOTAS]")?;
     let total: usize = args.get(1).map_or(Ok(200_000), |s| s.parse())?;
     let n_quotas: usize = args.get(2).map_or(Ok(1), |s| s.parse())?;
     let store = RedisStore::builder(url)?

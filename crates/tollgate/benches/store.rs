@@ -34,7 +34,10 @@ fn governor_quota() -> governor::Quota {
 
 fn tollgate_check(store: &MemoryStore, quotas: &[Quota], ip: IpAddr) -> bool {
     let key = Key::new("hello", "/hello", Some(ip), None::<&str>);
-    store.decide(&key, quotas, 1).map(|d| d.is_allowed()).unwrap_or(false)
+    store
+        .decide(&key, quotas, 1)
+        .map(|d| d.is_allowed())
+        .unwrap_or(false)
 }
 
 /// Runs `iters` checks spread over `threads` threads; returns the wall time.
@@ -55,7 +58,11 @@ fn threaded<F: Fn(usize) + Sync>(threads: usize, iters: u64, f: F) -> Duration {
 }
 
 fn check(c: &mut Criterion) {
-    for (label, n) in [("hot_key", 1usize), ("100k_keys", 100_000), ("1M_keys", 1_000_000)] {
+    for (label, n) in [
+        ("hot_key", 1usize),
+        ("100k_keys", 100_000),
+        ("1M_keys", 1_000_000),
+    ] {
         let mut group = c.benchmark_group(format!("check/{label}"));
         group
             .warm_up_time(Duration::from_secs(1))
@@ -82,21 +89,27 @@ fn check(c: &mut Criterion) {
                     })
                 });
             });
-            group.bench_function(BenchmarkId::new("governor_ip_key", format!("{threads}t")), |b| {
-                b.iter_custom(|iters| {
-                    threaded(threads, iters, |i| {
-                        black_box(gov_ip.check_key(&ips[i % n]).is_ok());
-                    })
-                });
-            });
-            group.bench_function(BenchmarkId::new("governor_string_key", format!("{threads}t")), |b| {
-                b.iter_custom(|iters| {
-                    threaded(threads, iters, |i| {
-                        let key = format!("/hello:{}", ips[i % n]);
-                        black_box(gov_string.check_key(&key).is_ok());
-                    })
-                });
-            });
+            group.bench_function(
+                BenchmarkId::new("governor_ip_key", format!("{threads}t")),
+                |b| {
+                    b.iter_custom(|iters| {
+                        threaded(threads, iters, |i| {
+                            black_box(gov_ip.check_key(&ips[i % n]).is_ok());
+                        })
+                    });
+                },
+            );
+            group.bench_function(
+                BenchmarkId::new("governor_string_key", format!("{threads}t")),
+                |b| {
+                    b.iter_custom(|iters| {
+                        threaded(threads, iters, |i| {
+                            let key = format!("/hello:{}", ips[i % n]);
+                            black_box(gov_string.check_key(&key).is_ok());
+                        })
+                    });
+                },
+            );
         }
         group.finish();
     }
@@ -119,17 +132,23 @@ fn layer(c: &mut Criterion) {
         .sample_size(20);
     let request = || {
         let mut req = Request::new(());
-        req.extensions_mut().insert(SocketAddr::from(([192, 0, 2, 1], 4000)));
+        req.extensions_mut()
+            .insert(SocketAddr::from(([192, 0, 2, 1], 4000)));
         req
     };
     let handler = |_req: Request<()>| {
-        std::future::ready(Ok::<_, Infallible>(Response::new(http_body_util::Full::<bytes::Bytes>::default())))
+        std::future::ready(Ok::<_, Infallible>(Response::new(http_body_util::Full::<
+            bytes::Bytes,
+        >::default())))
     };
     let bare = ServiceBuilder::new().service_fn(handler);
     group.bench_function("no_limiter", |b| {
         b.iter(|| black_box(now(bare.clone().oneshot(request())).map(|r| r.status())));
     });
-    for (label, quota) in [("allowed", tollgate_quota()), ("limited", Quota::per_hour(1).unwrap())] {
+    for (label, quota) in [
+        ("allowed", tollgate_quota()),
+        ("limited", Quota::per_hour(1).unwrap()),
+    ] {
         let svc = ServiceBuilder::new()
             .layer(RateLimitLayer::new(MemoryStore::new()).policy(Policy::new("api", quota)))
             .service_fn(handler);
@@ -148,16 +167,27 @@ fn key_extraction(c: &mut Criterion) {
         .sample_size(20);
     let peer: IpAddr = "10.0.0.2".parse().unwrap();
     let mut headers = HeaderMap::new();
-    headers.insert("x-forwarded-for", "6.6.6.6, 198.51.100.7, 10.0.0.9".parse().unwrap());
+    headers.insert(
+        "x-forwarded-for",
+        "6.6.6.6, 198.51.100.7, 10.0.0.9".parse().unwrap(),
+    );
     let direct = ClientIp::peer();
     let proxied = ClientIp::peer().trust_proxies(["10.0.0.0/8".parse().unwrap()]);
-    group.bench_function("peer", |b| b.iter(|| black_box(direct.resolve(black_box(peer), &HeaderMap::new()))));
+    group.bench_function("peer", |b| {
+        b.iter(|| black_box(direct.resolve(black_box(peer), &HeaderMap::new())))
+    });
     group.bench_function("x_forwarded_for_trusted", |b| {
         b.iter(|| black_box(proxied.resolve(black_box(peer), &headers)));
     });
     let ip: IpAddr = "198.51.100.7".parse().unwrap();
     group.bench_function("key_display", |b| {
-        b.iter(|| black_box(Key::new("hello", "/hello", Some(ip), Some("user-42")).qualified().to_string()));
+        b.iter(|| {
+            black_box(
+                Key::new("hello", "/hello", Some(ip), Some("user-42"))
+                    .qualified()
+                    .to_string(),
+            )
+        });
     });
     group.finish();
 }

@@ -41,7 +41,10 @@ impl MemoryConcurrencyStore {
             .counts
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        counts.get(&key.hash128(&self.inner.hasher)).copied().unwrap_or(0)
+        counts
+            .get(&key.hash128(&self.inner.hasher))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// The number of keys with requests in flight.
