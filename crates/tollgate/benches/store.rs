@@ -143,7 +143,7 @@ fn layer(c: &mut Criterion) {
     };
     let bare = ServiceBuilder::new().service_fn(handler);
     group.bench_function("no_limiter", |b| {
-        b.iter(|| black_box(now(bare.clone().oneshot(request())).map(|r| r.status())));
+        b.iter(|| black_box(now(bare.oneshot(request())).map(|r| r.status())));
     });
     for (label, quota) in [
         ("allowed", tollgate_quota()),
@@ -174,7 +174,7 @@ fn key_extraction(c: &mut Criterion) {
     let direct = ClientIp::peer();
     let proxied = ClientIp::peer().trust_proxies(["10.0.0.0/8".parse().unwrap()]);
     group.bench_function("peer", |b| {
-        b.iter(|| black_box(direct.resolve(black_box(peer), &HeaderMap::new())))
+        b.iter(|| black_box(direct.resolve(black_box(peer), &HeaderMap::new())));
     });
     group.bench_function("x_forwarded_for_trusted", |b| {
         b.iter(|| black_box(proxied.resolve(black_box(peer), &headers)));
