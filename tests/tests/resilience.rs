@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tollgate_tests::Demo;
 use tollgate_tests::redis::{RedisServer, free_port};
+use tollgate_tests::{Demo, metric_sum};
 
 const DEMO: &str = env!("CARGO_BIN_EXE_demo-under-test");
 /// The demo's Redis deadline in these tests.
@@ -56,19 +56,7 @@ async fn metric(client: &reqwest::Client, demo: &Demo, name: &str, labels: &[(&s
         .text()
         .await
         .unwrap();
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric_name, rest) = series.split_once('{').unwrap_or((series, ""));
-            (metric_name == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-            .then(|| value.parse::<f64>().ok())
-            .flatten()
-        })
-        .sum()
+    metric_sum(&body, name, labels)
 }
 
 /// Sends requests until one is decided by the store again (at most 20 s), and returns every

@@ -5,8 +5,7 @@ mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,12 +14,12 @@ use http_body_util::{BodyExt, Full};
 use metrics_util::debugging::DebuggingRecorder;
 use tollgate::clock::ManualClock;
 use tollgate::{
-    Decision, FailureMode, MemoryStore, MissingKey, Policy, Quota, RateLimitHeaders,
-    RateLimitLayer, StoreErrorKind,
+    Decision, FailureMode, MemoryStore, MissingKey, Policy, RateLimitHeaders, RateLimitLayer,
+    StoreErrorKind,
 };
 use tower::{Service, ServiceBuilder, ServiceExt};
 
-use support::{Counters, FlakyStore};
+use support::{Counters, FlakyStore, counting, quota};
 
 const PEER: ([u8; 4], u16) = ([192, 0, 2, 10], 50_000);
 
@@ -32,26 +31,6 @@ fn request_from(peer: impl Into<SocketAddr>) -> Request<()> {
 
 fn request() -> Request<()> {
     request_from(PEER)
-}
-
-/// An inner service that counts its calls and answers 200.
-fn counting() -> (
-    Arc<AtomicUsize>,
-    impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
-    + Clone
-    + Send,
-) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = Arc::clone(&calls);
-    let svc = tower::service_fn(move |_req: Request<()>| {
-        c.fetch_add(1, Ordering::SeqCst);
-        async { Ok::<_, Infallible>(Response::new(Full::from("ok"))) }
-    });
-    (calls, svc)
-}
-
-fn quota(s: &str) -> Quota {
-    s.parse().unwrap()
 }
 
 #[tokio::test]

@@ -2,45 +2,22 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http::{Request, StatusCode};
 use metrics_util::debugging::DebuggingRecorder;
 use tollgate::clock::ManualClock;
 use tollgate::key::UserFn;
-use tollgate::{Allowlist, Policy, Quota, RateLimitLayer};
-use tower::{Service, ServiceBuilder, ServiceExt};
+use tollgate::{Allowlist, Policy, RateLimitLayer};
+use tower::{ServiceBuilder, ServiceExt};
 
-use support::{Counters, FlakyStore};
+use support::{Counters, FlakyStore, counting, quota};
 
 fn request(peer: [u8; 4], uri: &str) -> Request<()> {
     let mut req = Request::builder().uri(uri).body(()).unwrap();
     req.extensions_mut().insert(SocketAddr::from((peer, 1)));
     req
-}
-
-fn counting() -> (
-    Arc<AtomicUsize>,
-    impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
-    + Clone
-    + Send,
-) {
-    let calls = Arc::new(AtomicUsize::new(0));
-    let c = Arc::clone(&calls);
-    let svc = tower::service_fn(move |_req: Request<()>| {
-        c.fetch_add(1, Ordering::SeqCst);
-        async { Ok::<_, Infallible>(Response::new(Full::from("ok"))) }
-    });
-    (calls, svc)
-}
-
-fn quota(s: &str) -> Quota {
-    s.parse().unwrap()
 }
 
 #[tokio::test]

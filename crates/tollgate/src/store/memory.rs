@@ -33,8 +33,8 @@ const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// - **Exact**: GCRA on a monotonic clock in integer nanoseconds. The clock can be replaced for
 ///   tests with [`ManualClock`](crate::clock::ManualClock).
 ///
-/// Keys are indexed by a 128-bit SipHash with random per-process keys, so clients cannot choose
-/// keys that collide.
+/// Keys are indexed by a 128-bit hash (two randomly seeded 64-bit `ahash` hashes), so clients
+/// cannot choose keys that collide.
 ///
 /// A memory store limits each instance separately: behind a load balancer with N instances a
 /// client gets up to N times the limit. Use the Redis store when instances must share one limit.
@@ -347,7 +347,8 @@ impl<C: Clock> MemoryStoreBuilder<C> {
     }
 }
 
-/// The map keys are already keyed SipHash outputs: hashing them again would only cost time.
+/// The map keys are already randomly seeded hash outputs: hashing them again would only cost
+/// time.
 #[derive(Default)]
 struct PrehashedHasher(u64);
 

@@ -2,13 +2,19 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
 use metrics_util::debugging::{DebugValue, Snapshotter};
 use tollgate::clock::ManualClock;
 use tollgate::{Decision, Key, MemoryStore, Quota, Store, StoreError, StoreErrorKind};
+use tower::Service;
 
 /// A store that answers like a memory store until told to fail.
 #[derive(Clone)]
@@ -99,4 +105,25 @@ fn id(name: &str, labels: &[(&str, &str)]) -> String {
     let mut labels = labels.to_vec();
     labels.sort_unstable();
     format!("{name}{labels:?}")
+}
+
+/// An inner service that counts its calls and answers 200.
+pub fn counting() -> (
+    Arc<AtomicUsize>,
+    impl Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible, Future: Send>
+    + Clone
+    + Send,
+) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&calls);
+    let svc = tower::service_fn(move |_req: Request<()>| {
+        c.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, Infallible>(Response::new(Full::from("ok"))) }
+    });
+    (calls, svc)
+}
+
+/// A quota from its text form.
+pub fn quota(s: &str) -> Quota {
+    s.parse().unwrap()
 }
