@@ -12,6 +12,7 @@ use crate::ClientIp;
 use crate::key::{Key, MissingKey, NoUser, UserKey};
 use crate::metrics::PolicyCounters;
 use crate::response::{LimitedResponseFn, PolicyHeaders, RateLimitHeaders, default_limited};
+use crate::routes::RouteTable;
 use crate::{Allowlist, Decision, FailureMode, KeyScope, Policy, Quota, RateLimit, RequestParts};
 
 /// Applies [`RateLimit`] to a service: a tower [`Layer`] for axum's `.layer()` and
@@ -237,26 +238,12 @@ impl<St: Clone, U: Clone> RateLimitLayer<St, U> {
                 .or_insert_with(|| Arc::clone(&c));
             c
         };
-        let mut routes: HashMap<String, RouteEntry> = HashMap::new();
-        for (method, template, policy) in &self.routes {
-            let c = compile(policy);
-            let entry = routes.entry(template.clone()).or_default();
-            match method {
-                // The last entry for the same route and method wins, as with a router.
-                None => entry.any = Some(c),
-                Some(m) => {
-                    entry.by_method.retain(|(existing, _)| existing != m);
-                    entry.by_method.push((m.clone(), c));
-                }
-            }
-        }
-        let default = self.default.as_ref().map(&mut compile);
+        let routes = RouteTable::build(&self.routes, self.default.as_ref(), &mut compile);
         Shared {
             store: self.store.clone(),
             user: self.user.clone(),
             client_ip: self.client_ip.clone(),
             routes,
-            default,
             missing_key: self.missing_key,
             missing_key_warned: AtomicBool::new(false),
         }
@@ -268,18 +255,9 @@ pub(crate) struct Shared<St, U> {
     pub(crate) store: St,
     user: U,
     client_ip: ClientIp,
-    // Matched against axum's `MatchedPath`; without axum only the default policy applies.
-    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
-    routes: HashMap<String, RouteEntry>,
-    default: Option<Arc<CompiledPolicy>>,
+    routes: RouteTable<CompiledPolicy>,
     pub(crate) missing_key: MissingKey,
     missing_key_warned: AtomicBool,
-}
-
-#[derive(Default)]
-struct RouteEntry {
-    any: Option<Arc<CompiledPolicy>>,
-    by_method: Vec<(Method, Arc<CompiledPolicy>)>,
 }
 
 /// The outcome of keying a request.
@@ -296,7 +274,7 @@ pub(crate) enum Keyed<'a> {
 
 impl<St, U: UserKey> Shared<St, U> {
     pub(crate) fn key<'a, B>(&'a self, req: &'a Request<B>) -> Keyed<'a> {
-        let Some((policy, matched)) = self.policy_for(req) else {
+        let Some((policy, matched)) = self.routes.lookup(req) else {
             return Keyed::Pass;
         };
         let route = match (policy.source.scope, matched) {
@@ -315,30 +293,6 @@ impl<St, U: UserKey> Shared<St, U> {
         let ip = addr.map(|a| self.client_ip.mask(a));
         let cost = policy.source.cost.of(&parts);
         Keyed::Key(policy, Key::new(policy.name(), route, ip, user), cost)
-    }
-
-    fn policy_for<'a, B>(
-        &'a self,
-        req: &'a Request<B>,
-    ) -> Option<(&'a Arc<CompiledPolicy>, Option<&'a str>)> {
-        #[cfg(feature = "axum")]
-        if let Some(matched) = req.extensions().get::<axum::extract::MatchedPath>() {
-            let matched = matched.as_str();
-            if let Some(entry) = self.routes.get(matched) {
-                let by_method = entry
-                    .by_method
-                    .iter()
-                    .find(|(m, _)| m == req.method())
-                    .map(|(_, p)| p);
-                if let Some(policy) = by_method.or(entry.any.as_ref()) {
-                    return Some((policy, Some(matched)));
-                }
-            }
-            return self.default.as_ref().map(|p| (p, Some(matched)));
-        }
-        #[cfg(not(feature = "axum"))]
-        let _ = req;
-        self.default.as_ref().map(|p| (p, None))
     }
 
     /// Warns once, for the whole layer, that requests arrive without a peer address.

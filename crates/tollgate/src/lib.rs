@@ -17,6 +17,7 @@ pub mod metrics;
 mod policy;
 mod quota;
 mod response;
+mod routes;
 mod service;
 pub mod store;
 

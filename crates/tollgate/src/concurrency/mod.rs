@@ -28,7 +28,6 @@
 mod body;
 mod memory;
 
-use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::num::NonZeroU32;
@@ -50,6 +49,7 @@ use crate::key::{Key, NoUser, UserKey};
 use crate::layer::LogThrottle;
 use crate::metrics::{Outcome, PolicyCounters};
 use crate::response::{set_retry_after, text_response};
+use crate::routes::RouteTable;
 use crate::{ClientIp, FailureMode, KeyScope, StoreError};
 
 /// What a store answers to a request for a slot.
@@ -246,17 +246,11 @@ impl<St, U> fmt::Debug for ConcurrencyLimitLayer<St, U> {
     }
 }
 
-/// The policy for any method on a route, and the method-specific ones.
-type RouteEntry = (Option<Arc<Compiled>>, Vec<(Method, Arc<Compiled>)>);
-
 struct Shared<St, U> {
     store: St,
     user: U,
     client_ip: ClientIp,
-    // Matched against axum's `MatchedPath`; without axum only the default policy applies.
-    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
-    routes: HashMap<String, RouteEntry>,
-    default: Option<Arc<Compiled>>,
+    routes: RouteTable<Compiled>,
 }
 
 impl<S, St: Clone, U: Clone> Layer<S> for ConcurrencyLimitLayer<St, U> {
@@ -272,23 +266,11 @@ impl<S, St: Clone, U: Clone> Layer<S> for ConcurrencyLimitLayer<St, U> {
                     log: LogThrottle::default(),
                 })
             };
-            let mut routes: HashMap<String, RouteEntry> = HashMap::new();
-            for (method, template, policy) in &self.routes {
-                let entry = routes.entry(template.clone()).or_default();
-                match method {
-                    None => entry.0 = Some(compile(policy)),
-                    Some(m) => {
-                        entry.1.retain(|(existing, _)| existing != m);
-                        entry.1.push((m.clone(), compile(policy)));
-                    }
-                }
-            }
             Arc::new(Shared {
                 store: self.store.clone(),
                 user: self.user.clone(),
                 client_ip: self.client_ip.clone(),
-                routes,
-                default: self.default.as_ref().map(compile),
+                routes: RouteTable::build(&self.routes, self.default.as_ref(), compile),
             })
         });
         ConcurrencyLimit {
@@ -338,31 +320,6 @@ impl<S, St, U> ConcurrencyLimit<S, St, U> {
     }
 }
 
-impl<St, U: UserKey> Shared<St, U> {
-    fn policy_for<'a, B>(
-        &'a self,
-        req: &'a Request<B>,
-    ) -> Option<(&'a Arc<Compiled>, Option<&'a str>)> {
-        #[cfg(feature = "axum")]
-        if let Some(matched) = req.extensions().get::<axum::extract::MatchedPath>() {
-            let matched = matched.as_str();
-            if let Some((any, by_method)) = self.routes.get(matched) {
-                let m = by_method
-                    .iter()
-                    .find(|(m, _)| m == req.method())
-                    .map(|(_, p)| p);
-                if let Some(p) = m.or(any.as_ref()) {
-                    return Some((p, Some(matched)));
-                }
-            }
-            return self.default.as_ref().map(|p| (p, Some(matched)));
-        }
-        #[cfg(not(feature = "axum"))]
-        let _ = req;
-        self.default.as_ref().map(|p| (p, None))
-    }
-}
-
 impl<S, St, U, ReqBody, ResBody> Service<Request<ReqBody>> for ConcurrencyLimit<S, St, U>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
@@ -380,7 +337,7 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let shared = &*self.shared;
-        let Some((policy, matched)) = shared.policy_for(&req) else {
+        let Some((policy, matched)) = shared.routes.lookup(&req) else {
             return ResponseFuture::calling(self.inner.call(req), None);
         };
         let route = match (policy.policy.scope, matched) {
@@ -541,7 +498,6 @@ fn refusal<B: From<Bytes>, P>(
     retry_after: Option<Duration>,
 ) -> Response<ConcurrencyBody<B, P>> {
     let mut res = text_response(status, body);
-    *res.status_mut() = status;
     if let Some(wait) = retry_after {
         set_retry_after(res.headers_mut(), wait);
     }

@@ -1,0 +1,77 @@
+//! The table both layers use to find the policy of a request: by axum's matched route template
+//! and method, else a default policy.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{Method, Request};
+
+/// Policies by route template, each for any method or for one method, and a default.
+pub(crate) struct RouteTable<P> {
+    // Matched against axum's `MatchedPath`; without axum only the default applies.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
+    routes: HashMap<String, Entry<P>>,
+    default: Option<Arc<P>>,
+}
+
+struct Entry<P> {
+    any: Option<Arc<P>>,
+    by_method: Vec<(Method, Arc<P>)>,
+}
+
+impl<P> RouteTable<P> {
+    /// Builds the table from a layer's entries, compiling each policy with `compile`. The last
+    /// entry for the same route and method wins, as with a router.
+    pub(crate) fn build<S>(
+        entries: &[(Option<Method>, String, S)],
+        default: Option<&S>,
+        mut compile: impl FnMut(&S) -> Arc<P>,
+    ) -> Self {
+        let mut routes: HashMap<String, Entry<P>> = HashMap::new();
+        for (method, template, policy) in entries {
+            let entry = routes.entry(template.clone()).or_insert_with(|| Entry {
+                any: None,
+                by_method: Vec::new(),
+            });
+            let compiled = compile(policy);
+            match method {
+                None => entry.any = Some(compiled),
+                Some(m) => {
+                    entry.by_method.retain(|(existing, _)| existing != m);
+                    entry.by_method.push((m.clone(), compiled));
+                }
+            }
+        }
+        RouteTable {
+            routes,
+            default: default.map(compile),
+        }
+    }
+
+    /// The policy of `req` and its matched route template, if any policy applies. A
+    /// method-specific entry wins over one for any method; a matched route without an entry
+    /// falls back to the default.
+    pub(crate) fn lookup<'a, B>(
+        &'a self,
+        req: &'a Request<B>,
+    ) -> Option<(&'a Arc<P>, Option<&'a str>)> {
+        #[cfg(feature = "axum")]
+        if let Some(matched) = req.extensions().get::<axum::extract::MatchedPath>() {
+            let matched = matched.as_str();
+            if let Some(entry) = self.routes.get(matched) {
+                let by_method = entry
+                    .by_method
+                    .iter()
+                    .find(|(m, _)| m == req.method())
+                    .map(|(_, p)| p);
+                if let Some(policy) = by_method.or(entry.any.as_ref()) {
+                    return Some((policy, Some(matched)));
+                }
+            }
+            return self.default.as_ref().map(|p| (p, Some(matched)));
+        }
+        #[cfg(not(feature = "axum"))]
+        let _ = req;
+        self.default.as_ref().map(|p| (p, None))
+    }
+}
