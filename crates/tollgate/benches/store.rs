@@ -156,6 +156,17 @@ fn layer(c: &mut Criterion) {
             b.iter(|| black_box(now(svc.clone().oneshot(request())).map(|r| r.status())));
         });
     }
+    // The same allowed path without rate-limit headers: what formatting them costs.
+    let quiet = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(MemoryStore::new())
+                .policy(Policy::new("api", tollgate_quota()))
+                .headers(tollgate::RateLimitHeaders::None),
+        )
+        .service_fn(handler);
+    group.bench_function("tollgate_allowed_no_headers", |b| {
+        b.iter(|| black_box(now(quiet.clone().oneshot(request())).map(|r| r.status())));
+    });
     group.finish();
 }
 
@@ -192,5 +203,23 @@ fn key_extraction(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, check, layer, key_extraction);
+fn clock(c: &mut Criterion) {
+    use tollgate::clock::{Clock, MonotonicClock};
+    let mut group = c.benchmark_group("clock");
+    group
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(20);
+    let monotonic = MonotonicClock::new();
+    group.bench_function("monotonic_clock", |b| {
+        b.iter(|| black_box(monotonic.now_ns()));
+    });
+    let origin = Instant::now();
+    group.bench_function("std_instant", |b| {
+        b.iter(|| black_box(origin.elapsed()));
+    });
+    group.finish();
+}
+
+criterion_group!(benches, check, layer, key_extraction, clock);
 criterion_main!(benches);

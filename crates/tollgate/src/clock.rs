@@ -19,8 +19,8 @@ pub trait Clock: Send + Sync + 'static {
     fn now_ns(&self) -> u64;
 }
 
-/// The default clock: the CPU's monotonic counter through `quanta` (about 10 ns a read, against
-/// about 25 ns for [`Instant::now`] on the machines measured in `docs/benchmarks.md`), counted
+/// The default clock: the CPU's monotonic counter through `quanta` (10 ns a read, against 27 ns
+/// for [`Instant`] on the machine measured in `docs/benchmarks.md`), counted
 /// from when the clock was created. `quanta` falls back to the operating system's monotonic clock
 /// where the counter is not usable.
 #[derive(Clone)]

@@ -87,16 +87,6 @@ pub struct Args {
 }
 
 impl Args {
-    /// The client-IP settings these arguments describe.
-    ///
-    /// # Errors
-    ///
-    /// When the prefix length or header name is invalid.
-    pub fn client_ip(&self) -> anyhow::Result<ClientIp> {
-        self.client_ip_override()
-            .map(|c| c.unwrap_or_else(ClientIp::peer))
-    }
-
     /// The client-IP settings of the command line, if it gives any.
     ///
     /// # Errors
