@@ -189,3 +189,33 @@ pub fn metric_sum(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 
         })
         .sum()
 }
+
+/// A temporary TOML file holding `text`, kept until the returned value is dropped.
+///
+/// # Panics
+///
+/// When the file cannot be written.
+pub fn config_file(text: &str) -> tempfile::NamedTempFile {
+    use std::io::Write;
+    let mut file = tempfile::NamedTempFile::new().expect("temp config file");
+    file.write_all(text.as_bytes()).expect("write config file");
+    file
+}
+
+/// Starts `binary` with `--config` holding `config` and expects it to refuse to start: returns
+/// everything it printed, after checking it exited with failure and never listened.
+///
+/// # Panics
+///
+/// When the process started listening or exited successfully.
+pub fn refused_config(binary: &str, config: &str) -> String {
+    let file = config_file(config);
+    let path = file.path().to_str().expect("utf-8 temp path");
+    let (status, out) = run_to_exit(binary, &["--listen", "127.0.0.1:0", "--config", path]);
+    assert!(
+        !status.success(),
+        "started with this configuration:\n{config}\n{out}"
+    );
+    assert!(!out.contains("listening on"), "{out}");
+    out
+}

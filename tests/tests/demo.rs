@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use tollgate_tests::{Demo, require_program, run_to_exit};
+use tollgate_tests::{Demo, config_file, refused_config, require_program};
 
 const DEMO: &str = env!("CARGO_BIN_EXE_demo-under-test");
 
@@ -137,12 +137,9 @@ async fn metrics_count_decisions_and_pass_promtool() {
 
 #[tokio::test]
 async fn a_config_file_sets_the_policies() {
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    writeln!(
-        file,
-        "headers = \"legacy\"\n[[policy]]\nname = \"hello\"\nroute = \"/hello\"\nquota = \"2/1m\"\n"
-    )
-    .unwrap();
+    let file = config_file(
+        "headers = \"legacy\"\n[[policy]]\nname = \"hello\"\nroute = \"/hello\"\nquota = \"2/1m\"\n",
+    );
     let demo = Demo::start(DEMO, &["--config", file.path().to_str().unwrap()]);
     let client = client();
     let mut statuses = Vec::new();
@@ -169,25 +166,12 @@ async fn a_config_file_sets_the_policies() {
 
 #[test]
 fn an_invalid_config_file_stops_start_up_naming_the_field() {
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    writeln!(
-        file,
-        "[[policy]]\nname = \"hello\"\nroute = \"/hello\"\nquota = \"0/s\"\n"
-    )
-    .unwrap();
-    let (status, out) = run_to_exit(
+    let out = refused_config(
         DEMO,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-            file.path().to_str().unwrap(),
-        ],
+        "[[policy]]\nname = \"hello\"\nroute = \"/hello\"\nquota = \"0/s\"\n",
     );
-    assert!(!status.success(), "started with a zero limit:\n{out}");
     assert!(
         out.contains("policy[0] (hello).quota = \"0/s\": quota limit must be at least 1"),
         "{out}"
     );
-    assert!(!out.contains("listening on"), "{out}");
 }

@@ -1,9 +1,7 @@
 //! Policies from the demo's configuration file, end to end: two limits on one route, shadow
 //! mode, and start-up refusing a configuration that names a route the demo does not have.
 
-use std::io::Write;
-
-use tollgate_tests::{Demo, metric_sum, run_to_exit};
+use tollgate_tests::{Demo, config_file, metric_sum, refused_config};
 
 const DEMO: &str = env!("CARGO_BIN_EXE_demo-under-test");
 
@@ -47,12 +45,9 @@ async fn export_has_a_burst_limit_and_a_sustained_one() {
 
 #[tokio::test]
 async fn a_shadow_policy_lets_everything_through_and_counts_what_it_would_refuse() {
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    writeln!(
-        file,
-        "[[policy]]\nname = \"hello\"\nroute = \"/hello\"\nquota = \"3/m\"\nshadow = true\n"
-    )
-    .unwrap();
+    let file = config_file(
+        "[[policy]]\nname = \"hello\"\nroute = \"/hello\"\nquota = \"3/m\"\nshadow = true\n",
+    );
     let demo = Demo::start(DEMO, &["--config", file.path().to_str().unwrap()]);
     let client = client();
     for _ in 0..10 {
@@ -77,46 +72,24 @@ async fn a_shadow_policy_lets_everything_through_and_counts_what_it_would_refuse
 
 #[test]
 fn a_policy_for_a_route_the_demo_does_not_have_stops_start_up() {
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    writeln!(
-        file,
-        "[[policy]]\nname = \"x\"\nroute = \"/exprot\"\nquota = \"1/s\"\n"
-    )
-    .unwrap();
-    let (status, out) = run_to_exit(
+    let out = refused_config(
         DEMO,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-            file.path().to_str().unwrap(),
-        ],
+        "[[policy]]\nname = \"x\"\nroute = \"/exprot\"\nquota = \"1/s\"\n",
     );
-    assert!(!status.success(), "{out}");
     assert!(
-        out.contains("policy[0] (x).route = \"/exprot\": no such route template (routes: /hello, /login, /export)"),
+        out.contains(
+            "policy[0] (x).route = \"/exprot\": no such route template (routes: /hello, /login, /export)"
+        ),
         "{out}"
     );
 }
 
 #[test]
 fn an_unknown_algorithm_stops_start_up() {
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    writeln!(
-        file,
-        "[[policy]]\nname = \"x\"\nroute = \"/hello\"\nquota = \"1/s\"\nalgorithm = \"leaky_bucket\"\n"
-    )
-    .unwrap();
-    let (status, out) = run_to_exit(
+    let out = refused_config(
         DEMO,
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-            file.path().to_str().unwrap(),
-        ],
+        "[[policy]]\nname = \"x\"\nroute = \"/hello\"\nquota = \"1/s\"\nalgorithm = \"leaky_bucket\"\n",
     );
-    assert!(!status.success(), "{out}");
     assert!(
         out.contains("policy[0] (x).algorithm = \"leaky_bucket\": unknown algorithm"),
         "{out}"
