@@ -190,6 +190,29 @@ fn key_extraction(c: &mut Criterion) {
     group.bench_function("x_forwarded_for_trusted", |b| {
         b.iter(|| black_box(proxied.resolve(black_box(peer), &headers)));
     });
+    // An attacker's 400 KB of `1,1,1,...` to the left of what the proxy appended: only the
+    // rightmost hops matter, so the cost must not grow with what the client wrote.
+    let mut huge = HeaderMap::new();
+    let spoofed = "1,".repeat(200_000);
+    huge.insert(
+        "x-forwarded-for",
+        format!("{spoofed}198.51.100.7").parse().unwrap(),
+    );
+    group.bench_function("x_forwarded_for_400kb_spoofed", |b| {
+        b.iter(|| black_box(proxied.resolve(black_box(peer), &huge)));
+    });
+    let forwarded = ClientIp::peer()
+        .trust_proxies(["10.0.0.0/8".parse().unwrap()])
+        .header(tollgate::ForwardedHeader::Forwarded);
+    let mut huge_fwd = HeaderMap::new();
+    let spoofed = "for=1,".repeat(70_000);
+    huge_fwd.insert(
+        "forwarded",
+        format!("{spoofed}for=198.51.100.7").parse().unwrap(),
+    );
+    group.bench_function("forwarded_400kb_spoofed", |b| {
+        b.iter(|| black_box(forwarded.resolve(black_box(peer), &huge_fwd)));
+    });
     let ip: IpAddr = "198.51.100.7".parse().unwrap();
     group.bench_function("key_display", |b| {
         b.iter(|| {

@@ -45,7 +45,7 @@ pub(crate) struct Eval {
 }
 
 /// Evaluates `quota` for a request of `cost` at `now_ns`, given the stored state. `offset_ms`
-/// is the key's window offset ([`window_offset`]); GCRA ignores it.
+/// is the key's window offset ([`window_offset`]), below the window; GCRA ignores it.
 pub(crate) fn eval(
     quota: &Quota,
     now_ns: u64,
@@ -76,7 +76,14 @@ fn gcra_eval(quota: &Quota, now: u64, stored: Option<State>, cost: u32) -> Eval 
             b: 0,
         }),
         spent: report(v),
-        unspent: report(v.unspent(quota, cost)),
+        unspent: {
+            let (remaining, reset_after_ns) = v.unspent(quota, cost);
+            Report {
+                remaining,
+                reset_after_ns,
+                retry_after_ns: v.retry_after_ns,
+            }
+        },
     }
 }
 
@@ -97,7 +104,8 @@ fn fixed(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_ms
     let w = i64::try_from(quota.window_ms()).unwrap_or(i64::MAX);
     let limit = quota.limit();
     let now = i64::try_from(now_ns / NS_PER_MS).unwrap_or(i64::MAX);
-    let start = window_start(now, w, i64::try_from(offset_ms).unwrap_or(0) % w);
+    // The offset is below the window by construction (`window_offset`).
+    let start = window_start(now, w, i64::try_from(offset_ms).unwrap_or(0));
     let end = start + w;
     let until_end = ms_to_ns(end - now);
     // A stored window that has not ended is the current one (or, if the clock moved back, a
@@ -134,7 +142,8 @@ fn sliding(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_
     let w = i64::try_from(quota.window_ms()).unwrap_or(i64::MAX);
     let limit = u128::from(quota.limit());
     let now = i64::try_from(now_ns / NS_PER_MS).unwrap_or(i64::MAX);
-    let start = window_start(now, w, i64::try_from(offset_ms).unwrap_or(0) % w);
+    // The offset is below the window by construction (`window_offset`).
+    let start = window_start(now, w, i64::try_from(offset_ms).unwrap_or(0));
     let end = start + w;
     let elapsed = now - start;
     let (curr, prev) = match stored {
@@ -289,6 +298,89 @@ mod tests {
         assert_eq!(got, [(true, 0, 0), (false, 0, 1), (true, 2, 0)]);
     }
 
+    /// (allowed, remaining, retry, reset) of one request on `state`, in ms.
+    fn one(quota: &Quota, state: Option<State>, at: u64, cost: u32) -> (bool, u32, u64, u64) {
+        let e = eval(quota, at * MS, state, cost, 0);
+        let r = if e.allowed { e.spent } else { e.unspent };
+        (
+            e.allowed,
+            r.remaining,
+            r.retry_after_ns / MS,
+            r.reset_after_ns / MS,
+        )
+    }
+
+    #[test]
+    fn fixed_window_reports_its_reset_and_what_it_would_leave_unspent() {
+        let quota = q("3/10s fixed-window");
+        // Nothing counted: nothing to reset, before or after a request of cost 0.
+        assert_eq!(one(&quota, None, 2_000, 0), (true, 3, 0, 0));
+        let e = eval(&quota, 2_000 * MS, None, 0, 0);
+        assert_eq!((e.unspent.remaining, e.unspent.reset_after_ns), (3, 0));
+        // One counted: the window's end is 8 s away.
+        assert_eq!(one(&quota, None, 2_000, 1), (true, 2, 0, 8_000));
+        let counted = eval(&quota, 2_000 * MS, None, 2, 0).write;
+        assert_eq!(one(&quota, counted, 4_000, 1), (true, 0, 0, 6_000));
+        // Unspent (another quota refused): the count so far, and its reset.
+        let e = eval(&quota, 4_000 * MS, counted, 1, 0);
+        assert_eq!(
+            (e.unspent.remaining, e.unspent.reset_after_ns / MS),
+            (1, 6_000)
+        );
+        // Refused: told when the window ends.
+        let full = eval(&quota, 4_000 * MS, counted, 1, 0).write;
+        assert_eq!(one(&quota, full, 5_000, 1), (false, 0, 5_000, 5_000));
+        // A stored window that has ended counts nothing.
+        assert_eq!(one(&quota, full, 10_000, 1), (true, 2, 0, 10_000));
+    }
+
+    #[test]
+    fn sliding_window_reports_its_reset_and_what_it_would_leave_unspent() {
+        let quota = q("10/10s sliding-window");
+        // Empty: no reset.
+        assert_eq!(one(&quota, None, 2_000, 0), (true, 10, 0, 0));
+        // Spent in this window: the state matters until the end of the next window.
+        assert_eq!(one(&quota, None, 2_000, 4), (true, 6, 0, 18_000));
+        let four = eval(&quota, 2_000 * MS, None, 4, 0).write;
+        let e = eval(&quota, 3_000 * MS, four, 1, 0);
+        assert_eq!(
+            (e.spent.remaining, e.spent.reset_after_ns / MS),
+            (5, 17_000)
+        );
+        assert_eq!(
+            (e.unspent.remaining, e.unspent.reset_after_ns / MS),
+            (6, 17_000)
+        );
+        // In the next window, with nothing spent in it: only the previous window is left, and
+        // it stops counting at the end of this one. 25 % into it, 4 x 75 % = 3 still count.
+        let e = eval(&quota, 12_500 * MS, four, 0, 0);
+        assert_eq!(
+            (e.unspent.remaining, e.unspent.reset_after_ns / MS),
+            (7, 7_500)
+        );
+        let e = eval(&quota, 12_500 * MS, four, 2, 0);
+        assert_eq!(
+            (e.spent.remaining, e.spent.reset_after_ns / MS),
+            (5, 17_500)
+        );
+        // Two windows on, nothing counts.
+        assert_eq!(one(&quota, four, 20_000, 0), (true, 10, 0, 0));
+    }
+
+    #[test]
+    fn a_zero_cost_peek_stores_nothing_for_any_algorithm() {
+        for text in ["3/10s fixed-window", "3/10s sliding-window", "3/10s"] {
+            let quota = q(text);
+            assert_eq!(eval(&quota, 2_000 * MS, None, 0, 0).write, None, "{text}");
+            // A refused request stores nothing either (the state it would write is the
+            // caller's to drop, but there is nothing to write).
+            let full = eval(&quota, 2_000 * MS, None, 3, 0).write;
+            let refused = eval(&quota, 2_000 * MS, full, 1, 0);
+            assert!(!refused.allowed, "{text}");
+            assert_eq!(refused.write, None, "{text}");
+        }
+    }
+
     #[test]
     fn fixed_window_boundary_allows_up_to_twice_the_limit() {
         // The known weakness, stated as a test so nobody mistakes it for a bug.
@@ -383,8 +475,9 @@ mod tests {
             prop_assert!(per_window.values().all(|&n| n <= limit));
         }
 
-        /// Sliding window: the weighted estimate never exceeds the limit, and a refused request
-        /// passes exactly at its retry time.
+        /// Sliding window: after every allowed request the weighted estimate, computed here
+        /// from the allowed requests' own timestamps, is within the limit; a refused request
+        /// would have pushed it over, and passes exactly at its retry time.
         #[test]
         fn sliding_is_truthful(
             limit in 1u32..20,
@@ -394,15 +487,39 @@ mod tests {
         ) {
             let quota = Quota::new(limit, std::time::Duration::from_secs(secs)).unwrap()
                 .algorithm(Algorithm::SlidingWindow).unwrap();
+            let w = secs * 1_000;
+            let offset = offset % w;
+            // The estimate at `now` (ms), times w, from the allowed requests (ms, cost).
+            let estimate = |allowed: &[(u64, u32)], now: u64| -> u128 {
+                let start = (now + offset) / w * w;
+                let (curr, prev) = allowed.iter().fold((0u128, 0u128), |(c, p), &(at, cost)| {
+                    let window = (at + offset) / w * w;
+                    if window == start {
+                        (c + u128::from(cost), p)
+                    } else if window + w == start {
+                        (c, p + u128::from(cost))
+                    } else {
+                        (c, p)
+                    }
+                });
+                let elapsed = u128::from(now + offset - start);
+                prev * (u128::from(w) - elapsed) + curr * u128::from(w)
+            };
+            let lw = u128::from(limit) * u128::from(w);
             let mut now = 0;
             let mut state = None;
+            let mut allowed: Vec<(u64, u32)> = Vec::new();
             for (gap, cost) in reqs {
                 now += gap;
                 let cost = cost.min(limit);
                 let e = eval(&quota, now * MS, state, cost, offset);
+                let with = estimate(&allowed, now) + u128::from(cost) * u128::from(w);
                 if e.allowed {
                     if let Some(s) = e.write { state = Some(s); }
+                    allowed.push((now, cost));
+                    prop_assert!(estimate(&allowed, now) <= lw, "allowed over the limit at {}", now);
                 } else {
+                    prop_assert!(with > lw, "refused within the limit at {}", now);
                     let retry = e.unspent.retry_after_ns;
                     prop_assert!(retry >= MS);
                     prop_assert!(eval(&quota, now * MS + retry, state, cost, offset).allowed);

@@ -28,18 +28,18 @@
 //! # let _ = layer;
 //! ```
 
-use std::collections::HashSet;
 use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use http::{HeaderName, Method};
+use http::Method;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::policy::check_binding;
 use crate::{
     Algorithm, Allowlist, ClientIp, FailureMode, ForwardedHeader, KeyScope, MissingKey, Policy,
-    Quota, RateLimitHeaders, RateLimitLayer,
+    PolicyError, Quota, RateLimitHeaders, RateLimitLayer,
 };
 
 /// A validated configuration.
@@ -104,6 +104,10 @@ pub struct RedisConfig {
     pub fallback: bool,
     /// Consecutive failures that open the circuit.
     pub breaker_threshold: Option<u32>,
+    /// How many refused keys each instance remembers (0: no deny cache).
+    pub deny_cache: Option<usize>,
+    /// The longest a remembered refusal is trusted.
+    pub deny_cache_ttl: Option<Duration>,
 }
 
 /// An invalid configuration. Its message names the field and the value.
@@ -228,6 +232,8 @@ struct StoreFile {
     #[serde(default)]
     fallback: bool,
     breaker_threshold: Option<u32>,
+    deny_cache: Option<usize>,
+    deny_cache_ttl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -316,14 +322,14 @@ impl TryFrom<File> for Config {
             }
         };
         let missing_key = match file.missing_key.as_deref() {
-            None | Some("allow") => MissingKey::Allow,
+            None | Some("shared") => MissingKey::Shared,
+            Some("allow") => MissingKey::Allow,
             Some("reject") => MissingKey::Reject,
-            Some("shared") => MissingKey::Shared,
             Some(other) => {
                 return Err(ConfigError::at(
                     "missing_key",
                     other,
-                    "expected one of \"allow\", \"reject\", \"shared\"",
+                    "expected one of \"shared\", \"allow\", \"reject\"",
                 ));
             }
         };
@@ -340,26 +346,25 @@ impl TryFrom<File> for Config {
             Some(c) => client_ip(&c)?,
         };
         let allowlist = allowlist("allowlist", file.allowlist.unwrap_or_default())?;
-        let mut names = HashSet::new();
-        let mut bound = HashSet::new();
+        // The checks the layer's builder runs, reported with the field's path.
+        let mut bound: Vec<(Option<Method>, String, Policy)> = Vec::new();
         let mut policies = Vec::new();
         for (i, p) in file.policies.into_iter().enumerate() {
             let rp = policy(i, p)?;
-            if !names.insert(rp.policy.name().to_owned()) {
-                return Err(ConfigError::at(
-                    format!("policy[{i}].name"),
-                    rp.policy.name(),
-                    "used by an earlier policy",
-                ));
-            }
-            if !bound.insert((rp.route.clone(), rp.method.clone())) {
-                return Err(ConfigError(format!(
-                    "policy[{i}] ({}): another policy already applies to {} {}",
-                    rp.policy.name(),
-                    rp.method.as_ref().map_or("any method on", Method::as_str),
-                    rp.route
-                )));
-            }
+            rp.policy
+                .validate()
+                .and_then(|()| {
+                    check_binding(
+                        &bound,
+                        None,
+                        Policy::name,
+                        rp.method.as_ref(),
+                        Some(&rp.route),
+                        &rp.policy,
+                    )
+                })
+                .map_err(|e| policy_error(i, e))?;
+            bound.push((rp.method.clone(), rp.route.clone(), rp.policy.clone()));
             policies.push(rp);
         }
         Ok(Config {
@@ -384,6 +389,8 @@ fn store(s: StoreFile) -> Result<StoreConfig, ConfigError> {
                 ("prefix", s.prefix.is_some()),
                 ("fallback", s.fallback),
                 ("breaker_threshold", s.breaker_threshold.is_some()),
+                ("deny_cache", s.deny_cache.is_some()),
+                ("deny_cache_ttl", s.deny_cache_ttl.is_some()),
             ] {
                 if set {
                     return Err(ConfigError(format!(
@@ -421,12 +428,19 @@ fn store(s: StoreFile) -> Result<StoreConfig, ConfigError> {
                 .as_deref()
                 .map(|t| duration("store.timeout", t))
                 .transpose()?;
+            let deny_cache_ttl = s
+                .deny_cache_ttl
+                .as_deref()
+                .map(|t| duration("store.deny_cache_ttl", t))
+                .transpose()?;
             Ok(StoreConfig::Redis(RedisConfig {
                 url,
                 timeout,
                 prefix: s.prefix,
                 fallback: s.fallback,
                 breaker_threshold: s.breaker_threshold,
+                deny_cache: s.deny_cache,
+                deny_cache_ttl,
             }))
         }
         other => Err(ConfigError::at(
@@ -448,18 +462,26 @@ fn client_ip(c: &ClientIpFile) -> Result<ClientIp, ConfigError> {
             )
         })?);
     }
+    if let Some(hops) = c.trusted_hops.filter(|&h| h > crate::client_ip::MAX_HOPS) {
+        return Err(ConfigError::at(
+            "client_ip.trusted_hops",
+            hops,
+            format!(
+                "at most {} hops are read from a forwarding header",
+                crate::client_ip::MAX_HOPS
+            ),
+        ));
+    }
     if !ranges.is_empty() && c.trusted_hops.is_some() {
         return Err(ConfigError(
             "client_ip: set trusted_proxies or trusted_hops, not both".into(),
         ));
     }
-    let header = match c.header.as_deref().map(str::to_ascii_lowercase).as_deref() {
-        None | Some("x-forwarded-for") => ForwardedHeader::XForwardedFor,
-        Some("forwarded") => ForwardedHeader::Forwarded,
-        Some(other) => ForwardedHeader::Single(
-            HeaderName::from_bytes(other.as_bytes())
-                .map_err(|_| ConfigError::at("client_ip.header", other, "not a header name"))?,
-        ),
+    let header = match c.header.as_deref() {
+        None => ForwardedHeader::XForwardedFor,
+        Some(name) => name
+            .parse::<ForwardedHeader>()
+            .map_err(|_| ConfigError::at("client_ip.header", name, "not a header name"))?,
     };
     let mut ip = ClientIp::peer().trust_proxies(ranges).header(header);
     if let Some(hops) = c.trusted_hops {
@@ -473,28 +495,44 @@ fn client_ip(c: &ClientIpFile) -> Result<ClientIp, ConfigError> {
     Ok(ip)
 }
 
-fn policy(i: usize, p: PolicyFile) -> Result<RoutePolicy, ConfigError> {
-    if p.name.is_empty()
-        || p.name.len() > 64
-        || !p
-            .name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(ConfigError::at(
+/// A [`PolicyError`] as the file's error, naming the policy's place in the file.
+fn policy_error(i: usize, e: PolicyError) -> ConfigError {
+    match e {
+        PolicyError::Name { name } => ConfigError::at(
             format!("policy[{i}].name"),
-            &p.name,
+            name,
             "use 1 to 64 letters, digits, '-' or '_'",
-        ));
-    }
-    let at = format!("policy[{i}] ({})", p.name);
-    if !p.route.starts_with('/') {
-        return Err(ConfigError::at(
-            format!("{at}.route"),
-            &p.route,
+        ),
+        PolicyError::Route { policy, route } => ConfigError::at(
+            format!("policy[{i}] ({policy}).route"),
+            route,
             "a route template starts with '/'",
-        ));
+        ),
+        PolicyError::Cost {
+            policy,
+            cost,
+            min_burst,
+        } => ConfigError::at(
+            format!("policy[{i}] ({policy}).cost"),
+            cost,
+            format!(
+                "must be between 1 and the smallest burst ({min_burst}), or no request could pass"
+            ),
+        ),
+        PolicyError::NameTaken { name } => ConfigError::at(
+            format!("policy[{i}].name"),
+            name,
+            "used by an earlier, different policy (two policies with one name would share the \
+             state of the quotas they have in common and merge their metrics; repeat the policy \
+             exactly to apply it to another route)",
+        ),
+        other => ConfigError(format!("policy[{i}]: {other}")),
     }
+}
+
+fn policy(i: usize, p: PolicyFile) -> Result<RoutePolicy, ConfigError> {
+    crate::policy::check_name(&p.name).map_err(|e| policy_error(i, e))?;
+    let at = format!("policy[{i}] ({})", p.name);
     let method = p
         .method
         .as_deref()
@@ -582,21 +620,6 @@ fn policy(i: usize, p: PolicyFile) -> Result<RoutePolicy, ConfigError> {
         policy = policy.add_quota(q);
     }
     if let Some(cost) = p.cost {
-        let min_burst = policy
-            .quotas()
-            .iter()
-            .map(Quota::burst_size)
-            .min()
-            .unwrap_or(0);
-        if cost == 0 || cost > min_burst {
-            return Err(ConfigError::at(
-                format!("{at}.cost"),
-                cost,
-                format!(
-                    "must be between 1 and the smallest burst ({min_burst}), or no request could pass"
-                ),
-            ));
-        }
         policy = policy.cost(cost);
     }
     if let Some(a) = p.allowlist {
@@ -626,6 +649,8 @@ mod tests {
         prefix = "app:"
         fallback = true
         breaker_threshold = 3
+        deny_cache = 500
+        deny_cache_ttl = "30s"
 
         [client_ip]
         trusted_proxies = ["10.0.0.0/8", "fd00::/8"]
@@ -673,6 +698,8 @@ mod tests {
                 prefix: Some("app:".into()),
                 fallback: true,
                 breaker_threshold: Some(3),
+                deny_cache: Some(500),
+                deny_cache_ttl: Some(Duration::from_secs(30)),
             })
         );
         assert_eq!(c.policies.len(), 3);
@@ -758,7 +785,7 @@ mod tests {
                     p("quota = \"1/s\""),
                     p("quota = \"2/s\"").replace("\"x\"\nroute", "\"y\"\nroute")
                 ),
-                "policy[1] (y): another policy already applies to any method on /x",
+                "policy[1]: policy \"y\": another policy already applies to any method on /x",
             ),
             (
                 format!(
@@ -766,7 +793,7 @@ mod tests {
                     p("quota = \"1/s\""),
                     p("quota = \"2/s\"").replace("\"/x\"", "\"/z\"")
                 ),
-                "policy[1].name = \"x\": used by an earlier policy",
+                "policy[1].name = \"x\": used by an earlier, different policy",
             ),
             (
                 "headers = \"loud\"".into(),
@@ -808,12 +835,150 @@ mod tests {
                 "[client_ip]\ntrusted_proxies = [\"10.0.0.0/8\"]\ntrusted_hops = 1".into(),
                 "client_ip: set trusted_proxies or trusted_hops, not both",
             ),
+            (
+                "[client_ip]\ntrusted_hops = 65".into(),
+                "client_ip.trusted_hops = 65: at most 64 hops are read",
+            ),
             ("headers = ".into(), "string values must be quoted"),
         ];
         for (text, want) in cases {
             let err = Config::from_toml(&text).unwrap_err().to_string();
             assert!(err.contains(want), "{text}\n  got:  {err}\n  want: {want}");
         }
+    }
+
+    #[test]
+    fn one_policy_repeated_on_several_routes_is_one_policy() {
+        let entry = |route: &str| {
+            format!(
+                "[[policy]]\nname = \"api\"\nroute = \"{route}\"\nquota = \"3/m\"\nscope = \"policy\"\n"
+            )
+        };
+        let c = Config::from_toml(&format!("{}{}", entry("/a"), entry("/b"))).unwrap();
+        assert_eq!(c.policies.len(), 2);
+        assert_eq!(c.policies[0].policy, c.policies[1].policy);
+        let zero = "[[policy]]\nname = \"x\"\nroute = \"/x\"\nquota = \"2/s\"\ncost = 0\n";
+        assert!(
+            Config::from_toml(zero)
+                .unwrap_err()
+                .to_string()
+                .contains("policy[0] (x).cost = 0: must be between 1 and the smallest burst (2)")
+        );
+    }
+
+    /// The ```toml blocks of a document.
+    fn toml_blocks(doc: &str) -> Vec<String> {
+        let mut blocks = Vec::new();
+        let mut current: Option<String> = None;
+        for line in doc.lines() {
+            match (&mut current, line.trim()) {
+                (None, "```toml") => current = Some(String::new()),
+                (Some(_), "```") => blocks.extend(current.take()),
+                (Some(block), _) => {
+                    block.push_str(line);
+                    block.push('\n');
+                }
+                (None, _) => {}
+            }
+        }
+        blocks
+    }
+
+    #[test]
+    fn every_toml_block_of_the_configuration_guide_is_a_valid_file() {
+        let blocks = toml_blocks(include_str!("../../../docs/configuration.md"));
+        assert!(blocks.len() >= 4, "{} blocks", blocks.len());
+        for block in &blocks {
+            if let Err(e) = Config::from_toml(block) {
+                panic!("docs/configuration.md: {e}\n{block}");
+            }
+        }
+        // The demo's documented file too.
+        Config::from_toml(include_str!("../../../examples/demo/tollgate.toml")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_files_allowlist_and_shadow_reach_the_layer() {
+        use http::{Request, Response};
+        use tower::{ServiceBuilder, ServiceExt};
+        let config = Config::from_toml(
+            "shadow = true\n[allowlist]\ncidrs = [\"192.0.2.0/24\"]\nusers = [\"robot\"]\n\
+             [[policy]]\nname = \"p\"\nroute = \"/p\"\nquota = \"1/h\"\n",
+        )
+        .unwrap();
+        let recorder = metrics_util::debugging::DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let layer = config
+            .layer(crate::MemoryStore::new())
+            .policy(config.policies[0].policy.clone());
+        let svc = ServiceBuilder::new()
+            .layer(layer)
+            .service_fn(|_: Request<()>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(bytes::Bytes::new()))
+            });
+        let from = |ip: [u8; 4]| {
+            let mut req = Request::new(());
+            req.extensions_mut()
+                .insert(std::net::SocketAddr::from((ip, 1)));
+            req
+        };
+        // Shadow: the second request of a 1/h client passes, counted as would-be refused.
+        for _ in 0..2 {
+            let res = svc.clone().oneshot(from([198, 51, 100, 1])).await.unwrap();
+            assert_eq!(res.status(), 200);
+            assert!(!res.headers().contains_key("ratelimit"));
+        }
+        // Allowlisted: never asks the store.
+        for _ in 0..3 {
+            svc.clone().oneshot(from([192, 0, 2, 9])).await.unwrap();
+        }
+        let mut decisions = std::collections::HashMap::new();
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            if let metrics_util::debugging::DebugValue::Counter(n) = value {
+                if let Some(d) = key.key().labels().find(|l| l.key() == "decision") {
+                    *decisions.entry(d.value().to_owned()).or_insert(0) += n;
+                }
+            }
+        }
+        assert_eq!(decisions.get("allowed"), Some(&1), "{decisions:?}");
+        assert_eq!(decisions.get("shadow_limited"), Some(&1), "{decisions:?}");
+        assert_eq!(decisions.get("allowlisted"), Some(&3), "{decisions:?}");
+    }
+
+    #[tokio::test]
+    async fn the_guides_group_of_routes_shares_one_budget() {
+        use axum::routing::get;
+        use tower::ServiceExt;
+        // The block of docs/configuration.md that says so, as written there.
+        let blocks = toml_blocks(include_str!("../../../docs/configuration.md"));
+        let block = blocks
+            .iter()
+            .find(|b| b.contains("/api/exports"))
+            .expect("the group-of-routes example");
+        let config = Config::from_toml(block).unwrap();
+        let app = axum::Router::new()
+            .route("/api/reports", get(|| async { "reports" }))
+            .route("/api/exports", get(|| async { "exports" }))
+            .layer(config.layer(crate::MemoryStore::new()))
+            .layer(axum::extract::connect_info::MockConnectInfo(
+                std::net::SocketAddr::from(([198, 51, 100, 1], 1)),
+            ));
+        let mut statuses = Vec::new();
+        for i in 0..61 {
+            let path = if i % 2 == 0 {
+                "/api/reports"
+            } else {
+                "/api/exports"
+            };
+            let req = http::Request::get(path)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            statuses.push(app.clone().oneshot(req).await.unwrap().status().as_u16());
+        }
+        // 60 per minute between the two routes, not 60 each.
+        assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 60);
+        assert_eq!(statuses[60], 429);
     }
 
     #[test]

@@ -147,10 +147,16 @@ where
                             return Poll::Ready(Ok(limited(policy, &decision)));
                         }
                         Err(err) => match err.kind() {
+                            // A shadow policy never changes a response: it counts what it
+                            // would have done and lets the request through.
+                            StoreErrorKind::CostExceedsBurst { cost, .. } if policy.shadow => {
+                                shadow_over_capacity(policy, cost);
+                                None
+                            }
                             StoreErrorKind::CostExceedsBurst { cost, .. } => {
                                 return Poll::Ready(Ok(over_capacity_response(policy, cost)));
                             }
-                            _ if policy.fails_open() => {
+                            _ if policy.fails_open() || policy.shadow => {
                                 fail_open(policy, &err);
                                 None
                             }
@@ -215,6 +221,23 @@ fn over_capacity_response<B: From<Bytes>>(policy: &CompiledPolicy, cost: u32) ->
     .map(B::from)
 }
 
+/// A shadow policy's request that costs more than its burst: counted and logged, let through.
+pub(crate) fn shadow_over_capacity(policy: &CompiledPolicy, cost: u32) {
+    policy.counters.outcome(Outcome::ShadowOverCapacity);
+    if let Some(_held_back) = policy.shadow_log.permit() {
+        #[cfg(feature = "tracing")]
+        tracing::info!(
+            policy = %policy.name(),
+            cost,
+            burst = policy.min_burst,
+            suppressed = _held_back,
+            "rate-limit-shadow: this request costs more than the policy's burst and would have \
+             been answered 413; letting it through (shadow mode)"
+        );
+    }
+    let _ = cost;
+}
+
 fn shadow_limited(policy: &CompiledPolicy, decision: &Decision) {
     policy.counters.outcome(Outcome::ShadowLimited);
     if let Some(_held_back) = policy.shadow_log.permit() {
@@ -231,8 +254,14 @@ fn shadow_limited(policy: &CompiledPolicy, decision: &Decision) {
     let _ = decision;
 }
 
+/// Lets a request through undecided because the store failed: a fail-open policy, or a shadow
+/// one (counted as the refusal it would have been when it fails closed).
 fn fail_open(policy: &CompiledPolicy, err: &StoreError) {
-    policy.counters.outcome(Outcome::FailOpen);
+    policy.counters.outcome(if policy.fails_open() {
+        Outcome::FailOpen
+    } else {
+        Outcome::ShadowFailClosed
+    });
     policy.counters.failure(true, err.kind());
     if let Some(_held_back) = policy.degraded_log.permit() {
         #[cfg(feature = "tracing")]

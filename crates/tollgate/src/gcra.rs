@@ -53,21 +53,16 @@ pub(crate) fn decide(now: u64, stored_tat: Option<u64>, quota: &Quota, cost: u32
 }
 
 impl Verdict {
-    /// This quota's verdict when another quota of the same request refused it: nothing was
-    /// spent, so report what is available now.
-    pub(crate) fn unspent(self, quota: &Quota, cost: u32) -> Verdict {
+    /// The units left and the time used (until a full burst) when nothing was spent: this
+    /// verdict's own for a refusal; for a request this quota allowed but another refused,
+    /// what is available now, without this request's cost.
+    pub(crate) fn unspent(self, quota: &Quota, cost: u32) -> (u32, u64) {
         if !self.allowed {
-            return self;
+            return (self.remaining, self.reset_after_ns);
         }
         let t = quota.emission_ns();
         let used = self.reset_after_ns - t * u64::from(cost);
-        Verdict {
-            allowed: true,
-            new_tat: self.new_tat - t * u64::from(cost),
-            remaining: units((quota.burst_span_ns() - used) / t),
-            reset_after_ns: used,
-            retry_after_ns: 0,
-        }
+        (units((quota.burst_span_ns() - used) / t), used)
     }
 }
 
@@ -164,6 +159,43 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_reports_what_is_used_now() {
+        // 5 per 10 s (T = 2 s): five at 0 fill the burst (TAT 10 s). At 1 s a sixth is
+        // refused: 9 s of the burst are in use, no unit is free, one frees at 2 s.
+        let q = Quota::new(5, Duration::from_secs(10)).unwrap();
+        let mut tat = None;
+        for _ in 0..5 {
+            let v = decide(0, tat, &q, 1);
+            assert!(v.allowed);
+            tat = Some(v.new_tat);
+        }
+        let v = decide(S, tat, &q, 1);
+        assert!(!v.allowed);
+        assert_eq!(v.reset_after_ns, 9 * S);
+        assert_eq!(v.remaining, 0);
+        assert_eq!(v.retry_after_ns, S);
+        assert_eq!(v.unspent(&q, 1), (0, 9 * S));
+    }
+
+    #[test]
+    fn an_allowed_quota_reports_its_units_unspent_when_another_refuses() {
+        // 3 per second (T = 333 334 us): two spent at 0. A third at 0 would fit, but another
+        // quota refuses it: one unit is left, 2 T are in use.
+        let q = Quota::per_second(3).unwrap();
+        let t = q.emission_ns();
+        let first = decide(0, None, &q, 1);
+        let second = decide(0, Some(first.new_tat), &q, 1);
+        let third = decide(0, Some(second.new_tat), &q, 1);
+        assert!(third.allowed);
+        assert_eq!(third.remaining, 0);
+        assert_eq!(third.unspent(&q, 1), (1, 2 * t));
+        // And for a cost of two, nothing more is in use than before it.
+        let two = decide(0, Some(first.new_tat), &q, 2);
+        assert!(two.allowed);
+        assert_eq!(two.unspent(&q, 2), (2, t));
+    }
+
+    #[test]
     fn zero_cost_peeks_without_spending() {
         let q = Quota::per_second(2).unwrap();
         let v = run(&q, &[(0, 1), (0, 0), (0, 1), (0, 0)]);
@@ -217,15 +249,18 @@ mod tests {
                     }
                 }
             }
-            let t = q.emission_ns();
+            // The bound from the quota's definition, not from the implementation's interval:
+            // in any window of d ns at most burst + d × limit / period units, in exact integers
+            // (units × period <= burst × period + d × limit).
+            let period = u128::from(period_ms) * 1_000_000;
             for (i, &(start, _)) in passed.iter().enumerate() {
-                let mut units = 0u64;
+                let mut units = 0u128;
                 for &(at, cost) in &passed[i..] {
-                    units += u64::from(cost);
-                    let window = at - start;
+                    units += u128::from(cost);
+                    let window = u128::from(at - start);
                     prop_assert!(
-                        units <= u64::from(burst) + window / t,
-                        "{} units in {} ns with T={} burst={}", units, window, t, burst
+                        units * period <= u128::from(burst) * period + window * u128::from(limit),
+                        "{} units in {} ns at {}/{}ms burst {}", units, window, limit, period_ms, burst
                     );
                 }
             }

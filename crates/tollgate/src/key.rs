@@ -57,6 +57,9 @@ pub struct Key<'a> {
     route: &'a str,
     ip: Option<IpAddr>,
     user: Option<Cow<'a, str>>,
+    /// The user part is the digest of a long user, not a user as given: the two never compare
+    /// equal, whatever the text.
+    digested: bool,
 }
 
 impl<'a> Key<'a> {
@@ -64,15 +67,19 @@ impl<'a> Key<'a> {
     ///
     /// An empty user is the same as no user; a user longer than [`MAX_USER_LEN`] bytes is
     /// replaced by `~` and the hex of the first 16 bytes of its SHA-256, so its length is
-    /// bounded.
+    /// bounded. A digested user is never the same key as a short user that happens to read
+    /// like a digest: the key records which it is, and the [`Display`](fmt::Display) form
+    /// escapes a `~` in a user as given (`%7E`), so only digests start with a plain `~`.
     pub fn new(
         policy: &'a str,
         route: &'a str,
         ip: Option<IpAddr>,
         user: Option<impl Into<Cow<'a, str>>>,
     ) -> Self {
+        let mut digested = false;
         let user = user.map(Into::into).filter(|u| !u.is_empty()).map(|u| {
             if u.len() > MAX_USER_LEN {
+                digested = true;
                 Cow::Owned(digest_user(&u))
             } else {
                 u
@@ -83,7 +90,13 @@ impl<'a> Key<'a> {
             route,
             ip,
             user,
+            digested,
         }
+    }
+
+    /// Whether the user part is the digest of a user longer than [`MAX_USER_LEN`] bytes.
+    pub fn is_user_digested(&self) -> bool {
+        self.digested
     }
 
     /// The name of the policy whose state this key addresses. Two policies never share state,
@@ -128,6 +141,7 @@ impl<'a> Key<'a> {
         let len = |n: usize| (n as u64) & 0xf_ffff;
         let head = family << 62
             | u64::from(user.is_some()) << 61
+            | u64::from(self.digested) << 60
             | len(self.policy.len()) << 40
             | len(self.route.len()) << 20
             | user.map_or(0, |u| len(u.len()));
@@ -155,12 +169,15 @@ fn digest_user(user: &str) -> String {
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
-/// Writes `s` with every byte outside `[A-Za-z0-9._~/-]` percent-encoded.
-fn write_escaped(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
+/// Writes `s` with every byte outside `[A-Za-z0-9._~/-]` percent-encoded (and `~` too when
+/// `tilde` is false).
+fn write_escaped(f: &mut fmt::Formatter<'_>, s: &str, tilde: bool) -> fmt::Result {
     let bytes = s.as_bytes();
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
-        let plain = b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'~' | b'/' | b'-');
+        let plain = b.is_ascii_alphanumeric()
+            || matches!(b, b'.' | b'_' | b'/' | b'-')
+            || (tilde && b == b'~');
         if !plain {
             // Bytes start..i are plain ASCII, so both ends are char boundaries.
             if start < i {
@@ -178,19 +195,61 @@ fn write_escaped(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
 }
 
 impl fmt::Display for Key<'_> {
-    /// `<route>:<ip>:<user>` with the route and user escaped; `-` when there is no IP.
+    /// `<route>:<ip>:<user>` with the route and user escaped; `-` when there is no IP. A user
+    /// longer than [`MAX_USER_LEN`] is written as its digest, `~` and 32 hex digits.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write_escaped(f, self.route)?;
+        write_escaped(f, self.route, true)?;
         f.write_str(":")?;
         match self.ip {
             Some(ip) => write!(f, "{ip}")?,
             None => f.write_str("-")?,
         }
         f.write_str(":")?;
-        if let Some(user) = &self.user {
-            write_escaped(f, user)?;
+        match &self.user {
+            // `~` and hex digits: written as they are, the only user part starting with `~`.
+            Some(digest) if self.digested => f.write_str(digest)?,
+            // A `~` in a user as given is escaped, so it can never read like a digest.
+            Some(user) => write_escaped(f, user, false)?,
+            None => {}
         }
         Ok(())
+    }
+}
+
+/// A [`Key`] that owns its parts, for stores whose decision outlives the request (a future
+/// that decides after a network round trip, a fallback store). [`key`](Self::key) gives back
+/// exactly the key it was made from, a digested user included.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OwnedKey {
+    policy: String,
+    route: String,
+    ip: Option<IpAddr>,
+    user: Option<String>,
+    digested: bool,
+}
+
+impl From<&Key<'_>> for OwnedKey {
+    fn from(key: &Key<'_>) -> Self {
+        OwnedKey {
+            policy: key.policy.to_owned(),
+            route: key.route.to_owned(),
+            ip: key.ip,
+            user: key.user.as_deref().map(str::to_owned),
+            digested: key.digested,
+        }
+    }
+}
+
+impl OwnedKey {
+    /// The key, borrowing from this.
+    pub fn key(&self) -> Key<'_> {
+        Key {
+            policy: &self.policy,
+            route: &self.route,
+            ip: self.ip,
+            user: self.user.as_deref().map(Cow::Borrowed),
+            digested: self.digested,
+        }
     }
 }
 
@@ -204,7 +263,7 @@ impl Key<'_> {
         struct Qualified<'k, 'a>(&'k Key<'a>);
         impl fmt::Display for Qualified<'_, '_> {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write_escaped(f, self.0.policy)?;
+                write_escaped(f, self.0.policy, true)?;
                 f.write_str(":")?;
                 fmt::Display::fmt(self.0, f)
             }
@@ -327,12 +386,24 @@ int_user_key!(u32, u64, u128, i32, i64, i128);
 
 /// The user part comes from a closure over the request's headers and extensions.
 ///
+/// Key on an identity that something you trust has checked, such as the API key or user id
+/// an authentication layer put in the request extensions. Do not key on a raw header a client
+/// writes (`x-api-key`, `x-user-id`): every random value would be a fresh, full budget, and a
+/// flood of them would churn the store. If the key must come from a header, let it count only
+/// once it is verified, and give unverified requests no user part (they are then limited per
+/// address).
+///
 /// ```
 /// use tollgate::key::UserFn;
 ///
-/// // Key on an API key header (hashed by the key when it is long).
-/// let users = UserFn::new(|headers: &http::HeaderMap, _: &http::Extensions| {
-///     headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::to_owned)
+/// /// What the authentication layer puts in the extensions once it has checked the API key.
+/// #[derive(Clone)]
+/// struct VerifiedApiKey {
+///     id: String,
+/// }
+///
+/// let users = UserFn::new(|_: &http::HeaderMap, extensions: &http::Extensions| {
+///     extensions.get::<VerifiedApiKey>().map(|k| k.id.clone())
 /// });
 /// # let _ = users;
 /// ```
@@ -369,21 +440,93 @@ where
 }
 
 /// What to do with a request whose key cannot be built because the server put no peer address
-/// in it (usually: axum served without `into_make_service_with_connect_info`).
+/// in it (usually: axum served without `into_make_service_with_connect_info::<SocketAddr>()`).
 ///
-/// Whichever is chosen, the first such request logs one warning naming the cause. With `Allow`
-/// and `Reject` every such request is counted in `ratelimit_requests_total{decision="unkeyed"}`;
-/// with `Shared` they are decided and counted like any other.
+/// Whichever is chosen, the first such request of a layer logs one error,
+/// `rate-limit-misconfigured`, naming the cause and the fix. A fail-closed policy never
+/// becomes unlimited through a missing address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum MissingKey {
-    /// Let the request through without limiting it (the default, in line with failing open).
+    /// Limit every such request together, under one key without an address
+    /// (`<route>:-:<user?>`): the limit still holds, for all of them at once. The default: a
+    /// deployment that forgot the peer address is limited too hard (and says so in its log),
+    /// never not at all.
     #[default]
-    Allow,
-    /// Answer 500 Internal Server Error: the deployment is broken and should be fixed.
-    Reject,
-    /// Limit all such requests together under one key with no IP (`<route>:-:<user?>`).
     Shared,
+    /// Let requests of fail-open policies through unlimited; fail-closed policies answer 503,
+    /// as when the store cannot decide. Counted in
+    /// `ratelimit_requests_total{decision="unkeyed"}`.
+    Allow,
+    /// Answer 500 Internal Server Error: the deployment is broken and should be fixed. Counted
+    /// in `ratelimit_requests_total{decision="unkeyed"}`.
+    Reject,
+}
+
+/// What a layer does with one request that has no peer address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Unkeyed {
+    /// Decide it under the shared key without an address.
+    Decide,
+    /// Let it through undecided.
+    Pass,
+    /// Refuse it with this status.
+    Refuse(http::StatusCode),
+}
+
+impl MissingKey {
+    /// What to do for a policy that fails open (or not).
+    pub(crate) fn action(self, fails_open: bool) -> Unkeyed {
+        match self {
+            MissingKey::Shared => Unkeyed::Decide,
+            MissingKey::Allow if fails_open => Unkeyed::Pass,
+            MissingKey::Allow => Unkeyed::Refuse(http::StatusCode::SERVICE_UNAVAILABLE),
+            MissingKey::Reject => Unkeyed::Refuse(http::StatusCode::INTERNAL_SERVER_ERROR),
+        }
+    }
+
+    /// The name used in configuration files.
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            MissingKey::Shared => "shared",
+            MissingKey::Allow => "allow",
+            MissingKey::Reject => "reject",
+        }
+    }
+}
+
+/// The one error a layer logs when requests arrive without a peer address.
+#[derive(Debug, Default)]
+pub(crate) struct MissingKeyWarning(std::sync::atomic::AtomicBool);
+
+impl MissingKeyWarning {
+    /// Logs, the first time only, that `policy` saw a request without a peer address.
+    pub(crate) fn warn(&self, layer: &str, policy: &str, mode: MissingKey) {
+        use std::sync::atomic::Ordering;
+        if self.0.load(Ordering::Relaxed) || self.0.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let what = match mode {
+            MissingKey::Shared => "every such request shares one budget per route",
+            MissingKey::Allow => {
+                "such requests pass unlimited on fail-open policies and get 503 on fail-closed ones"
+            }
+            MissingKey::Reject => "such requests are answered 500",
+        };
+        #[cfg(feature = "tracing")]
+        tracing::error!(
+            layer,
+            policy,
+            missing_key = mode.name(),
+            "rate-limit-misconfigured: a request reached the {layer} without a peer address, so \
+             it cannot be keyed by client IP and {what}. Serve axum with \
+             `into_make_service_with_connect_info::<SocketAddr>()` (or add a SocketAddr request \
+             extension). Logged once."
+        );
+        #[cfg(not(feature = "tracing"))]
+        let _ = (layer, policy, what);
+    }
 }
 
 #[cfg(test)]
@@ -436,21 +579,92 @@ mod tests {
         );
     }
 
+    /// The pieces that could make two keys collide: separators, their escaped forms, braces,
+    /// `~` and its escape, text outside ASCII.
+    const PIECES: [&str; 10] = ["a", ":", "%", "%3A", "{", "}", "~", "%7E", "é", "-"];
+
+    /// A key's three parts (policy, route, user) as pieces; the user is sometimes long enough
+    /// to be digested.
+    fn parts() -> impl proptest::strategy::Strategy<Value = [Vec<String>; 3]> {
+        use proptest::prelude::*;
+        let part = || {
+            proptest::collection::vec(proptest::sample::select(PIECES.to_vec()), 0..4)
+                .prop_map(|p| p.into_iter().map(str::to_owned).collect::<Vec<_>>())
+        };
+        (part(), part(), part(), any::<bool>()).prop_map(|(a, b, mut c, long)| {
+            if long {
+                c.push("u".repeat(MAX_USER_LEN + 1));
+            }
+            [a, b, c]
+        })
+    }
+
+    /// A second key made from the first by the one edit most likely to collide with it:
+    /// moving a piece across a part boundary, swapping a separator for its escaped form, or
+    /// replacing a long user by the text of its digest.
+    fn near(parts: &[Vec<String>; 3], edit: usize, at: usize) -> [Vec<String>; 3] {
+        let mut b = parts.clone();
+        match edit % 4 {
+            0 | 1 => {
+                let (from, to) = if edit % 4 == 0 {
+                    (at % 2, at % 2 + 1)
+                } else {
+                    (at % 2 + 1, at % 2)
+                };
+                if let Some(piece) = b[from].pop() {
+                    b[to].insert(0, piece);
+                }
+            }
+            2 => {
+                for part in &mut b {
+                    for piece in part.iter_mut() {
+                        let swapped = match piece.as_str() {
+                            ":" => "%3A",
+                            "%3A" => ":",
+                            "~" => "%7E",
+                            "%7E" => "~",
+                            _ => continue,
+                        };
+                        *piece = swapped.to_owned();
+                        return b;
+                    }
+                }
+            }
+            _ => {
+                let user = b[2].concat();
+                if user.len() > MAX_USER_LEN {
+                    b[2] = vec![digest_user(&user)];
+                }
+            }
+        }
+        b
+    }
+
+    fn key_of<'a>(parts: &'a [String; 3], ip: Option<IpAddr>) -> Key<'a> {
+        Key::new(&parts[0], &parts[1], ip, Some(parts[2].as_str()))
+    }
+
     proptest::proptest! {
-        /// No two distinct keys share a qualified form, and none contains a brace.
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 2_000, ..Default::default() })]
+
+        /// No two distinct keys share a qualified form (the Redis key) or an in-memory
+        /// identity, and no qualified form contains a brace: checked on pairs one edit apart.
         #[test]
         fn qualified_form_is_injective(
-            a in proptest::collection::vec(".{0,6}", 3),
-            b in proptest::collection::vec(".{0,6}", 3),
-            ip_a in proptest::option::of(proptest::arbitrary::any::<std::net::IpAddr>()),
-            ip_b in proptest::option::of(proptest::arbitrary::any::<std::net::IpAddr>()),
+            a in parts(),
+            edit in 0usize..4,
+            at in 0usize..2,
+            v6 in proptest::prelude::any::<bool>(),
         ) {
-            let ka = Key::new(&a[0], &a[1], ip_a, Some(a[2].as_str()));
-            let kb = Key::new(&b[0], &b[1], ip_b, Some(b[2].as_str()));
+            let b = near(&a, edit, at);
+            let (a, b) = (a.map(|p| p.concat()), b.map(|p| p.concat()));
+            let ip = Some(if v6 { IpAddr::V6(Ipv6Addr::LOCALHOST) } else { IP });
+            let (ka, kb) = (key_of(&a, ip), key_of(&b, ip));
             let (sa, sb) = (ka.qualified().to_string(), kb.qualified().to_string());
-            let braces = sa.contains(['{', '}']);
-            proptest::prop_assert!(!braces, "braces in {}", sa);
+            proptest::prop_assert!(!sa.contains(['{', '}']), "braces in {}", sa);
             proptest::prop_assert_eq!(ka == kb, sa == sb, "{} vs {}", sa, sb);
+            let h = KeyHasher::new();
+            proptest::prop_assert_eq!(ka == kb, ka.hash128(&h) == kb.hash128(&h), "{} vs {}", sa, sb);
         }
     }
 
@@ -470,6 +684,139 @@ mod tests {
         assert_eq!(
             Key::new("p", "/a", None, Some(exact.as_str())).user(),
             Some(exact.as_str())
+        );
+    }
+
+    #[test]
+    fn a_user_that_reads_like_a_digest_is_not_the_digest() {
+        let long = "u".repeat(MAX_USER_LEN + 1);
+        let digested = Key::new("p", "/a", Some(IP), Some(long.as_str()));
+        assert!(digested.is_user_digested());
+        let lookalike_text = digested.user().unwrap().to_owned();
+        let lookalike = Key::new("p", "/a", Some(IP), Some(lookalike_text.as_str()));
+        assert!(!lookalike.is_user_digested());
+        assert_eq!(lookalike.user(), digested.user());
+        // Different keys everywhere a store looks: equality, the display form (Redis keys) and
+        // the in-memory hash.
+        assert_ne!(digested, lookalike);
+        assert_ne!(digested.to_string(), lookalike.to_string());
+        assert_ne!(
+            digested.qualified().to_string(),
+            lookalike.qualified().to_string()
+        );
+        let h = KeyHasher::new();
+        assert_ne!(digested.hash128(&h), lookalike.hash128(&h));
+        assert!(
+            digested
+                .to_string()
+                .ends_with(&format!(":{lookalike_text}"))
+        );
+        assert!(
+            lookalike
+                .to_string()
+                .ends_with(&format!(":%7E{}", &lookalike_text[1..]))
+        );
+    }
+
+    #[test]
+    fn an_owned_key_gives_back_the_same_key() {
+        let long = "u".repeat(MAX_USER_LEN + 1);
+        for key in [
+            Key::new("p", "/a", Some(IP), Some(long.as_str())),
+            Key::new("p", "/a", Some(IP), Some("~not-a-digest")),
+            Key::new("p", "/a", None, None::<&str>),
+        ] {
+            let owned = OwnedKey::from(&key);
+            assert_eq!(owned.key(), key);
+            assert_eq!(owned.key().is_user_digested(), key.is_user_digested());
+            let h = KeyHasher::new();
+            assert_eq!(owned.key().hash128(&h), key.hash128(&h));
+        }
+    }
+
+    #[test]
+    fn an_ipv4_client_and_its_ipv4_compatible_ipv6_twin_are_two_keys() {
+        // ::192.0.2.1 has the same low 32 bits as 192.0.2.1: only the address family in the
+        // hash tells them apart in the memory store.
+        let v4 = Key::new("p", "/a", Some(IP), None::<&str>);
+        let v6 = Key::new(
+            "p",
+            "/a",
+            Some(IpAddr::V6(Ipv4Addr::new(192, 0, 2, 1).to_ipv6_compatible())),
+            None::<&str>,
+        );
+        assert_ne!(v4, v6);
+        let h = KeyHasher::new();
+        assert_ne!(v4.hash128(&h), v6.hash128(&h));
+        // And no address is not an address of all zeros.
+        let none = Key::new("p", "/a", None, None::<&str>);
+        let zero = Key::new(
+            "p",
+            "/a",
+            Some(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            None::<&str>,
+        );
+        assert_ne!(none.hash128(&h), zero.hash128(&h));
+    }
+
+    #[test]
+    fn both_halves_of_the_identity_vary() {
+        // The high half picks the memory store's shard, the low half the key within it: both
+        // must depend on the key, or every key lands in one shard.
+        let h = KeyHasher::new();
+        let hashes: Vec<u128> = (0..64u32)
+            .map(|i| {
+                Key::new("p", "/a", Some(IpAddr::V4(Ipv4Addr::from(i))), None::<&str>).hash128(&h)
+            })
+            .collect();
+        let high: std::collections::HashSet<u64> =
+            hashes.iter().map(|h| (h >> 64) as u64).collect();
+        let low: std::collections::HashSet<u64> = hashes.iter().map(|h| *h as u64).collect();
+        assert_eq!(high.len(), 64);
+        assert_eq!(low.len(), 64);
+    }
+
+    #[test]
+    fn accessors_and_debug_forms() {
+        let k = Key::new("api", "/users/{id}", Some(IP), Some("alice"));
+        assert_eq!(k.policy(), "api");
+        assert_eq!(k.route(), "/users/{id}");
+        assert_eq!(k.ip(), Some(IP));
+        assert_eq!(k.user(), Some("alice"));
+        assert_eq!(format!("{k:?}"), "Key(/users/%7Bid%7D:192.0.2.1:alice)");
+        let users = UserFromExtension::<u64>::new();
+        assert_eq!(format!("{users:?}"), "UserFromExtension(\"u64\")");
+        let f = UserFn::new(|_: &HeaderMap, _: &Extensions| None);
+        assert_eq!(format!("{f:?}"), "UserFn { .. }");
+        assert_eq!(MissingKey::Shared.name(), "shared");
+        assert_eq!(MissingKey::Allow.name(), "allow");
+        assert_eq!(MissingKey::Reject.name(), "reject");
+    }
+
+    #[test]
+    fn strings_and_shared_strings_are_user_keys() {
+        let mut ext = Extensions::new();
+        let headers = HeaderMap::new();
+        ext.insert(String::from("bob"));
+        assert_eq!(
+            UserFromExtension::<String>::new()
+                .user_key(&headers, &ext)
+                .as_deref(),
+            Some("bob")
+        );
+        ext.insert(Arc::<str>::from("carol"));
+        assert_eq!(
+            UserFromExtension::<Arc<str>>::new()
+                .user_key(&headers, &ext)
+                .as_deref(),
+            Some("carol")
+        );
+        ext.insert(7i64);
+        assert_eq!(
+            UserFromExtension::<i64>::new()
+                .user_key(&headers, &ext)
+                .as_deref(),
+            Some("7")
         );
     }
 

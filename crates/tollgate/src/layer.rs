@@ -1,6 +1,6 @@
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -9,7 +9,7 @@ use http::{Method, Request, Response};
 use tower_layer::Layer;
 
 use crate::ClientIp;
-use crate::key::{Key, MissingKey, NoUser, UserKey};
+use crate::key::{Key, MissingKey, MissingKeyWarning, NoUser, UserKey};
 use crate::metrics::PolicyCounters;
 use crate::response::{LimitedResponseFn, PolicyHeaders, RateLimitHeaders, default_limited};
 use crate::routes::RouteTable;
@@ -62,31 +62,73 @@ impl<St, U> RateLimitLayer<St, U> {
     /// Applies `policy` to requests whose matched route template is `template` (as written in
     /// the router: `"/users/{id}"`), whatever their method. Needs the `axum` feature and an axum
     /// router, which records the matched path.
+    ///
+    /// # Panics
+    ///
+    /// When the policy is invalid (see [`PolicyError`](crate::PolicyError)): its name is not 1 to 64 letters,
+    /// digits, `-` or `_`; its fixed cost is 0 or above its smallest burst; the template does
+    /// not start with `/`; another policy is already bound to the route; or a different policy
+    /// already has its name. Found at start-up, like axum's conflicting routes.
+    #[track_caller]
     pub fn route(mut self, template: impl Into<String>, policy: Policy) -> Self {
-        self.routes.push((None, template.into(), policy));
+        let template = template.into();
+        self.check(None, Some(&template), &policy);
+        self.routes.push((None, template, policy));
         self.compiled = OnceLock::new();
         self
     }
 
     /// Applies `policy` to requests with this method on this route template. A method-specific
-    /// entry wins over one for any method.
+    /// entry wins over one for any method; a `GET` entry also covers `HEAD` (axum answers
+    /// `HEAD` with the `GET` handler) unless a `HEAD` entry is given.
+    ///
+    /// # Panics
+    ///
+    /// As [`route`](Self::route).
+    #[track_caller]
     pub fn route_method(
         mut self,
         method: Method,
         template: impl Into<String>,
         policy: Policy,
     ) -> Self {
-        self.routes.push((Some(method), template.into(), policy));
+        let template = template.into();
+        self.check(Some(&method), Some(&template), &policy);
+        self.routes.push((Some(method), template, policy));
         self.compiled = OnceLock::new();
         self
     }
 
     /// Applies `policy` to every request that no [`route`](Self::route) entry matches. This is
     /// the policy of a layer used with `.route_layer()` on a single route, or with plain tower.
+    ///
+    /// # Panics
+    ///
+    /// As [`route`](Self::route).
+    #[track_caller]
     pub fn policy(mut self, policy: Policy) -> Self {
+        self.default = None;
+        self.check(None, None, &policy);
         self.default = Some(policy);
         self.compiled = OnceLock::new();
         self
+    }
+
+    #[track_caller]
+    fn check(&self, method: Option<&Method>, route: Option<&str>, policy: &Policy) {
+        let checked = policy.validate().and_then(|()| {
+            crate::policy::check_binding(
+                &self.routes,
+                self.default.as_ref(),
+                Policy::name,
+                method,
+                route,
+                policy,
+            )
+        });
+        if let Err(e) = checked {
+            panic!("tollgate: {e}");
+        }
     }
 
     /// Sets where the user part of the key comes from (default: none).
@@ -136,7 +178,8 @@ impl<St, U> RateLimitLayer<St, U> {
         self
     }
 
-    /// Sets what happens to requests without a peer address (default: let them through).
+    /// Sets what happens to requests without a peer address (default
+    /// [`MissingKey::Shared`]: limited together under one key, and said loudly once).
     pub fn missing_key(mut self, missing_key: MissingKey) -> Self {
         self.missing_key = missing_key;
         self.compiled = OnceLock::new();
@@ -224,6 +267,7 @@ impl<S, St: Clone, U: Clone> Layer<S> for RateLimitLayer<St, U> {
 impl<St: Clone, U: Clone> RateLimitLayer<St, U> {
     fn compile(&self) -> Shared<St, U> {
         crate::metrics::describe();
+        self.client_ip.log_warnings("rate limiter");
         let mut by_name: HashMap<String, Arc<CompiledPolicy>> = HashMap::new();
         let mut compile = |p: &Policy| -> Arc<CompiledPolicy> {
             // Policies with the same name and content are one policy (one set of counters).
@@ -245,7 +289,7 @@ impl<St: Clone, U: Clone> RateLimitLayer<St, U> {
             client_ip: self.client_ip.clone(),
             routes,
             missing_key: self.missing_key,
-            missing_key_warned: AtomicBool::new(false),
+            missing_key_warning: MissingKeyWarning::default(),
         }
     }
 }
@@ -257,7 +301,7 @@ pub(crate) struct Shared<St, U> {
     client_ip: ClientIp,
     routes: RouteTable<CompiledPolicy>,
     pub(crate) missing_key: MissingKey,
-    missing_key_warned: AtomicBool,
+    missing_key_warning: MissingKeyWarning,
 }
 
 /// The outcome of keying a request.
@@ -295,20 +339,10 @@ impl<St, U: UserKey> Shared<St, U> {
         Keyed::Key(policy, Key::new(policy.name(), route, ip, user), cost)
     }
 
-    /// Warns once, for the whole layer, that requests arrive without a peer address.
+    /// Logs once, for the whole layer, that requests arrive without a peer address.
     pub(crate) fn warn_missing_key(&self, policy: &CompiledPolicy) {
-        if !self.missing_key_warned.swap(true, Ordering::Relaxed) {
-            #[cfg(feature = "tracing")]
-            tracing::warn!(
-                policy = %policy.source.name,
-                behaviour = ?self.missing_key,
-                "rate-limit-misconfigured: a request reached the rate limiter without a peer \
-                 address, so it cannot be keyed by client IP; serve axum with \
-                 `into_make_service_with_connect_info::<SocketAddr>()` (this is logged once)"
-            );
-            #[cfg(not(feature = "tracing"))]
-            let _ = policy;
-        }
+        self.missing_key_warning
+            .warn("rate limiter", policy.name(), self.missing_key);
     }
 }
 

@@ -21,11 +21,11 @@ mod routes;
 mod service;
 pub mod store;
 
-pub use client_ip::{ClientIp, ForwardedHeader};
+pub use client_ip::{ClientIp, ClientIpWarning, ForwardedHeader};
 pub use decision::{Decision, QuotaState};
 pub use key::{Key, MissingKey};
 pub use layer::RateLimitLayer;
-pub use policy::{Allowlist, FailureMode, KeyScope, Policy, RequestParts};
+pub use policy::{Allowlist, FailureMode, KeyScope, Policy, PolicyError, RequestParts};
 pub use quota::{Algorithm, Quota, QuotaError};
 pub use response::RateLimitHeaders;
 pub use service::RateLimit;

@@ -7,11 +7,11 @@
 //!
 //! | name | type | labels | meaning |
 //! |---|---|---|---|
-//! | `ratelimit_requests_total` | counter | `policy`, `decision` | every request a policy applied to, by outcome: `allowed`, `limited`, `fail_open`, `fail_closed`, `over_capacity`, `unkeyed`, `shadow_limited`, `allowlisted` |
-//! | `ratelimit_fail_open_total` | counter | `policy`, `reason` | requests let through without a decision because the store failed; registered at zero for every policy and reason at start-up |
+//! | `ratelimit_requests_total` | counter | `policy`, `decision` | every request a policy applied to, by outcome: `allowed`, `limited`, `fail_open`, `fail_closed`, `over_capacity`, `unkeyed`, `shadow_limited`, `allowlisted`, `shadow_over_capacity`, `shadow_fail_closed` (a shadow policy's would-be refusals, let through) |
+//! | `ratelimit_fail_open_total` | counter | `policy`, `reason` | requests let through without a decision because the store failed (shadow policies' included, whatever their failure mode); registered at zero for every policy and reason at start-up |
 //! | `ratelimit_fail_closed_total` | counter | `policy`, `reason` | requests refused with 503 because the store failed on a fail-closed policy |
 //! | `ratelimit_fallback_total` | counter | `policy`, `reason` | requests decided by a local fallback store because the shared store failed; registered at zero |
-//! | `ratelimit_store_evictions_total` | counter | | live memory-store states dropped because the store was full |
+//! | `ratelimit_store_evictions_total` | counter | `policy`, `limited` | live memory-store states of this policy dropped because the store was full; `limited="true"` only when the shard held nothing but limited clients |
 //! | `ratelimit_store_errors_total` | counter | `store`, `reason` | failed store calls (shared stores) |
 //! | `ratelimit_store_degraded` | gauge | `store` | 1 while the store is known to be down (circuit open), else 0 |
 //! | `ratelimit_store_duration_seconds` | histogram | `store` | time of each store round trip, failed ones included |
@@ -40,7 +40,7 @@ pub const STORE_DURATION_SECONDS: &str = "ratelimit_store_duration_seconds";
 pub const DENY_CACHE_HITS_TOTAL: &str = "ratelimit_deny_cache_hits_total";
 
 /// The `decision` label values of [`REQUESTS_TOTAL`].
-pub const DECISIONS: [&str; 8] = [
+pub const DECISIONS: [&str; 10] = [
     "allowed",
     "limited",
     "fail_open",
@@ -49,6 +49,8 @@ pub const DECISIONS: [&str; 8] = [
     "unkeyed",
     "shadow_limited",
     "allowlisted",
+    "shadow_over_capacity",
+    "shadow_fail_closed",
 ];
 
 /// Describes every metric to the installed recorder (help text and unit).
@@ -101,31 +103,39 @@ pub fn describe() {
         describe_counter!(
             STORE_EVICTIONS_TOTAL,
             Unit::Count,
-            "Live rate-limit states dropped because the memory store reached its maximum size."
+            "Live rate-limit states dropped because the memory store reached its maximum size, by policy and whether their client was limited."
         );
     }
 }
 
-pub(crate) fn store_evictions(n: u64) {
+/// Counts `n` live states of `policy` dropped from a full memory store, whose client was
+/// limited at the time or not.
+pub(crate) fn store_evictions(policy: &str, limited: bool, n: u64) {
     #[cfg(feature = "metrics")]
     if n > 0 {
-        metrics::counter!(STORE_EVICTIONS_TOTAL).increment(n);
+        let limited = if limited { "true" } else { "false" };
+        metrics::counter!(
+            STORE_EVICTIONS_TOTAL,
+            "policy" => policy.to_owned(),
+            "limited" => limited
+        )
+        .increment(n);
     }
     #[cfg(not(feature = "metrics"))]
-    let _ = n;
+    let _ = (policy, limited, n);
 }
 
 /// The counters of one policy, registered once when the layer is applied.
 #[derive(Debug)]
 pub(crate) struct PolicyCounters {
     #[cfg(feature = "metrics")]
-    decisions: [metrics::Counter; 8],
+    decisions: [metrics::Counter; 10],
     #[cfg(feature = "metrics")]
-    fail_open: [metrics::Counter; 6],
+    fail_open: [metrics::Counter; crate::StoreErrorKind::FAILURE_REASONS.len()],
     #[cfg(feature = "metrics")]
-    fail_closed: [metrics::Counter; 6],
+    fail_closed: [metrics::Counter; crate::StoreErrorKind::FAILURE_REASONS.len()],
     #[cfg(feature = "metrics")]
-    fallback: [metrics::Counter; 6],
+    fallback: [metrics::Counter; crate::StoreErrorKind::FAILURE_REASONS.len()],
 }
 
 /// Indexes into [`DECISIONS`].
@@ -139,6 +149,8 @@ pub(crate) enum Outcome {
     Unkeyed = 5,
     ShadowLimited = 6,
     Allowlisted = 7,
+    ShadowOverCapacity = 8,
+    ShadowFailClosed = 9,
 }
 
 impl PolicyCounters {
@@ -220,7 +232,7 @@ fn reason_index(kind: crate::StoreErrorKind) -> usize {
 #[derive(Debug, Clone)]
 pub struct StoreMetrics {
     #[cfg(feature = "metrics")]
-    errors: [metrics::Counter; 6],
+    errors: [metrics::Counter; crate::StoreErrorKind::FAILURE_REASONS.len()],
     #[cfg(feature = "metrics")]
     degraded: metrics::Gauge,
     #[cfg(feature = "metrics")]

@@ -63,10 +63,12 @@ pub(crate) enum Cost {
 }
 
 impl Cost {
+    /// The cost of a request: at least 1, whatever a cost function says, since a request that
+    /// costs nothing is never refused.
     pub(crate) fn of(&self, parts: &RequestParts<'_>) -> u32 {
         match self {
             Cost::Fixed(n) => *n,
-            Cost::Fn(f) => f(parts),
+            Cost::Fn(f) => f(parts).max(1),
         }
     }
 }
@@ -268,9 +270,9 @@ impl Policy {
         self
     }
 
-    /// How many units each request spends (default 1). A cost above the smallest burst can
-    /// never pass: such requests are answered 413 and logged as an error. A cost of 0 checks
-    /// without spending.
+    /// How many units each request spends (default 1): at least 1 and at most the smallest
+    /// burst of the policy's quotas, which the layer checks when the policy is added (a cost of
+    /// 0 would never be refused; one above the burst could never pass).
     pub fn cost(mut self, cost: u32) -> Self {
         self.cost = Cost::Fixed(cost);
         self
@@ -278,6 +280,10 @@ impl Policy {
 
     /// Computes each request's cost from the request, for example by endpoint weight or by the
     /// size class a query asks for.
+    ///
+    /// Whatever a client controls here, it controls the cost: clamp the value to a range that
+    /// makes sense for the endpoint. A result of 0 is raised to 1 (a free request is never
+    /// refused); a result above the smallest burst can never pass and is answered 413.
     ///
     /// ```
     /// use tollgate::{Policy, Quota};
@@ -322,6 +328,33 @@ impl Policy {
         &self.name
     }
 
+    /// Checks the policy on its own: a name that can label metrics and headers, and a fixed
+    /// cost that can pass and be refused. The layer and the configuration file both run this
+    /// (and the checks across policies) when a policy is added.
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyError::Name`] or [`PolicyError::Cost`].
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        check_name(&self.name)?;
+        if let Cost::Fixed(cost) = self.cost {
+            let min_burst = self
+                .quotas
+                .iter()
+                .map(Quota::burst_size)
+                .min()
+                .unwrap_or(u32::MAX);
+            if cost == 0 || cost > min_burst {
+                return Err(PolicyError::Cost {
+                    policy: self.name.clone(),
+                    cost,
+                    min_burst,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The policy's quotas.
     pub fn quotas(&self) -> &[Quota] {
         &self.quotas
@@ -363,4 +396,149 @@ pub enum KeyScope {
     Route,
     /// The policy name: every route under the policy shares one budget per client.
     Policy,
+}
+
+/// Why a policy cannot be used as given.
+///
+/// The layers check every policy when it is added and panic with this message (a
+/// misconfiguration is a programmer error, found at start-up, as axum does for conflicting
+/// routes); the configuration file reports the same checks as errors that name the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// The name is not 1 to 64 letters, digits, `-` or `_` (it labels metrics and headers).
+    Name {
+        /// The name.
+        name: String,
+    },
+    /// The route template does not start with `/`.
+    Route {
+        /// The policy.
+        policy: String,
+        /// The template.
+        route: String,
+    },
+    /// The fixed cost is 0 (never refused) or above the smallest burst (never allowed).
+    Cost {
+        /// The policy.
+        policy: String,
+        /// The cost.
+        cost: u32,
+        /// The smallest burst of its quotas.
+        min_burst: u32,
+    },
+    /// Another, different policy already has this name. The name is a policy's namespace in
+    /// the store and its label in the metrics: two different policies with one name would
+    /// share the state of every quota they have in common, and merge their counts.
+    NameTaken {
+        /// The name.
+        name: String,
+    },
+    /// Another policy already applies to this route and method.
+    Bound {
+        /// The policy being added.
+        policy: String,
+        /// The route template.
+        route: String,
+        /// The method, or any.
+        method: Option<Method>,
+    },
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PolicyError::Name { name } => write!(
+                f,
+                "invalid policy name {name:?}: use 1 to 64 letters, digits, '-' or '_'"
+            ),
+            PolicyError::Route { policy, route } => write!(
+                f,
+                "policy {policy:?}: route {route:?} is not a route template (it starts with '/')"
+            ),
+            PolicyError::Cost {
+                policy,
+                cost,
+                min_burst,
+            } => write!(
+                f,
+                "policy {policy:?}: cost {cost} must be between 1 and the smallest burst \
+                 ({min_burst}), or no request could pass (or none be refused)"
+            ),
+            PolicyError::NameTaken { name } => write!(
+                f,
+                "policy name {name:?} is already used by a different policy; two policies with \
+                 one name would share the state of the quotas they have in common and merge \
+                 their metrics (apply the same policy to several routes, or give each its own \
+                 name)"
+            ),
+            PolicyError::Bound {
+                policy,
+                route,
+                method,
+            } => write!(
+                f,
+                "policy {policy:?}: another policy already applies to {} {route}",
+                method.as_ref().map_or("any method on", Method::as_str)
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+/// A policy name: 1 to 64 letters, digits, `-` or `_`.
+pub(crate) fn check_name(name: &str) -> Result<(), PolicyError> {
+    if name.is_empty()
+        || name.len() > 64
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(PolicyError::Name {
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+/// The checks across the policies of one layer, for a policy `new` about to be bound to
+/// `route` and `method` (`route` is `None` for the default policy): its route is a template,
+/// no other policy is bound there, and no different policy has its name.
+pub(crate) fn check_binding<P: PartialEq>(
+    existing: &[(Option<Method>, String, P)],
+    default: Option<&P>,
+    name_of: impl Fn(&P) -> &str,
+    method: Option<&Method>,
+    route: Option<&str>,
+    new: &P,
+) -> Result<(), PolicyError> {
+    let name = name_of(new);
+    if let Some(route) = route {
+        if !route.starts_with('/') {
+            return Err(PolicyError::Route {
+                policy: name.to_owned(),
+                route: route.to_owned(),
+            });
+        }
+        if existing
+            .iter()
+            .any(|(m, r, _)| r == route && m.as_ref() == method)
+        {
+            return Err(PolicyError::Bound {
+                policy: name.to_owned(),
+                route: route.to_owned(),
+                method: method.cloned(),
+            });
+        }
+    }
+    let others = existing.iter().map(|(_, _, p)| p).chain(default);
+    for other in others {
+        if name_of(other) == name && other != new {
+            return Err(PolicyError::NameTaken {
+                name: name.to_owned(),
+            });
+        }
+    }
+    Ok(())
 }

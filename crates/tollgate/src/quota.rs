@@ -265,6 +265,52 @@ impl Quota {
         self.emission_ns
     }
 
+    /// A short text that names the quota's arithmetic: its limit, period, burst and algorithm
+    /// (`5/10s`, `10/s-b20`, `3/10s-fw`, `100/m-sw`). Stores name a key's state by it, so that
+    /// a deploy that reorders a policy's quotas, or adds one, keeps every state with its quota;
+    /// a quota whose numbers change starts afresh (its old state expires on its own).
+    ///
+    /// ```
+    /// use tollgate::Quota;
+    /// let q: Quota = "10/s burst 20".parse().unwrap();
+    /// assert_eq!(q.id().to_string(), "10/s-b20");
+    /// ```
+    pub fn id(&self) -> impl fmt::Display + '_ {
+        struct Id<'q>(&'q Quota);
+        impl fmt::Display for Id<'_> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let q = self.0;
+                write!(f, "{}/", q.limit)?;
+                fmt_period(q.period(), f)?;
+                if q.burst != q.limit {
+                    write!(f, "-b{}", q.burst)?;
+                }
+                match q.algorithm {
+                    Algorithm::FixedWindow => f.write_str("-fw"),
+                    Algorithm::SlidingWindow => f.write_str("-sw"),
+                    Algorithm::Gcra => Ok(()),
+                }
+            }
+        }
+        Id(self)
+    }
+
+    /// A 64-bit fingerprint of what [`id`](Self::id) names, for stores that index by hash.
+    pub(crate) fn fingerprint(&self) -> u64 {
+        // A fixed multiply-xorshift mix: distinct quotas of one policy never collide in
+        // practice, and nothing here comes from a client.
+        let mut h = self.period_ns ^ 0x9e37_79b9_7f4a_7c15;
+        for word in [
+            u64::from(self.limit.get()),
+            u64::from(self.burst.get()),
+            self.algorithm as u64,
+        ] {
+            h = (h ^ word).wrapping_mul(0xff51_afd7_ed55_8ccd);
+            h ^= h >> 33;
+        }
+        h
+    }
+
     /// `burst * emission interval` in nanoseconds: how far ahead of now a key's theoretical
     /// arrival time may run (the GCRA's delay variation tolerance plus one interval).
     pub(crate) fn burst_span_ns(&self) -> u64 {
@@ -527,6 +573,57 @@ mod tests {
         // 3/s is 333_333.33 us: never allow faster than nominal.
         let q = Quota::per_second(3).unwrap();
         assert_eq!(q.emission_interval(), Duration::from_micros(333_334));
+    }
+
+    #[test]
+    fn window_quotas_refuse_what_windows_cannot_do() {
+        // A burst is a GCRA notion: a window holds its limit.
+        let burst = Quota::per_minute(10).unwrap().burst(20).unwrap();
+        assert_eq!(
+            burst.algorithm(Algorithm::FixedWindow),
+            Err(QuotaError::BurstWithWindow(Algorithm::FixedWindow))
+        );
+        let window = Quota::per_minute(10)
+            .unwrap()
+            .algorithm(Algorithm::SlidingWindow)
+            .unwrap();
+        assert_eq!(
+            window.burst(20),
+            Err(QuotaError::BurstWithWindow(Algorithm::SlidingWindow))
+        );
+        // Setting the burst to the limit is no burst at all: allowed.
+        assert!(window.burst(10).is_ok());
+        // Windows count in whole milliseconds.
+        let odd = Quota::new(3, Duration::from_micros(1_500_500)).unwrap();
+        assert_eq!(
+            odd.algorithm(Algorithm::FixedWindow),
+            Err(QuotaError::WindowNotWholeMillis(Duration::from_micros(
+                1_500_500
+            )))
+        );
+        // limit × window (ms) above 2^52 would not be exact in every store.
+        let huge = Quota::new(u32::MAX, Duration::from_secs(366 * 24 * 3600)).unwrap();
+        assert!(matches!(
+            huge.algorithm(Algorithm::FixedWindow),
+            Err(QuotaError::WindowTooLarge {
+                limit: u32::MAX,
+                ..
+            })
+        ));
+        let fits = Quota::new(1_000_000, Duration::from_secs(86_400)).unwrap();
+        assert!(fits.algorithm(Algorithm::FixedWindow).is_ok());
+        for e in [
+            QuotaError::BurstWithWindow(Algorithm::FixedWindow),
+            QuotaError::WindowNotWholeMillis(Duration::from_micros(1_500_500)),
+            QuotaError::WindowTooLarge {
+                limit: 7,
+                period: Duration::from_secs(1),
+            },
+        ] {
+            assert!(!e.to_string().is_empty());
+        }
+        // And through the text form, which the configuration file uses.
+        assert!("10/m burst 20 fixed-window".parse::<Quota>().is_err());
     }
 
     #[test]

@@ -68,6 +68,15 @@ pub(crate) fn text_response(status: StatusCode, body: &'static str) -> Response<
     res
 }
 
+/// The plain-text body of the layers' own 503 and 500 answers.
+pub(crate) fn status_line(status: StatusCode) -> &'static str {
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        "Service Unavailable\n"
+    } else {
+        "Internal Server Error\n"
+    }
+}
+
 /// Whole seconds, rounded up, at least 1: what `Retry-After` carries.
 pub(crate) fn retry_after_secs(wait: Duration) -> u64 {
     ceil_secs(wait).max(1)

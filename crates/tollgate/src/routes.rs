@@ -19,6 +19,21 @@ struct Entry<P> {
     by_method: Vec<(Method, Arc<P>)>,
 }
 
+impl<P> Entry<P> {
+    /// The policy bound to this method. A `HEAD` request without a `HEAD` entry takes the
+    /// `GET` entry: axum answers `HEAD` with the `GET` handler (dropping only the body), so a
+    /// `GET` policy that did not cover `HEAD` could be stepped around with `curl -I`.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
+    fn for_method(&self, method: &Method) -> Option<&Arc<P>> {
+        let find = |m: &Method| self.by_method.iter().find(|(e, _)| e == m).map(|(_, p)| p);
+        find(method).or_else(|| {
+            (*method == Method::HEAD)
+                .then(|| find(&Method::GET))
+                .flatten()
+        })
+    }
+}
+
 impl<P> RouteTable<P> {
     /// Builds the table from a layer's entries, compiling each policy with `compile`. The last
     /// entry for the same route and method wins, as with a router.
@@ -49,8 +64,8 @@ impl<P> RouteTable<P> {
     }
 
     /// The policy of `req` and its matched route template, if any policy applies. A
-    /// method-specific entry wins over one for any method; a matched route without an entry
-    /// falls back to the default.
+    /// method-specific entry wins over one for any method (`HEAD` falls back to `GET`'s); a
+    /// matched route without an entry falls back to the default.
     pub(crate) fn lookup<'a, B>(
         &'a self,
         req: &'a Request<B>,
@@ -59,11 +74,7 @@ impl<P> RouteTable<P> {
         if let Some(matched) = req.extensions().get::<axum::extract::MatchedPath>() {
             let matched = matched.as_str();
             if let Some(entry) = self.routes.get(matched) {
-                let by_method = entry
-                    .by_method
-                    .iter()
-                    .find(|(m, _)| m == req.method())
-                    .map(|(_, p)| p);
+                let by_method = entry.for_method(req.method());
                 if let Some(policy) = by_method.or(entry.any.as_ref()) {
                     return Some((policy, Some(matched)));
                 }

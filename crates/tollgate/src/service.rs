@@ -8,10 +8,11 @@ use tower_service::Service;
 
 use crate::RateLimitLayer;
 use crate::future::ResponseFuture;
-use crate::key::{MissingKey, NoUser, UserKey};
+use crate::future::shadow_over_capacity;
+use crate::key::{NoUser, Unkeyed, UserKey};
 use crate::layer::{Keyed, Shared};
 use crate::metrics::Outcome;
-use crate::response::text_response;
+use crate::response::{set_retry_after, status_line, text_response};
 use crate::store::Store;
 
 /// The rate-limiting service: asks the store about every request a policy applies to, and
@@ -93,12 +94,20 @@ where
             Keyed::Missing(policy) => {
                 shared.warn_missing_key(policy);
                 policy.counters.outcome(Outcome::Unkeyed);
-                if shared.missing_key == MissingKey::Reject {
-                    let res =
-                        text_response(StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error\n");
-                    return ResponseFuture::respond(res.map(ResBody::from));
+                match shared.missing_key.action(policy.fails_open()) {
+                    // A shadow policy never changes a response.
+                    Unkeyed::Refuse(status) if !policy.shadow => {
+                        let mut res = text_response(status, status_line(status));
+                        if status == StatusCode::SERVICE_UNAVAILABLE {
+                            set_retry_after(
+                                res.headers_mut(),
+                                policy.respond.unavailable_retry_after,
+                            );
+                        }
+                        return ResponseFuture::respond(res.map(ResBody::from));
+                    }
+                    _ => return ResponseFuture::passthrough(self.inner.call(req)),
                 }
-                return ResponseFuture::passthrough(self.inner.call(req));
             }
             Keyed::Allowlisted(policy) => {
                 policy.counters.outcome(Outcome::Allowlisted);
@@ -110,6 +119,10 @@ where
                 }
                 if cost > policy.min_burst {
                     // Cannot pass, ever: don't bother the store.
+                    if policy.shadow {
+                        shadow_over_capacity(policy, cost);
+                        return ResponseFuture::passthrough(self.inner.call(req));
+                    }
                     return ResponseFuture::over_capacity(policy, cost);
                 }
                 let check = shared.store.check(&key, &policy.quotas, cost);

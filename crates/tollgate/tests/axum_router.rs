@@ -261,3 +261,57 @@ async fn mock_connect_info_works_for_tests() {
     assert_eq!(app.clone().oneshot(plain()).await.unwrap().status(), 200);
     assert_eq!(app.oneshot(plain()).await.unwrap().status(), 429);
 }
+
+#[tokio::test]
+async fn a_get_policy_covers_head_and_shares_its_budget() {
+    // axum answers HEAD with the GET handler; `curl -I` must not step around a GET limit.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c2 = Arc::clone(&calls);
+    let app = Router::new()
+        .route(
+            "/export",
+            get(move || {
+                c2.fetch_add(1, Ordering::SeqCst);
+                async { "rows" }
+            }),
+        )
+        .route("/any", get(|| async { "any" }))
+        .route(
+            "/own-head",
+            get(|| async { "get" }).head(|| async { "head" }),
+        )
+        .layer(
+            RateLimitLayer::new(MemoryStore::new())
+                .route_method(Method::GET, "/export", Policy::new("export", quota("2/s")))
+                .route("/any", Policy::new("any", quota("1/m")))
+                .route_method(
+                    Method::GET,
+                    "/own-head",
+                    Policy::new("own-get", quota("1/m")),
+                )
+                .route_method(
+                    Method::HEAD,
+                    "/own-head",
+                    Policy::new("own-head", quota("3/m")),
+                ),
+        );
+    let c = [198, 51, 100, 9];
+    assert_eq!(
+        statuses(&app, Method::HEAD, "/export", c, 6).await,
+        [200, 200, 429, 429, 429, 429]
+    );
+    // One budget for both methods: the HEADs spent it.
+    assert_eq!(statuses(&app, Method::GET, "/export", c, 1).await, [429]);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // A policy for any method covers HEAD too.
+    assert_eq!(statuses(&app, Method::HEAD, "/any", c, 2).await, [200, 429]);
+    // An explicit HEAD entry wins over the GET one.
+    assert_eq!(
+        statuses(&app, Method::HEAD, "/own-head", c, 4).await,
+        [200, 200, 200, 429]
+    );
+    assert_eq!(
+        statuses(&app, Method::GET, "/own-head", c, 2).await,
+        [200, 429]
+    );
+}

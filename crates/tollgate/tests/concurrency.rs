@@ -102,18 +102,32 @@ async fn a_streaming_body_holds_its_slot_until_it_ends() {
 #[tokio::test]
 async fn a_panicking_handler_gives_its_slot_back() {
     let store = MemoryConcurrencyStore::new();
+    let handler_store = store.clone();
+    let (held_tx, mut held_rx) = mpsc::unbounded_channel();
     let svc = ServiceBuilder::new()
         .layer(
             ConcurrencyLimitLayer::new(store.clone()).policy(ConcurrencyPolicy::new("report", 1)),
         )
-        .service_fn(|_req: Request<()>| async move {
-            tokio::task::yield_now().await;
-            panic!("handler bug");
-            #[allow(unreachable_code)]
-            Ok::<_, Infallible>(Response::new(http_body_util::Full::<Bytes>::default()))
+        .service_fn(move |_req: Request<()>| {
+            let store = handler_store.clone();
+            let held_tx = held_tx.clone();
+            async move {
+                // The handler runs holding the slot...
+                held_tx.send(store.in_flight(&key())).unwrap();
+                tokio::task::yield_now().await;
+                panic!("handler bug");
+                #[allow(unreachable_code)]
+                Ok::<_, Infallible>(Response::new(http_body_util::Full::<Bytes>::default()))
+            }
         });
     let task = tokio::spawn(svc.clone().oneshot(request()));
     assert!(task.await.unwrap_err().is_panic());
+    assert_eq!(
+        held_rx.recv().await,
+        Some(1),
+        "no slot was held while the handler ran"
+    );
+    // ...and the panic gives it back.
     assert_eq!(store.in_flight(&key()), 0);
 }
 
@@ -151,13 +165,19 @@ async fn a_disconnecting_client_gives_its_slot_back() {
     );
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let url = format!("http://{addr}/slow");
-    // The client gives up; its connection closes mid-request.
-    let impatient = client
-        .get(&url)
-        .timeout(Duration::from_millis(300))
-        .send()
-        .await;
-    assert!(impatient.unwrap_err().is_timeout());
+    // The request is in the handler, holding the slot...
+    let impatient = tokio::spawn(client.get(&url).send());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.in_flight(&key) != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never held a slot"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...when the client gives up: its connection closes mid-request.
+    impatient.abort();
+    assert!(impatient.await.unwrap_err().is_cancelled());
     // The server notices the closed connection and drops the request, slot included.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while store.in_flight(&key) != 0 {
@@ -209,4 +229,59 @@ async fn composes_with_the_rate_limiter_on_the_same_route() {
     let fourth = svc.ready().await.unwrap().call(request()).await.unwrap();
     assert_eq!(fourth.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(fourth.headers().contains_key("ratelimit"));
+}
+
+#[tokio::test]
+async fn requests_without_a_peer_address_are_handled_like_the_rate_limiter_does() {
+    use tollgate::{FailureMode, MissingKey};
+    let store = MemoryConcurrencyStore::new();
+    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel();
+    let layer = |missing: Option<MissingKey>, failure: FailureMode| {
+        let l = ConcurrencyLimitLayer::new(store.clone())
+            .policy(ConcurrencyPolicy::new("report", 1).failure_mode(failure));
+        match missing {
+            Some(m) => l.missing_key(m),
+            None => l,
+        }
+    };
+    let handler = move |_req: Request<()>| {
+        let (chunks, body) = mpsc::unbounded_channel::<Bytes>();
+        let _ = senders_tx.send(chunks);
+        async move { Ok::<_, Infallible>(Response::new(ChannelBody(body))) }
+    };
+
+    // The default: every unaddressed request shares one key, so the limit still holds.
+    let svc = ServiceBuilder::new()
+        .layer(layer(None, FailureMode::Open))
+        .service_fn(handler.clone());
+    let first = svc.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let _open_body = senders_rx.recv().await.unwrap();
+    let unaddressed = Key::new("report", "report", None, None::<&str>);
+    assert_eq!(store.in_flight(&unaddressed), 1);
+    let second = svc.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    drop(first);
+    assert_eq!(store.in_flight(&unaddressed), 0);
+
+    // Allow: through on a fail-open policy, holding no slot; 503 on a fail-closed one.
+    let svc = ServiceBuilder::new()
+        .layer(layer(Some(MissingKey::Allow), FailureMode::Open))
+        .service_fn(handler.clone());
+    let res = svc.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(!res.body().holds_slot());
+    let svc = ServiceBuilder::new()
+        .layer(layer(Some(MissingKey::Allow), FailureMode::Closed))
+        .service_fn(handler.clone());
+    let res = svc.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.headers().contains_key("retry-after"));
+
+    // Reject: 500.
+    let svc = ServiceBuilder::new()
+        .layer(layer(Some(MissingKey::Reject), FailureMode::Open))
+        .service_fn(handler);
+    let res = svc.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
 }

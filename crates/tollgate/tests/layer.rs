@@ -14,8 +14,8 @@ use http_body_util::{BodyExt, Full};
 use metrics_util::debugging::DebuggingRecorder;
 use tollgate::clock::ManualClock;
 use tollgate::{
-    Decision, FailureMode, MemoryStore, MissingKey, Policy, RateLimitHeaders, RateLimitLayer,
-    StoreErrorKind,
+    Decision, FailureMode, KeyScope, MemoryStore, MissingKey, Policy, RateLimitHeaders,
+    RateLimitLayer, StoreErrorKind,
 };
 use tower::{Service, ServiceBuilder, ServiceExt};
 
@@ -318,7 +318,12 @@ async fn a_cost_above_the_burst_is_an_error_not_a_stream_of_429s() {
     let store = FlakyStore::new(&ManualClock::new());
     let (calls, inner) = counting();
     let svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(store.clone()).policy(Policy::new("bulk", quota("5/s")).cost(6)))
+        .layer(
+            // A fixed cost above the burst is refused when the policy is added; a computed one
+            // can still ask for more than the burst at request time.
+            RateLimitLayer::new(store.clone())
+                .policy(Policy::new("bulk", quota("5/s")).cost_fn(|_| 6)),
+        )
         .service(inner);
     let res = svc.oneshot(request()).await.unwrap();
     assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
@@ -358,21 +363,47 @@ async fn requests_without_a_peer_address() {
     let counters = Counters::new(recorder.snapshotter());
     let _guard = metrics::set_default_local_recorder(&recorder);
 
-    let layer = |missing| {
-        RateLimitLayer::new(MemoryStore::new())
-            .policy(Policy::new("api", quota("1/m")))
-            .missing_key(missing)
+    let layer = |missing: Option<MissingKey>, failure: FailureMode| {
+        let l = RateLimitLayer::new(MemoryStore::new())
+            .policy(Policy::new("api", quota("1/m")).failure_mode(failure));
+        match missing {
+            Some(m) => l.missing_key(m),
+            None => l,
+        }
+    };
+    let statuses = |svc: &_, n: usize| {
+        let svc: &tower::util::BoxCloneService<Request<()>, Response<Full<Bytes>>, Infallible> =
+            svc;
+        let svc = svc.clone();
+        async move {
+            let mut out = Vec::new();
+            for _ in 0..n {
+                let res = svc.clone().oneshot(Request::new(())).await.unwrap();
+                out.push(res.status().as_u16());
+            }
+            out
+        }
+    };
+    let boxed = |l: RateLimitLayer<MemoryStore>| {
+        let (calls, inner) = counting();
+        let svc = ServiceBuilder::new().layer(l).service(inner);
+        (calls, tower::util::BoxCloneService::new(svc))
     };
 
-    // Allow (the default): they pass, counted as unkeyed.
-    let (calls, inner) = counting();
-    let svc = ServiceBuilder::new()
-        .layer(layer(MissingKey::Allow))
-        .service(inner);
-    for _ in 0..3 {
-        let res = svc.clone().oneshot(Request::new(())).await.unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-    }
+    // The default, Shared: all such requests share one budget. The limit holds, even for a
+    // fail-open policy.
+    let (calls, svc) = boxed(layer(None, FailureMode::Open));
+    assert_eq!(statuses(&svc, 3).await, [200, 429, 429]);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Keyed requests keep their own budget.
+    assert_eq!(
+        svc.oneshot(request()).await.unwrap().status(),
+        StatusCode::OK
+    );
+
+    // Allow: a fail-open policy lets them through, counted as unkeyed...
+    let (calls, svc) = boxed(layer(Some(MissingKey::Allow), FailureMode::Open));
+    assert_eq!(statuses(&svc, 3).await, [200, 200, 200]);
     assert_eq!(calls.load(Ordering::SeqCst), 3);
     assert_eq!(
         counters.get(
@@ -381,41 +412,99 @@ async fn requests_without_a_peer_address() {
         ),
         Some(3)
     );
-
-    // Reject: 500, the service is not called.
-    let (calls, inner) = counting();
-    let svc = ServiceBuilder::new()
-        .layer(layer(MissingKey::Reject))
-        .service(inner);
+    // ...but a fail-closed policy never silently becomes unlimited: 503, as when the store
+    // cannot decide.
+    let (calls, svc) = boxed(layer(Some(MissingKey::Allow), FailureMode::Closed));
     let res = svc.oneshot(Request::new(())).await.unwrap();
-    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.headers().contains_key("retry-after"));
+    assert_eq!(
+        res.into_body().collect().await.unwrap().to_bytes(),
+        "Service Unavailable\n"
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 0);
 
-    // Shared: all of them share one budget.
-    let (_, inner) = counting();
+    // Reject: 500, the service is not called.
+    let (calls, svc) = boxed(layer(Some(MissingKey::Reject), FailureMode::Open));
+    let res = svc.oneshot(Request::new(())).await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        res.into_body().collect().await.unwrap().to_bytes(),
+        "Internal Server Error\n"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn shadow_mode_never_changes_a_response() {
+    let recorder = DebuggingRecorder::new();
+    let counters = Counters::new(recorder.snapshotter());
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let decision = |d: &str| {
+        counters.get(
+            "ratelimit_requests_total",
+            &[("policy", "trial"), ("decision", d)],
+        )
+    };
+
+    let store = FlakyStore::new(&ManualClock::new());
+    let (calls, inner) = counting();
     let svc = ServiceBuilder::new()
-        .layer(layer(MissingKey::Shared))
+        .layer(
+            RateLimitLayer::new(store.clone())
+                .policy(
+                    Policy::new("trial", quota("2/m"))
+                        .failure_mode(FailureMode::Closed)
+                        .cost_fn(|req| if req.uri().path() == "/big" { 5 } else { 1 }),
+                )
+                .missing_key(MissingKey::Reject)
+                .shadow(true),
+        )
         .service(inner);
+    let get = |path: &str, keyed: bool| {
+        let mut req = Request::get(path).body(()).unwrap();
+        if keyed {
+            req.extensions_mut().insert(SocketAddr::from(PEER));
+        }
+        svc.clone().oneshot(req)
+    };
+    let mut got = Vec::new();
+    // Would-be 429s.
+    for _ in 0..3 {
+        let res = get("/", true).await.unwrap();
+        // A shadow policy tells clients nothing.
+        assert!(!res.headers().contains_key("ratelimit"));
+        got.push(res.status().as_u16());
+    }
+    // A would-be 413: the cost exceeds the burst.
+    got.push(get("/big", true).await.unwrap().status().as_u16());
+    // A would-be 500: no peer address under MissingKey::Reject.
+    got.push(get("/", false).await.unwrap().status().as_u16());
+    // A would-be 503: the store fails on a fail-closed policy.
+    store.fail_with(Some(StoreErrorKind::Unavailable));
+    got.push(get("/", true).await.unwrap().status().as_u16());
+    assert_eq!(got, [200; 6]);
+    assert_eq!(calls.load(Ordering::SeqCst), 6);
+    // It counted what it would have done.
+    assert_eq!(decision("allowed"), Some(2));
+    assert_eq!(decision("shadow_limited"), Some(1));
+    assert_eq!(decision("shadow_over_capacity"), Some(1));
+    assert_eq!(decision("unkeyed"), Some(1));
+    assert_eq!(decision("shadow_fail_closed"), Some(1));
+    // Let through undecided: that is what the fail-open counter counts, whatever the mode.
     assert_eq!(
-        svc.clone()
-            .oneshot(Request::new(()))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::OK
+        counters.get(
+            "ratelimit_fail_open_total",
+            &[("policy", "trial"), ("reason", "unavailable")]
+        ),
+        Some(1)
     );
     assert_eq!(
-        svc.clone()
-            .oneshot(Request::new(()))
-            .await
-            .unwrap()
-            .status(),
-        StatusCode::TOO_MANY_REQUESTS
-    );
-    // Keyed requests keep their own budget.
-    assert_eq!(
-        svc.oneshot(request()).await.unwrap().status(),
-        StatusCode::OK
+        counters.get(
+            "ratelimit_fail_closed_total",
+            &[("policy", "trial"), ("reason", "unavailable")]
+        ),
+        Some(0)
     );
 }
 
@@ -513,4 +602,151 @@ async fn fallback_decisions_are_enforced_and_counted_apart_from_fail_open() {
         ),
         Some(1)
     );
+}
+
+#[test]
+fn the_builder_refuses_what_the_file_refuses() {
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    let message = |f: &dyn Fn() -> RateLimitLayer<MemoryStore>| {
+        let err = catch_unwind(AssertUnwindSafe(f)).expect_err("accepted an invalid policy");
+        err.downcast_ref::<String>().cloned().unwrap_or_default()
+    };
+    let base = || RateLimitLayer::new(MemoryStore::new());
+    let cases: [(&dyn Fn() -> RateLimitLayer<MemoryStore>, &str); 6] = [
+        (
+            &|| base().route("/a", Policy::new("a b", quota("1/s"))),
+            "invalid policy name \"a b\"",
+        ),
+        (
+            &|| base().route("/a", Policy::new("a", quota("2/s")).cost(0)),
+            "cost 0 must be between 1 and the smallest burst (2)",
+        ),
+        (
+            &|| {
+                base().policy(
+                    Policy::new("a", quota("2/s"))
+                        .add_quota(quota("1/m"))
+                        .cost(2),
+                )
+            },
+            "cost 2 must be between 1 and the smallest burst (1)",
+        ),
+        (
+            &|| base().route("a", Policy::new("a", quota("1/s"))),
+            "route \"a\" is not a route template",
+        ),
+        (
+            &|| {
+                base()
+                    .route("/a", Policy::new("a", quota("1/s")))
+                    .route("/a", Policy::new("b", quota("1/s")))
+            },
+            "another policy already applies to any method on /a",
+        ),
+        (
+            // Two different policies under one name would share the state of the quota they
+            // have in common (1/s here) and merge their metrics.
+            &|| {
+                base()
+                    .route("/a", Policy::new("p", quota("1/s")).scope(KeyScope::Policy))
+                    .route(
+                        "/b",
+                        Policy::new("p", quota("1/s"))
+                            .add_quota(quota("5/m fixed-window"))
+                            .scope(KeyScope::Policy),
+                    )
+            },
+            "policy name \"p\" is already used by a different policy",
+        ),
+    ];
+    for (build, want) in cases {
+        let got = message(build);
+        assert!(got.contains(want), "got: {got}\nwant: {want}");
+    }
+    // The same policy on several routes is one policy: accepted.
+    let same = Policy::new("p", quota("1/s"));
+    let _ = base()
+        .route("/a", same.clone())
+        .route("/b", same.clone())
+        .policy(same);
+}
+
+#[tokio::test]
+async fn a_cost_function_cannot_make_a_request_free() {
+    let (calls, inner) = counting();
+    // A client-controlled cost that says 0: raised to 1, so the limit still holds.
+    let svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(MemoryStore::new()).policy(
+            Policy::new("batch", quota("2/m")).cost_fn(|req| {
+                req.headers()
+                    .get("x-batch-size")
+                    .and_then(|v| v.to_str().ok()?.parse().ok())
+                    .unwrap_or(1)
+            }),
+        ))
+        .service(inner);
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let mut req = request();
+        req.headers_mut()
+            .insert("x-batch-size", "0".parse().unwrap());
+        got.push(svc.clone().oneshot(req).await.unwrap().status().as_u16());
+    }
+    assert_eq!(got, [200, 200, 429, 429]);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+/// Lines a `tracing` subscriber wrote, for tests of what the layer logs.
+#[derive(Clone, Default)]
+struct LogLines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogLines {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+#[cfg(feature = "tracing")]
+#[tokio::test]
+async fn a_missing_peer_address_is_said_loudly_once() {
+    let logs = LogLines::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let (_, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(MemoryStore::new()).policy(Policy::new("api", quota("100/m"))))
+        .service(inner);
+    for _ in 0..10 {
+        svc.clone().oneshot(Request::new(())).await.unwrap();
+    }
+    let said: Vec<String> = logs
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("rate-limit-misconfigured"))
+        .collect();
+    assert_eq!(said.len(), 1, "{said:#?}");
+    assert!(said[0].contains("ERROR"), "{}", said[0]);
+    assert!(
+        said[0].contains("into_make_service_with_connect_info"),
+        "{}",
+        said[0]
+    );
+    assert!(said[0].contains("shares one budget"), "{}", said[0]);
 }

@@ -161,26 +161,41 @@ mod tests {
     }
 
     #[test]
-    fn keys_are_independent_and_threads_never_exceed_the_limit() {
+    fn threads_holding_slots_at_once_get_exactly_the_limit_and_keys_are_independent() {
+        use std::sync::Barrier;
+        use std::sync::atomic::{AtomicU32, Ordering};
         let s = MemoryConcurrencyStore::new();
-        let max = std::sync::atomic::AtomicU32::new(0);
-        let now = std::sync::atomic::AtomicU32::new(0);
+        // Six threads, two keys, a limit of 2: in each round every thread asks for a slot and
+        // holds what it got until all have asked, so the store must refuse the extra ones.
+        let (threads, rounds) = (6, 200);
+        let asked = Barrier::new(threads);
+        let counted = Barrier::new(threads);
+        let held = [AtomicU32::new(0), AtomicU32::new(0)];
+        let refused = [AtomicU32::new(0), AtomicU32::new(0)];
         std::thread::scope(|scope| {
-            for _ in 0..4 {
-                scope.spawn(|| {
-                    let key = Key::new("p", "/r", None, Some("u"));
-                    for _ in 0..2_000 {
-                        if let Acquire::Acquired { permit, .. } = acquire(&s, &key, 3) {
-                            let n = now.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                            max.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
-                            now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-                            drop(permit);
-                        }
+            for t in 0..threads {
+                let (s, asked, counted, held, refused) = (&s, &asked, &counted, &held, &refused);
+                scope.spawn(move || {
+                    let user = if t % 2 == 0 { "even" } else { "odd" };
+                    let key = Key::new("p", "/r", None, Some(user));
+                    for _ in 0..rounds {
+                        let got = acquire(s, &key, 2);
+                        match &got {
+                            Acquire::Acquired { .. } => held[t % 2].fetch_add(1, Ordering::SeqCst),
+                            Acquire::Full { .. } => refused[t % 2].fetch_add(1, Ordering::SeqCst),
+                        };
+                        asked.wait();
+                        drop(got);
+                        counted.wait();
                     }
                 });
             }
         });
-        assert!(max.into_inner() <= 3);
+        // Each key had three threads asking per round: two held, one refused, every round.
+        for k in 0..2 {
+            assert_eq!(held[k].load(Ordering::SeqCst), 2 * rounds);
+            assert_eq!(refused[k].load(Ordering::SeqCst), rounds);
+        }
         assert_eq!(s.keys(), 0);
     }
 }

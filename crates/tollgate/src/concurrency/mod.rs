@@ -45,10 +45,10 @@ use tower_service::Service;
 pub use body::ConcurrencyBody;
 pub use memory::{MemoryConcurrencyStore, MemoryPermit};
 
-use crate::key::{Key, NoUser, UserKey};
+use crate::key::{Key, MissingKey, MissingKeyWarning, NoUser, Unkeyed, UserKey};
 use crate::layer::LogThrottle;
 use crate::metrics::{Outcome, PolicyCounters};
-use crate::response::{set_retry_after, text_response};
+use crate::response::{set_retry_after, status_line, text_response};
 use crate::routes::RouteTable;
 use crate::{ClientIp, FailureMode, KeyScope, StoreError};
 
@@ -158,6 +158,7 @@ pub struct ConcurrencyLimitLayer<St, U = NoUser> {
     store: St,
     user: U,
     client_ip: ClientIp,
+    missing_key: MissingKey,
     routes: Vec<(Option<Method>, String, ConcurrencyPolicy)>,
     default: Option<ConcurrencyPolicy>,
     compiled: OnceLock<Arc<Shared<St, U>>>,
@@ -170,6 +171,7 @@ impl<St> ConcurrencyLimitLayer<St, NoUser> {
             store,
             user: NoUser,
             client_ip: ClientIp::peer(),
+            missing_key: MissingKey::default(),
             routes: Vec::new(),
             default: None,
             compiled: OnceLock::new(),
@@ -179,34 +181,83 @@ impl<St> ConcurrencyLimitLayer<St, NoUser> {
 
 impl<St, U> ConcurrencyLimitLayer<St, U> {
     /// Applies `policy` to requests whose matched route template is `template`.
+    ///
+    /// # Panics
+    ///
+    /// When the policy's name is not 1 to 64 letters, digits, `-` or `_`, the template does
+    /// not start with `/`, another policy is bound to the route, or a different policy has the
+    /// same name (see [`PolicyError`](crate::PolicyError)).
+    #[track_caller]
     pub fn route(mut self, template: impl Into<String>, policy: ConcurrencyPolicy) -> Self {
-        self.routes.push((None, template.into(), policy));
+        let template = template.into();
+        self.check(None, Some(&template), &policy);
+        self.routes.push((None, template, policy));
         self.compiled = OnceLock::new();
         self
     }
 
-    /// Applies `policy` to requests with this method on this route template.
+    /// Applies `policy` to requests with this method on this route template (`GET` also
+    /// covers `HEAD`, unless a `HEAD` entry is given).
+    ///
+    /// # Panics
+    ///
+    /// As [`route`](Self::route).
+    #[track_caller]
     pub fn route_method(
         mut self,
         method: Method,
         template: impl Into<String>,
         policy: ConcurrencyPolicy,
     ) -> Self {
-        self.routes.push((Some(method), template.into(), policy));
+        let template = template.into();
+        self.check(Some(&method), Some(&template), &policy);
+        self.routes.push((Some(method), template, policy));
         self.compiled = OnceLock::new();
         self
     }
 
     /// Applies `policy` to every request no route entry matches.
+    ///
+    /// # Panics
+    ///
+    /// As [`route`](Self::route).
+    #[track_caller]
     pub fn policy(mut self, policy: ConcurrencyPolicy) -> Self {
+        self.default = None;
+        self.check(None, None, &policy);
         self.default = Some(policy);
         self.compiled = OnceLock::new();
         self
     }
 
+    #[track_caller]
+    fn check(&self, method: Option<&Method>, route: Option<&str>, policy: &ConcurrencyPolicy) {
+        let checked = crate::policy::check_name(&policy.name).and_then(|()| {
+            crate::policy::check_binding(
+                &self.routes,
+                self.default.as_ref(),
+                ConcurrencyPolicy::name,
+                method,
+                route,
+                policy,
+            )
+        });
+        if let Err(e) = checked {
+            panic!("tollgate: {e}");
+        }
+    }
+
     /// Where the client IP comes from (default: the socket peer).
     pub fn client_ip(mut self, client_ip: ClientIp) -> Self {
         self.client_ip = client_ip;
+        self.compiled = OnceLock::new();
+        self
+    }
+
+    /// What happens to requests without a peer address (default [`MissingKey::Shared`]: they
+    /// share one key, and the first one logs an error), as for the rate limiter.
+    pub fn missing_key(mut self, missing_key: MissingKey) -> Self {
+        self.missing_key = missing_key;
         self.compiled = OnceLock::new();
         self
     }
@@ -217,6 +268,7 @@ impl<St, U> ConcurrencyLimitLayer<St, U> {
             store: self.store,
             user,
             client_ip: self.client_ip,
+            missing_key: self.missing_key,
             routes: self.routes,
             default: self.default,
             compiled: OnceLock::new(),
@@ -230,6 +282,7 @@ impl<St: Clone, U: Clone> Clone for ConcurrencyLimitLayer<St, U> {
             store: self.store.clone(),
             user: self.user.clone(),
             client_ip: self.client_ip.clone(),
+            missing_key: self.missing_key,
             routes: self.routes.clone(),
             default: self.default.clone(),
             compiled: self.compiled.clone(),
@@ -250,6 +303,8 @@ struct Shared<St, U> {
     store: St,
     user: U,
     client_ip: ClientIp,
+    missing_key: MissingKey,
+    missing_key_warning: MissingKeyWarning,
     routes: RouteTable<Compiled>,
 }
 
@@ -259,6 +314,7 @@ impl<S, St: Clone, U: Clone> Layer<S> for ConcurrencyLimitLayer<St, U> {
     fn layer(&self, inner: S) -> Self::Service {
         let shared = self.compiled.get_or_init(|| {
             crate::metrics::describe();
+            self.client_ip.log_warnings("concurrency limiter");
             let compile = |p: &ConcurrencyPolicy| {
                 Arc::new(Compiled {
                     counters: PolicyCounters::register(&p.name),
@@ -270,6 +326,8 @@ impl<S, St: Clone, U: Clone> Layer<S> for ConcurrencyLimitLayer<St, U> {
                 store: self.store.clone(),
                 user: self.user.clone(),
                 client_ip: self.client_ip.clone(),
+                missing_key: self.missing_key,
+                missing_key_warning: MissingKeyWarning::default(),
                 routes: RouteTable::build(&self.routes, self.default.as_ref(), compile),
             })
         });
@@ -345,6 +403,35 @@ where
             _ => policy.policy.name.as_str(),
         };
         let ip = shared.client_ip.client_ip(&req);
+        if ip.is_none() {
+            shared.missing_key_warning.warn(
+                "concurrency limiter",
+                &policy.policy.name,
+                shared.missing_key,
+            );
+            match shared
+                .missing_key
+                .action(policy.policy.failure == FailureMode::Open)
+            {
+                Unkeyed::Decide => {}
+                Unkeyed::Pass => {
+                    policy.counters.outcome(Outcome::Unkeyed);
+                    return ResponseFuture::calling(self.inner.call(req), None);
+                }
+                Unkeyed::Refuse(status) => {
+                    policy.counters.outcome(Outcome::Unkeyed);
+                    let mut res = text_response(status, status_line(status));
+                    if status == StatusCode::SERVICE_UNAVAILABLE {
+                        set_retry_after(res.headers_mut(), policy.policy.retry_after);
+                    }
+                    return ResponseFuture {
+                        state: State::Respond {
+                            res: Some(res.map(ResBody::from)),
+                        },
+                    };
+                }
+            }
+        }
         let user = shared.user.user_key(req.headers(), req.extensions());
         let key = Key::new(&policy.policy.name, route, ip, user);
         let acquire = shared.store.acquire(&key, policy.policy.limit());
@@ -394,6 +481,9 @@ pin_project! {
             fut: S::Future,
             // Held while the inner service works; moved into the body when it answers.
             permit: Option<St::Permit>,
+        },
+        Respond {
+            res: Option<S::Response>,
         },
     }
 }
@@ -486,6 +576,16 @@ where
                     let res = ready!(fut.poll(cx))?;
                     let permit = permit.take();
                     return Poll::Ready(Ok(res.map(|b| ConcurrencyBody::new(b, permit))));
+                }
+                StateProj::Respond { res } => {
+                    return Poll::Ready(Ok(match res.take() {
+                        Some(res) => res.map(|b| ConcurrencyBody::new(b, None)),
+                        None => refusal(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "Internal Server Error\n",
+                            None,
+                        ),
+                    }));
                 }
             }
         }

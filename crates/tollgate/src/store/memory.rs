@@ -1,6 +1,7 @@
 use std::fmt;
 use std::future::{Ready, ready};
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,19 +23,23 @@ const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 ///
 /// - **Concurrent**: keys are spread over independently locked shards, so threads deciding
 ///   different keys rarely wait on each other.
-/// - **Bounded**: each tracked quota costs one 16-byte hash and a 16-byte state (a timestamp
-///   and two counters; the key itself is not kept): a 33-byte map bucket. Keys whose state has expired are swept by the shards themselves as
-///   requests pass (every 5 seconds per shard by default); no background task and no call from
-///   the user is needed. A maximum number of keys (1 000 000 by default: at most 64 shards of
-///   32 768 buckets, 69 MB) holds even
-///   under a flood of new keys: when a shard is full it drops expired keys and, if that is not
-///   enough, the eighth of its keys closest to expiry, which are the ones whose loss loosens the
-///   limit least. Evictions are counted in `ratelimit_store_evictions_total`.
+/// - **Bounded**: each tracked quota costs one 33-byte map bucket (an 8-byte key identity, a
+///   24-byte state, a control byte; the key itself is not kept). Keys whose state has expired
+///   are swept by the shards themselves as requests pass (every 5 seconds per shard by
+///   default); no background task and no call from the user is needed. A maximum number of
+///   states (1 000 000 by default: at most 64 shards of 32 768 buckets, 69 MB) holds even
+///   under a flood of new keys.
+/// - **Floods do not free limited clients**: when a shard is full it drops expired states,
+///   then an eighth of the rest, choosing the states whose loss hands back the fewest units
+///   (a key that spent 1 of 100 goes before one that spent all of 3), and the states of
+///   clients that are limited now only when nothing else is left (then, again, those that
+///   spent the fewest units first). New keys are always tracked. Evictions are counted in
+///   `ratelimit_store_evictions_total{policy, limited}`.
 /// - **Exact**: GCRA on a monotonic clock in integer nanoseconds. The clock can be replaced for
 ///   tests with [`ManualClock`](crate::clock::ManualClock).
 ///
-/// Keys are indexed by a 128-bit hash (two randomly seeded 64-bit `ahash` hashes), so clients
-/// cannot choose keys that collide.
+/// Keys are identified by randomly seeded `ahash` hashes (64 bits pick the shard, 64 more
+/// identify the key in it), so clients cannot choose keys that collide.
 ///
 /// A memory store limits each instance separately: behind a load balancer with N instances a
 /// client gets up to N times the limit. Use the Redis store when instances must share one limit.
@@ -70,6 +75,56 @@ struct Inner<C> {
     hasher: KeyHasher,
     max_keys_per_shard: usize,
     sweep_interval_ns: u64,
+    policies: PolicyNames,
+}
+
+/// The names behind the policy tags of stored states, to label eviction counts. A tag is
+/// registered the first time a state of its policy is inserted: one atomic load per insert
+/// after that.
+struct PolicyNames {
+    seen: Box<[AtomicU64]>,
+    names: Mutex<hashbrown::HashMap<u16, Arc<str>>>,
+}
+
+impl PolicyNames {
+    fn new() -> Self {
+        PolicyNames {
+            seen: (0..(1 << 16) / 64).map(|_| AtomicU64::new(0)).collect(),
+            names: Mutex::new(hashbrown::HashMap::new()),
+        }
+    }
+
+    fn note(&self, tag: u16, name: &str) {
+        let (word, bit) = (usize::from(tag) / 64, 1u64 << (tag % 64));
+        if self.seen[word].load(Ordering::Relaxed) & bit != 0 {
+            return;
+        }
+        self.names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(tag)
+            .or_insert_with(|| Arc::from(name));
+        self.seen[word].fetch_or(bit, Ordering::Relaxed);
+    }
+
+    fn name(&self, tag: u16) -> Arc<str> {
+        self.names
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&tag)
+            .cloned()
+            .unwrap_or_else(|| Arc::from("unknown"))
+    }
+}
+
+/// FNV-1a of a policy name, folded to 16 bits. Two policies whose tags collide (1 in 65 536
+/// for a pair) have their evictions counted under the first one's name.
+fn policy_tag(name: &str) -> u16 {
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in name.as_bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    ((h >> 16) ^ h) as u16
 }
 
 /// One shard, on its own cache lines so that two threads on two shards do not share one.
@@ -79,9 +134,41 @@ struct Shard {
 }
 
 struct ShardState {
-    /// Hash of (key, quota index) -> the quota's state (see `algorithm::State`).
-    map: HashMap<Slot, State, BuildHasherDefault<PrehashedHasher>>,
+    /// Hash of (key, quota index) -> the quota's state.
+    map: HashMap<u64, Entry, BuildHasherDefault<PrehashedHasher>>,
+    /// The states whose loss would hand budget back to a client that is limited now, with the
+    /// moment that stops being so (ns). Eviction never drops them. Only limited keys have an
+    /// entry here, and it never outlives its state.
+    protected: HashMap<u64, u64, BuildHasherDefault<PrehashedHasher>>,
     next_sweep_ns: u64,
+}
+
+/// One quota's state and what eviction needs to know about it.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    state: State,
+    /// GCRA: the emission interval in microseconds, as an `f32` rounded down (24 bits of
+    /// precision at any size, so it only ever overstates the units a state holds, by less
+    /// than one in ten million); 0 for the window algorithms.
+    interval_us: f32,
+    /// A 16-bit tag of the policy's name, to count evictions per policy.
+    policy: u16,
+}
+
+impl Entry {
+    /// About how many units this state holds spent at `now`: what dropping it would hand back.
+    /// Never less than the truth.
+    fn units_at(&self, now: u64) -> u64 {
+        if self.interval_us > 0.0 {
+            let left = self.state.t.saturating_sub(now) as f64;
+            // Exact enough for an order: a u64 of nanoseconds in an f64 loses nothing below
+            // 2^53 ns (104 days), and rounding up never understates.
+            (left / (f64::from(self.interval_us) * 1_000.0)).ceil() as u64
+        } else {
+            // A fixed window's count; a sliding window's current and (at most) previous count.
+            u64::from(self.state.a) + u64::from(self.state.b)
+        }
+    }
 }
 
 impl MemoryStore<MonotonicClock> {
@@ -122,42 +209,75 @@ impl<C: Clock> MemoryStore<C> {
         StoreError::check_cost(quotas, cost)?;
         let inner = &*self.inner;
         let hash = key.hash128(&inner.hasher);
-        // The high half picks the shard, the low half indexes within it: every quota of one
-        // key lives in one shard, so one lock makes the decision atomic.
+        // The high half picks the shard, the low half identifies the key within it: every
+        // quota of one key lives in one shard, so one lock makes the decision atomic.
         let shard = &inner.shards[((hash >> 64) as usize) & inner.shard_mask];
+        let base = hash as u64;
         let mut state = lock(&shard.state);
         let now = inner.clock.now_ns();
         if now >= state.next_sweep_ns {
-            state.map.retain(|_, s| s.t > now);
+            state.map.retain(|_, e| e.state.t > now);
+            state.protected.retain(|_, until| *until > now);
             state.next_sweep_ns = now.saturating_add(inner.sweep_interval_ns);
         }
 
         let mut evals: SmallVec<[Eval; 2]> = SmallVec::with_capacity(quotas.len());
+        // States this request would add (an allowed request writes; a zero-cost peek at a
+        // key with no state writes nothing, and must not make room by evicting others).
         let mut new_entries = 0;
-        for (i, quota) in quotas.iter().enumerate() {
-            let stored = state.map.get(&entry_key(hash, i)).copied();
-            new_entries += usize::from(stored.is_none());
+        for quota in quotas {
+            let stored = state.map.get(&entry_key(base, quota)).map(|e| e.state);
             let offset = algorithm::window_offset(key, quota);
-            evals.push(algorithm::eval(quota, now, stored, cost, offset));
+            let e = algorithm::eval(quota, now, stored, cost, offset);
+            new_entries += usize::from(stored.is_none() && e.write.is_some());
+            evals.push(e);
         }
         let allowed = evals.iter().all(|e| e.allowed);
+        let mut evicted = Evicted::default();
         if allowed {
             if new_entries > 0 && state.map.len() + new_entries > inner.max_keys_per_shard {
-                make_room(&mut state, now, inner.max_keys_per_shard, new_entries);
+                evicted = make_room(&mut state, now, inner.max_keys_per_shard, new_entries);
             }
-            for (i, e) in evals.iter().enumerate() {
-                if let Some(write) = e.write {
-                    let slot = entry_key(hash, i);
-                    match state.map.get_mut(&slot) {
-                        Some(stored) => *stored = write,
-                        None => {
-                            state.map.insert(slot, write);
-                        }
+            let tag = (new_entries > 0).then(|| policy_tag(key.policy()));
+            for (quota, e) in quotas.iter().zip(&evals) {
+                let Some(write) = e.write else { continue };
+                let slot = entry_key(base, quota);
+                match state.map.get_mut(&slot) {
+                    Some(stored) => stored.state = write,
+                    None => {
+                        state.map.insert(
+                            slot,
+                            Entry {
+                                state: write,
+                                interval_us: interval_us(quota),
+                                policy: tag.unwrap_or(0),
+                            },
+                        );
                     }
                 }
+                if e.spent.remaining == 0 {
+                    // Spent: the next request of this key is refused until one unit is back.
+                    // Dropping the state before then would hand that client a fresh budget.
+                    let offset = algorithm::window_offset(key, quota);
+                    let wait = algorithm::eval(quota, now, Some(write), 1, offset)
+                        .unspent
+                        .retry_after_ns;
+                    protect(&mut state, slot, now.saturating_add(wait));
+                }
+            }
+            if let Some(tag) = tag {
+                inner.policies.note(tag, key.policy());
+            }
+        } else if cost > 1 {
+            // A request refused for its cost, though cheaper ones may pass: its client is
+            // limited for that cost until the wait runs out.
+            for (quota, e) in quotas.iter().zip(&evals).filter(|(_, e)| !e.allowed) {
+                let until = now.saturating_add(e.unspent.retry_after_ns);
+                protect(&mut state, entry_key(base, quota), until);
             }
         }
         drop(state);
+        evicted.count(&inner.policies);
 
         Ok(Decision::from_states(quotas.iter().zip(&evals).map(
             |(quota, e)| {
@@ -171,6 +291,21 @@ impl<C: Clock> MemoryStore<C> {
                 )
             },
         )))
+    }
+
+    /// Forgets `key`'s state under `quotas`: its next request starts with a full budget. For
+    /// operators unblocking a client (see docs/operations.md).
+    pub fn reset(&self, key: &Key<'_>, quotas: &[Quota]) {
+        let inner = &*self.inner;
+        let hash = key.hash128(&inner.hasher);
+        let shard = &inner.shards[((hash >> 64) as usize) & inner.shard_mask];
+        let base = hash as u64;
+        let mut state = lock(&shard.state);
+        for quota in quotas {
+            let slot = entry_key(base, quota);
+            state.map.remove(&slot);
+            state.protected.remove(&slot);
+        }
     }
 
     /// The number of quota states held (one per key and quota), expired or not.
@@ -193,32 +328,45 @@ impl<C: Clock> MemoryStore<C> {
         let now = self.inner.clock.now_ns();
         for shard in self.inner.shards.iter() {
             let mut state = lock(&shard.state);
-            state.map.retain(|_, s| s.t > now);
+            state.map.retain(|_, e| e.state.t > now);
             state.map.shrink_to_fit();
+            state.protected.retain(|_, until| *until > now);
+            state.protected.shrink_to_fit();
         }
     }
 }
 
-/// A 128-bit hash as two `u64`s: a `u128` would be 16-byte aligned and make every map bucket
-/// 32 bytes instead of 24.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Slot {
-    lo: u64,
-    hi: u64,
+/// The map key of `quota`'s state for the key whose identity in its shard is `base`: a 64-bit
+/// keyed hash (the shard was picked by the other, independent 64 bits) mixed with the quota's
+/// fingerprint, so a state belongs to the quota itself, not to its place in the policy.
+/// Accidental collisions are about one in 10^9 at a million keys; deliberate ones need the
+/// random seeds.
+fn entry_key(base: u64, quota: &Quota) -> u64 {
+    base ^ quota.fingerprint()
 }
 
-impl std::hash::Hash for Slot {
-    fn hash<H: Hasher>(&self, state: &mut H) {
-        state.write_u64(self.lo);
+/// The emission interval of a GCRA quota in microseconds, rounded down to an `f32`; 0 for
+/// windows.
+fn interval_us(quota: &Quota) -> f32 {
+    match quota.algorithm_kind() {
+        crate::Algorithm::FixedWindow | crate::Algorithm::SlidingWindow => 0.0,
+        _ => {
+            let exact = quota.emission_interval().as_micros() as f64;
+            let rounded = exact as f32;
+            if f64::from(rounded) > exact {
+                // The next f32 below: never above the true interval.
+                f32::from_bits(rounded.to_bits() - 1)
+            } else {
+                rounded
+            }
+        }
     }
 }
 
-fn entry_key(hash: u128, quota_index: usize) -> Slot {
-    let hash = hash ^ quota_index as u128;
-    Slot {
-        lo: hash as u64,
-        hi: (hash >> 64) as u64,
-    }
+/// Marks a state as one whose client is limited until `until`.
+fn protect(state: &mut ShardState, slot: u64, until: u64) {
+    let stored = state.protected.entry(slot).or_insert(until);
+    *stored = (*stored).max(until);
 }
 
 /// A poisoned shard only means a thread panicked while holding it; its map is still a valid
@@ -227,21 +375,77 @@ fn lock(m: &Mutex<ShardState>) -> MutexGuard<'_, ShardState> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-#[cold]
-fn make_room(state: &mut ShardState, now: u64, cap: usize, needed: usize) {
-    let before = state.map.len();
-    state.map.retain(|_, s| s.t > now);
-    if state.map.len() + needed > cap {
-        // Still full of live keys (a flood of new clients): drop the eighth closest to expiry.
-        let mut expiries: Vec<u64> = state.map.values().map(|s| s.t).collect();
-        let evict = (expiries.len() / 8).max(needed).min(expiries.len());
-        if evict > 0 {
-            let (_, &mut threshold, _) = expiries.select_nth_unstable(evict - 1);
-            state.map.retain(|_, s| s.t > threshold);
+/// What one `make_room` dropped: how many states, by policy tag and by whether their client
+/// was limited.
+#[derive(Default)]
+struct Evicted {
+    by_policy: SmallVec<[(u16, bool, u64); 4]>,
+}
+
+impl Evicted {
+    /// Counts the evictions in `ratelimit_store_evictions_total{policy, limited}` (outside the
+    /// lock).
+    fn count(&self, names: &PolicyNames) {
+        for &(tag, limited, n) in &self.by_policy {
+            crate::metrics::store_evictions(&names.name(tag), limited, n);
         }
     }
-    let evicted = before - state.map.len();
-    crate::metrics::store_evictions(evicted as u64);
+}
+
+/// Makes room for `needed` new states in a full shard.
+///
+/// First every expired state goes. If that is not enough (a flood of new keys), an eighth of
+/// the shard goes, in this order:
+///
+/// 1. states whose client is not limited now, those whose loss hands back the fewest units
+///    first (a key that spent 1 of 100 before one that spent all of 3), then the one that would
+///    expire first;
+/// 2. only when nothing else is left, states of clients limited now, again those that spent the
+///    fewest units first, then the one whose limit ends soonest.
+///
+/// So a flood never frees a limited client while the shard holds anything else, and when it
+/// holds nothing but limited clients, freeing one costs a flood that spent as much as that
+/// client did on every key of the shard. New keys are always tracked (and limited).
+#[cold]
+fn make_room(state: &mut ShardState, now: u64, cap: usize, needed: usize) -> Evicted {
+    let mut evicted = Evicted::default();
+    state.map.retain(|_, e| e.state.t > now);
+    state.protected.retain(|_, until| *until > now);
+    if state.map.len() + needed <= cap {
+        return evicted;
+    }
+    let protected = &state.protected;
+    let mut candidates: Vec<(bool, u64, u64, u64)> = state
+        .map
+        .iter()
+        .map(|(slot, e)| {
+            let limited_until = protected.get(slot).copied();
+            (
+                limited_until.is_some(),
+                e.units_at(now),
+                limited_until.unwrap_or(e.state.t),
+                *slot,
+            )
+        })
+        .collect();
+    let evict = (state.map.len() / 8).max(needed).min(candidates.len());
+    if evict > 0 {
+        candidates.select_nth_unstable(evict - 1);
+    }
+    for &(limited, _, _, slot) in &candidates[..evict] {
+        if let Some(e) = state.map.remove(&slot) {
+            state.protected.remove(&slot);
+            match evicted
+                .by_policy
+                .iter_mut()
+                .find(|(tag, l, _)| *tag == e.policy && *l == limited)
+            {
+                Some((_, _, n)) => *n += 1,
+                None => evicted.by_policy.push((e.policy, limited, 1)),
+            }
+        }
+    }
+    evicted
 }
 
 impl<C: Clock> Store for MemoryStore<C> {
@@ -291,7 +495,8 @@ pub struct MemoryStoreBuilder<C> {
 impl<C: Clock> MemoryStoreBuilder<C> {
     /// The most quota states the store holds (default 1 000 000). Each shard's map has a
     /// power-of-two number of 33-byte buckets, at most 7/8 full: about 38 to 76 bytes per state,
-    /// 69 MB at the default. Values below the number of shards are raised to it.
+    /// 69 MB at the default (plus 17 bytes for each state of a client that is limited now).
+    /// Values below the number of shards are raised to it.
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys;
         self
@@ -330,6 +535,7 @@ impl<C: Clock> MemoryStoreBuilder<C> {
             .map(|_| Shard {
                 state: Mutex::new(ShardState {
                     map: HashMap::default(),
+                    protected: HashMap::default(),
                     next_sweep_ns: sweep_interval_ns,
                 }),
             })
@@ -342,6 +548,7 @@ impl<C: Clock> MemoryStoreBuilder<C> {
                 hasher: KeyHasher::new(),
                 max_keys_per_shard,
                 sweep_interval_ns,
+                policies: PolicyNames::new(),
             }),
         }
     }
@@ -468,15 +675,400 @@ mod tests {
     fn a_flood_of_new_keys_cannot_grow_the_store_past_its_maximum() {
         let clock = ManualClock::new();
         let s = store(&clock, 1000);
-        // Long-lived state: one per day.
-        let q = [Quota::per_day(1).unwrap()];
+        // Long-lived state that is not limited: 5 per day, one spent each.
+        let q = [Quota::per_day(5).unwrap()];
         for i in 0..100_000 {
             clock.advance(Duration::from_micros(1));
             assert!(s.decide(&key(i), &q, 1).unwrap().is_allowed());
             assert!(s.len() <= 1000, "{} keys after {} inserts", s.len(), i + 1);
         }
-        // The most recent clients are still limited: eviction drops the oldest state.
-        assert!(s.decide(&key(99_999), &q, 1).unwrap().is_limited());
+        // Among equals the oldest go first: the most recent clients are still tracked.
+        assert_eq!(s.decide(&key(99_999), &q, 1).unwrap().remaining(), 3);
+    }
+
+    #[test]
+    fn a_flood_never_hands_a_limited_client_its_budget_back() {
+        // The reproduced attack: login 3/1m spent by one client, then a flood of new addresses
+        // on a 100/1d route. The login states expire first, but they are the ones whose loss
+        // would free a limited client.
+        let clock = ManualClock::new();
+        let s = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_keys(200)
+            .shards(1)
+            .build();
+        let login = [Quota::per_minute(3).unwrap()];
+        let daily = [Quota::per_day(100).unwrap()];
+        let victim = Key::new(
+            "login",
+            "/login",
+            Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1))),
+            None::<&str>,
+        );
+        for _ in 0..3 {
+            assert!(s.decide(&victim, &login, 1).unwrap().is_allowed());
+        }
+        assert!(s.decide(&victim, &login, 1).unwrap().is_limited());
+        // A key that spent 90 of 100 (not limited) is worth more than keys that spent 1.
+        let heavy = Key::new(
+            "daily",
+            "/export",
+            Some(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 2))),
+            None::<&str>,
+        );
+        for _ in 0..90 {
+            assert!(s.decide(&heavy, &daily, 1).unwrap().is_allowed());
+        }
+        // Each flood key spends 5 units: more than the login state holds (3), so only the
+        // rule "never a limited client" keeps the login state, not the order by units.
+        for i in 0..10_000u32 {
+            let k = Key::new(
+                "daily",
+                "/export",
+                Some(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))),
+                None::<&str>,
+            );
+            assert!(s.decide(&k, &daily, 5).unwrap().is_allowed());
+            assert!(s.len() <= 200);
+        }
+        assert!(s.decide(&victim, &login, 1).unwrap().is_limited());
+        assert_eq!(s.decide(&heavy, &daily, 1).unwrap().remaining(), 9);
+        // Once its wait is over the login state is an ordinary one again: one unit back.
+        clock.advance(Duration::from_secs(20));
+        assert_eq!(s.decide(&victim, &login, 1).unwrap().remaining(), 0);
+    }
+
+    #[test]
+    fn a_refusal_for_cost_protects_the_state_too() {
+        let s = MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(8)
+            .shards(1)
+            .build();
+        let q = [Quota::per_hour(10).unwrap()];
+        // 8 of 10 spent: a request of cost 5 is refused, though cost 1 would pass.
+        let k = key(1);
+        assert!(s.decide(&k, &q, 8).unwrap().is_allowed());
+        assert!(s.decide(&k, &q, 5).unwrap().is_limited());
+        for i in 2..100 {
+            // Each new key spends 9 of 10, more than k's 8: k would be the first to go if its
+            // refusal did not protect it.
+            let _ = s.decide(&key(i), &q, 9);
+        }
+        assert!(s.decide(&k, &q, 5).unwrap().is_limited());
+    }
+
+    #[test]
+    fn when_only_limited_clients_are_left_those_that_spent_least_go_first() {
+        let s = MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(10)
+            .shards(1)
+            .build();
+        // A client that spent all of 3 per hour, and nine that spent all of 1 per hour: the
+        // shard holds nothing but limited clients.
+        let three = [Quota::per_hour(3).unwrap()];
+        let one = [Quota::per_hour(1).unwrap()];
+        let victim = key(1_000);
+        for _ in 0..3 {
+            assert!(s.decide(&victim, &three, 1).unwrap().is_allowed());
+        }
+        for i in 0..9 {
+            assert!(s.decide(&key(i), &one, 1).unwrap().is_allowed());
+        }
+        // A flood of new keys that each spend 1 of 1: every one is tracked (and limited), and
+        // makes room by dropping a client that spent 1, never the one that spent 3.
+        for i in 100..1_100 {
+            let k = key(i);
+            assert!(s.decide(&k, &one, 1).unwrap().is_allowed());
+            assert!(
+                s.decide(&k, &one, 1).unwrap().is_limited(),
+                "key {i} not tracked"
+            );
+            assert!(s.len() <= 10);
+        }
+        assert!(s.decide(&victim, &three, 1).unwrap().is_limited());
+    }
+
+    #[test]
+    fn evictions_are_counted_per_policy() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let clock = ManualClock::new();
+        let s = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_keys(96)
+            .shards(1)
+            .build();
+        let q = [Quota::per_hour(10).unwrap()];
+        // 48 states of "alpha" and 48 of "beta" that spent 1 unit each, then a flood of
+        // "flood" states that spend 2: the 1-unit states go, as many of each policy as the
+        // flood needed; none of "flood".
+        for i in 0..96 {
+            let policy = if i % 2 == 0 { "alpha" } else { "beta" };
+            let k = Key::new(
+                policy,
+                "/a",
+                Some(IpAddr::V4(Ipv4Addr::from(i))),
+                None::<&str>,
+            );
+            s.decide(&k, &q, 1).unwrap();
+        }
+        for i in 0..40 {
+            clock.advance(Duration::from_micros(1));
+            let k = Key::new(
+                "flood",
+                "/b",
+                Some(IpAddr::V4(Ipv4Addr::from(i))),
+                None::<&str>,
+            );
+            s.decide(&k, &q, 2).unwrap();
+        }
+        let mut counted = std::collections::HashMap::new();
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            if let DebugValue::Counter(n) = value {
+                if key.key().name() == crate::metrics::STORE_EVICTIONS_TOTAL {
+                    let label = |name| {
+                        key.key()
+                            .labels()
+                            .find(|l| l.key() == name)
+                            .map(|l| l.value().to_owned())
+                            .unwrap()
+                    };
+                    *counted
+                        .entry((label("policy"), label("limited")))
+                        .or_insert(0) += n;
+                }
+            }
+        }
+        let of = |p: &str| {
+            counted
+                .get(&(p.to_owned(), "false".to_owned()))
+                .copied()
+                .unwrap_or(0)
+        };
+        assert!(of("alpha") > 0 && of("beta") > 0, "{counted:?}");
+        assert_eq!(of("flood"), 0, "{counted:?}");
+        assert!(
+            counted.keys().all(|(_, limited)| limited == "false"),
+            "{counted:?}"
+        );
+        // Every eviction is counted, under the right policy: the store's size says how many.
+        let evicted = of("alpha") + of("beta");
+        assert_eq!(s.len() as u64, 96 + 40 - evicted);
+        let alpha_left = (0..96u32)
+            .filter(|i| i % 2 == 0)
+            .filter(|&i| {
+                let k = Key::new(
+                    "alpha",
+                    "/a",
+                    Some(IpAddr::V4(Ipv4Addr::from(i))),
+                    None::<&str>,
+                );
+                s.decide(&k, &q, 0).unwrap().remaining() < 10
+            })
+            .count() as u64;
+        assert_eq!(alpha_left, 48 - of("alpha"));
+    }
+
+    #[test]
+    fn reset_forgets_a_key_under_its_quotas_and_nothing_else() {
+        let clock = ManualClock::new();
+        let s = store(&clock, 100);
+        let q = [Quota::per_hour(2).unwrap(), Quota::per_day(5).unwrap()];
+        for k in [key(1), key(2)] {
+            for _ in 0..2 {
+                assert!(s.decide(&k, &q, 1).unwrap().is_allowed());
+            }
+            assert!(s.decide(&k, &q, 1).unwrap().is_limited());
+        }
+        s.reset(&key(1), &q);
+        let d = s.decide(&key(1), &q, 1).unwrap();
+        assert_eq!(d.states()[0].remaining(), 1);
+        assert_eq!(d.states()[1].remaining(), 4);
+        assert!(s.decide(&key(2), &q, 1).unwrap().is_limited());
+        // Reset under one quota only: the other keeps its count.
+        s.reset(&key(2), &q[..1]);
+        let d = s.decide(&key(2), &q, 1).unwrap();
+        assert_eq!(
+            (d.states()[0].remaining(), d.states()[1].remaining()),
+            (1, 2)
+        );
+    }
+
+    #[test]
+    fn sweep_drops_what_has_expired_and_nothing_else() {
+        let clock = ManualClock::new();
+        let s = store(&clock, 100);
+        assert!(s.is_empty());
+        let short = [Quota::per_second(1).unwrap()];
+        let long = [Quota::per_hour(1).unwrap()];
+        for i in 0..10 {
+            s.decide(&key(i), if i < 7 { &short } else { &long }, 1)
+                .unwrap();
+        }
+        assert_eq!(s.len(), 10);
+        assert!(!s.is_empty());
+        // The short states are worthless one second on, to the nanosecond.
+        clock.advance(Duration::from_nanos(999_999_999));
+        s.sweep();
+        assert_eq!(s.len(), 10);
+        clock.advance(Duration::from_nanos(1));
+        s.sweep();
+        assert_eq!(s.len(), 3);
+        clock.advance(Duration::from_secs(3600));
+        s.sweep();
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn the_debug_form_names_the_shape() {
+        let s = MemoryStore::builder().shards(4).max_keys(100).build();
+        assert_eq!(
+            format!("{s:?}"),
+            "MemoryStore { shards: 4, max_keys: 100, .. }"
+        );
+    }
+
+    #[test]
+    fn a_full_shard_drops_an_eighth_of_its_states() {
+        let s = MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(96)
+            .shards(1)
+            .build();
+        let q = [Quota::per_day(10).unwrap()];
+        for i in 0..96 {
+            s.decide(&key(i), &q, 1).unwrap();
+        }
+        assert_eq!(s.len(), 96);
+        s.decide(&key(1_000), &q, 1).unwrap();
+        // 96 / 8 = 12 dropped, one added.
+        assert_eq!(s.len(), 96 - 12 + 1);
+    }
+
+    #[test]
+    fn eviction_hands_back_the_fewest_units_whatever_the_algorithm() {
+        let clock = ManualClock::new();
+        let s = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_keys(8)
+            .shards(1)
+            .build();
+        let gcra = [Quota::per_day(100).unwrap()];
+        let fixed = [q("100/d fixed-window")];
+        let sliding = [q("100/d sliding-window")];
+        // A GCRA key spends all 8 units of 8/day (T = 3 h) seven hours before the flood: by
+        // then it holds ceil(17 h / 3 h) = 6. The units each key holds at the flood:
+        let spent_early = [Quota::per_day(8).unwrap()];
+        s.decide(&key(100), &spent_early, 8).unwrap();
+        clock.advance(Duration::from_secs(7 * 3600));
+        let keys: [(u32, &[Quota], u32); 7] = [
+            (101, &gcra, 7),
+            (102, &fixed, 2),
+            (103, &sliding, 5),
+            (104, &gcra, 1),
+            (105, &fixed, 8),
+            (106, &sliding, 3),
+            (107, &gcra, 4),
+        ];
+        for (k, q, cost) in keys {
+            s.decide(&key(k), q, cost).unwrap();
+        }
+        assert_eq!(s.len(), 8);
+        // Each new key (spending 9 units) makes room by dropping the state that holds fewest.
+        let order: Vec<u32> = (0..8)
+            .map(|i| {
+                let before: Vec<u32> = (100..108)
+                    .filter(|k| held(&s, *k, &keys, &spent_early))
+                    .collect();
+                s.decide(&key(1_000 + i), &gcra, 9).unwrap();
+                let after: Vec<u32> = (100..108)
+                    .filter(|k| held(&s, *k, &keys, &spent_early))
+                    .collect();
+                assert_eq!(
+                    before.len(),
+                    after.len() + 1,
+                    "step {i}: {before:?} -> {after:?}"
+                );
+                *before.iter().find(|k| !after.contains(k)).unwrap()
+            })
+            .collect();
+        // 1, 2, 3, 4, 5, 6 (the decayed 8), 7, 8 units.
+        assert_eq!(order, [104, 102, 106, 107, 103, 100, 101, 105]);
+    }
+
+    /// Whether the store still holds state for `k` (a zero-cost peek says what it holds).
+    fn held(
+        s: &MemoryStore<ManualClock>,
+        k: u32,
+        keys: &[(u32, &[Quota], u32)],
+        early: &[Quota],
+    ) -> bool {
+        let quotas = keys
+            .iter()
+            .find(|(id, _, _)| *id == k)
+            .map_or(early, |(_, q, _)| q);
+        let d = s.decide(&key(k), quotas, 0).unwrap();
+        d.remaining() < quotas[0].burst_size()
+    }
+
+    fn q(s: &str) -> Quota {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn distinct_keys_never_share_a_budget_at_scale() {
+        // 300 000 keys under one quota each get their own budget. A key identity much weaker
+        // than 64 bits would make two of them share one here.
+        let s = MemoryStore::builder().max_keys(400_000).build();
+        let q = [Quota::per_hour(1).unwrap()];
+        for i in 0..300_000u32 {
+            assert!(
+                s.decide(&key(i), &q, 1).unwrap().is_allowed(),
+                "key {i} shared a budget"
+            );
+        }
+        assert_eq!(s.len(), 300_000);
+    }
+
+    #[test]
+    fn an_entry_never_understates_the_interval_it_rounds() {
+        for text in ["1/s", "3/s", "7/m", "8/d", "1/366d", "999999/s", "13/7s"] {
+            let quota: Quota = text.parse().unwrap();
+            let stored = f64::from(interval_us(&quota));
+            let exact = quota.emission_interval().as_micros() as f64;
+            assert!(
+                stored <= exact && stored > exact * (1.0 - 1e-7),
+                "{text}: {stored} vs {exact}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_state_takes_32_bytes_and_a_control_byte() {
+        // What docs/operations.md and the builder's docs promise per state.
+        assert_eq!(std::mem::size_of::<(u64, Entry)>(), 32);
+    }
+
+    #[test]
+    fn a_zero_cost_peek_at_an_unknown_key_evicts_nothing() {
+        let s = MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(8)
+            .shards(1)
+            .build();
+        let q = [Quota::per_day(10).unwrap()];
+        for i in 0..8 {
+            s.decide(&key(i), &q, 1).unwrap();
+        }
+        for i in 100..200 {
+            assert_eq!(s.decide(&key(i), &q, 0).unwrap().remaining(), 10);
+        }
+        assert_eq!(s.len(), 8);
+        assert!((0..8).all(|i| s.decide(&key(i), &q, 0).unwrap().remaining() == 9));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::error::Error;
 use std::fmt;
 use std::future::Future;
 
+pub use crate::key::OwnedKey;
 pub use memory::MemoryStore;
 
 /// A key's window offset in milliseconds for a window quota (0 for GCRA): where its windows
