@@ -5,10 +5,22 @@
 -- ARGV[2]  the lease id (unique per request)
 -- ARGV[3]  the lease length (ms)
 -- ARGV[4]  the limit (acquire only)
+-- ARGV[5]  acquire only: a deadline in ms of the server's clock, or -1. The caller gives up
+--          then: an acquire that runs later (a server thawing from a freeze) takes no slot and
+--          answers { -1, held, now }.
 --
--- Returns {ok, leases held after the call}. Expired leases (held by an instance that died or
+-- Returns {ok, leases held after the call, now (ms)}. Expired leases (held by an instance that died or
 -- stopped renewing) are dropped first, so their slots come back by themselves. Check and take
 -- happen in this one script: two instances cannot both take the last slot.
+--
+-- The set expires with its longest lease (PEXPIREAT to its highest score), so a lease is never
+-- cut short by another instance's shorter one (a rolling deploy that changes the lease length).
+-- A key this script did not write (another type) is replaced; a lease claiming to outlive a
+-- day (no lease is that long) is dropped.
+
+if redis.replicate_commands then
+  pcall(redis.replicate_commands)
+end
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -16,28 +28,44 @@ local key = KEYS[1]
 local op = ARGV[1]
 local id = ARGV[2]
 local lease = tonumber(ARGV[3])
+local max_lease = 86400000
 
-redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+local swept = redis.pcall('ZREMRANGEBYSCORE', key, '-inf', now)
+if type(swept) == 'table' and swept.err then
+  redis.call('DEL', key)
+end
+redis.call('ZREMRANGEBYSCORE', key, '(' .. string.format('%.0f', now + max_lease), '+inf')
+
+-- The set lives exactly as long as its longest lease.
+local function expire_with_longest()
+  local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+  if top[2] then
+    redis.call('PEXPIREAT', key, string.format('%.0f', tonumber(top[2])))
+  end
+end
 
 if op == 'acquire' then
   local limit = tonumber(ARGV[4])
+  local deadline = tonumber(ARGV[5] or '-1')
   local held = redis.call('ZCARD', key)
-  if held >= limit then
-    return { 0, held }
+  if deadline >= 0 and now > deadline then
+    return { -1, held, now }
   end
-  redis.call('ZADD', key, now + lease, id)
-  -- Every lease has the same length, so the newest one expires last: the set may go with it.
-  redis.call('PEXPIRE', key, lease)
-  return { 1, held + 1 }
+  if held >= limit then
+    return { 0, held, now }
+  end
+  redis.call('ZADD', key, string.format('%.0f', now + lease), id)
+  expire_with_longest()
+  return { 1, held + 1, now }
 elseif op == 'renew' then
   if not redis.call('ZSCORE', key, id) then
     -- Expired before it was renewed: the slot may already be someone else's.
-    return { 0, redis.call('ZCARD', key) }
+    return { 0, redis.call('ZCARD', key), now }
   end
-  redis.call('ZADD', key, 'XX', now + lease, id)
-  redis.call('PEXPIRE', key, lease)
-  return { 1, redis.call('ZCARD', key) }
+  redis.call('ZADD', key, 'XX', string.format('%.0f', now + lease), id)
+  expire_with_longest()
+  return { 1, redis.call('ZCARD', key), now }
 else
   redis.call('ZREM', key, id)
-  return { 1, redis.call('ZCARD', key) }
+  return { 1, redis.call('ZCARD', key), now }
 end

@@ -52,13 +52,13 @@ struct LeaseIds {
 }
 
 impl RedisStore {
-    /// A concurrency store on the same connection, with leases of `lease` (at least 100 ms;
+    /// A concurrency store on the same connection, with leases of `lease` (100 ms to one day;
     /// 30 s is a sensible default: long enough to ride out a slow renewal, short enough that a
     /// dead instance's slots come back soon).
     pub fn concurrency(&self, lease: Duration) -> RedisConcurrencyStore {
         RedisConcurrencyStore {
             inner: Arc::clone(&self.inner),
-            lease: lease.max(Duration::from_millis(100)),
+            lease: lease.clamp(Duration::from_millis(100), Duration::from_secs(86_400)),
             ids: Arc::new(LeaseIds {
                 instance: RandomState::new().hash_one(std::process::id()),
                 next: AtomicU64::new(0),
@@ -89,7 +89,19 @@ impl fmt::Debug for RedisConcurrencyStore {
 
 type AcquireFuture = Pin<Box<dyn Future<Output = Result<Acquire<RedisPermit>, StoreError>> + Send>>;
 
-/// Runs one operation of the lease script within the store's deadline.
+/// What the lease script answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lease {
+    /// Done (acquired, renewed, released); this many leases are held now.
+    Done(u32),
+    /// Not done (every slot taken; or, for a renewal, the lease had expired).
+    Refused(u32),
+    /// An acquire that ran after its deadline: nothing was taken.
+    Late,
+}
+
+/// Runs one operation of the lease script within the store's deadline. An acquire carries a
+/// deadline on the server's clock, past which the script takes nothing.
 async fn lease_op(
     inner: &Arc<Inner>,
     key: String,
@@ -97,8 +109,19 @@ async fn lease_op(
     id: String,
     lease_ms: i64,
     limit: i64,
-) -> Result<(bool, u32), StoreError> {
-    let args: Vec<Value> = vec![op.into(), id.into(), lease_ms.into(), limit.into()];
+) -> Result<Lease, StoreError> {
+    let sent = inner.local_us();
+    let deadline_ms = match inner.server_clock.deadline(sent, inner.timeout_us()) {
+        d if d < 0 || op != "acquire" => -1,
+        d => d / 1_000,
+    };
+    let args: Vec<Value> = vec![
+        op.into(),
+        id.into(),
+        lease_ms.into(),
+        limit.into(),
+        deadline_ms.into(),
+    ];
     let call = inner.eval_script(
         &inner.concurrency_script,
         CONCURRENCY_SCRIPT,
@@ -110,20 +133,38 @@ async fn lease_op(
         Ok(Err(e)) => return Err(classify(e)),
         Ok(Ok(reply)) => reply,
     };
-    match reply {
-        Value::Array(v) => match v.as_slice() {
-            [Value::Integer(ok @ (0 | 1)), Value::Integer(held)] if *held >= 0 => {
-                Ok((*ok == 1, u32::try_from(*held).unwrap_or(u32::MAX)))
-            }
-            _ => Err(StoreError::with_source(
-                StoreErrorKind::InvalidResponse,
-                format!("concurrency script reply: {v:?}"),
-            )),
-        },
-        other => Err(StoreError::with_source(
+    let invalid = || {
+        StoreError::with_source(
             StoreErrorKind::InvalidResponse,
-            format!("concurrency script reply: {other:?}"),
-        )),
+            format!("concurrency script reply: {reply:?}"),
+        )
+    };
+    let Value::Array(v) = &reply else {
+        return Err(invalid());
+    };
+    let [
+        Value::Integer(status),
+        Value::Integer(held),
+        Value::Integer(now_ms),
+    ] = v.as_slice()
+    else {
+        return Err(invalid());
+    };
+    if *held < 0 || *now_ms < 0 {
+        return Err(invalid());
+    }
+    // The server's clock in whole ms: the truth lies within the millisecond.
+    inner.server_clock.sample(
+        sent.saturating_sub(500),
+        inner.local_us().saturating_add(500),
+        now_ms.saturating_mul(1_000).saturating_add(500),
+    );
+    let held = u32::try_from(*held).unwrap_or(u32::MAX);
+    match status {
+        1 => Ok(Lease::Done(held)),
+        0 => Ok(Lease::Refused(held)),
+        -1 => Ok(Lease::Late),
+        _ => Err(invalid()),
     }
 }
 
@@ -148,6 +189,15 @@ impl ConcurrencyStore for RedisConcurrencyStore {
         let lease = self.lease;
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX);
         Box::pin(async move {
+            // From here until the answer is in hand, a lease may be taken with nobody to hold
+            // it (the call timed out, or this future was dropped after the command was sent):
+            // the guard then gives it back, best effort. The deadline sent with the call keeps
+            // a late acquire from taking anything at all.
+            let pending = PendingLease {
+                inner: Some(Arc::clone(&inner)),
+                key: redis_key.clone(),
+                id: id.clone(),
+            };
             let started = Instant::now();
             let result = lease_op(
                 &inner,
@@ -160,7 +210,8 @@ impl ConcurrencyStore for RedisConcurrencyStore {
             .await;
             inner.metrics.duration(started.elapsed());
             match result {
-                Ok((true, in_flight)) => {
+                Ok(Lease::Done(in_flight)) => {
+                    pending.disarm();
                     inner.succeeded();
                     let renew = tokio::spawn(renew(
                         Arc::clone(&inner),
@@ -178,17 +229,66 @@ impl ConcurrencyStore for RedisConcurrencyStore {
                         in_flight,
                     })
                 }
-                Ok((false, in_flight)) => {
+                Ok(Lease::Refused(in_flight)) => {
+                    pending.disarm();
                     inner.succeeded();
                     Ok(Acquire::Full { in_flight })
                 }
+                Ok(Lease::Late) => {
+                    pending.disarm();
+                    inner.failed(StoreErrorKind::Timeout);
+                    Err(StoreError::with_source(
+                        StoreErrorKind::Timeout,
+                        "the acquire ran after its deadline and took nothing",
+                    ))
+                }
                 Err(e) => {
+                    // The guard releases whatever the call may still take.
                     inner.failed(e.kind());
                     Err(e)
                 }
             }
         })
     }
+}
+
+/// A lease whose acquire has not been answered yet; released when dropped armed.
+struct PendingLease {
+    inner: Option<Arc<Inner>>,
+    key: String,
+    id: String,
+}
+
+impl PendingLease {
+    fn disarm(mut self) {
+        self.inner = None;
+    }
+}
+
+impl Drop for PendingLease {
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.take() else {
+            return;
+        };
+        release_in_background(
+            inner,
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.id),
+        );
+    }
+}
+
+/// Releases a lease from a background task, if there is a runtime to run one; otherwise the
+/// lease expires by itself.
+fn release_in_background(inner: Arc<Inner>, key: String, id: String) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    runtime.spawn(async move {
+        if let Err(e) = lease_op(&inner, key, "release", id, 0, 0).await {
+            tracing::debug!(error = %e, "concurrency lease not released; it will expire");
+        }
+    });
 }
 
 /// Renews a lease every third of its length until aborted (when the permit is dropped).
@@ -199,8 +299,8 @@ async fn renew(inner: Arc<Inner>, key: String, id: String, lease: Duration) {
     loop {
         tick.tick().await;
         match lease_op(&inner, key.clone(), "renew", id.clone(), lease_ms, 0).await {
-            Ok((true, _)) => {}
-            Ok((false, _)) => {
+            Ok(Lease::Done(_) | Lease::Late) => {}
+            Ok(Lease::Refused(_)) => {
                 tracing::warn!(
                     lease = %id,
                     "rate-limit-degraded: a concurrency lease expired before it could be renewed; \
@@ -228,18 +328,11 @@ impl Drop for RedisPermit {
         if let Some(renew) = self.renew.take() {
             renew.abort();
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            // No runtime to release from (the process is ending): the lease expires.
-            return;
-        };
-        let inner = Arc::clone(&self.inner);
-        let key = std::mem::take(&mut self.key);
-        let id = std::mem::take(&mut self.id);
-        runtime.spawn(async move {
-            if let Err(e) = lease_op(&inner, key, "release", id, 0, 0).await {
-                tracing::debug!(error = %e, "concurrency lease not released; it will expire");
-            }
-        });
+        release_in_background(
+            Arc::clone(&self.inner),
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.id),
+        );
     }
 }
 

@@ -26,6 +26,8 @@ pub(crate) struct DenyCache {
     shards: Box<[Mutex<HashMap<u64, Entry>>]>,
     per_shard: usize,
     hasher: RandomState,
+    /// The longest a refusal is trusted, in ns.
+    ttl_ns: u64,
 }
 
 struct Entry {
@@ -37,11 +39,12 @@ struct Entry {
 }
 
 impl DenyCache {
-    pub(crate) fn new(max_entries: usize) -> Self {
+    pub(crate) fn new(max_entries: usize, ttl: Duration) -> Self {
         DenyCache {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             per_shard: max_entries.div_ceil(SHARDS).max(1),
             hasher: RandomState::new(),
+            ttl_ns: u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX),
         }
     }
 
@@ -85,7 +88,8 @@ impl DenyCache {
         {
             return;
         }
-        let until = now.saturating_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX));
+        let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+        let until = now.saturating_add(wait.min(self.ttl_ns));
         let (shard, h) = self.slot(tag);
         let mut map = self.shards[shard]
             .lock()
@@ -145,7 +149,7 @@ mod tests {
 
     #[test]
     fn refuses_until_the_wait_is_over_and_never_after() {
-        let c = DenyCache::new(100);
+        let c = DenyCache::new(100, Duration::from_secs(3600));
         c.put("k", 1, &refusal(2_000), 0);
         let d = c.get("k", 1, 500 * MS).unwrap();
         assert_eq!(d.retry_after(), Some(Duration::from_millis(1_500)));
@@ -156,8 +160,17 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_is_trusted_for_the_ttl_at_most() {
+        let c = DenyCache::new(100, Duration::from_secs(10));
+        // Redis said: wait a day.
+        c.put("k", 1, &refusal(86_400_000), 0);
+        assert!(c.get("k", 1, 9_999 * MS).is_some());
+        assert!(c.get("k", 1, 10_000 * MS).is_none());
+    }
+
+    #[test]
     fn only_the_same_cost_gets_the_cached_answer() {
-        let c = DenyCache::new(100);
+        let c = DenyCache::new(100, Duration::from_secs(3600));
         c.put("k", 3, &refusal(2_000), 0);
         assert!(c.get("k", 2, MS).is_none());
         assert!(c.get("k", 3, MS).is_some());
@@ -166,7 +179,7 @@ mod tests {
 
     #[test]
     fn sliding_window_refusals_are_not_cached() {
-        let c = DenyCache::new(100);
+        let c = DenyCache::new(100, Duration::from_secs(3600));
         let q: Quota = "5/10s sliding-window".parse().unwrap();
         let d = Decision::from_states([QuotaState::new(
             q,
@@ -181,7 +194,7 @@ mod tests {
 
     #[test]
     fn allowed_decisions_are_not_cached_and_the_size_is_bounded() {
-        let c = DenyCache::new(32);
+        let c = DenyCache::new(32, Duration::from_secs(3600));
         let q: Quota = "5/10s".parse().unwrap();
         let allowed =
             Decision::from_states([QuotaState::new(q, true, 4, Duration::ZERO, Duration::ZERO)]);

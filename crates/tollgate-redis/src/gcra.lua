@@ -1,17 +1,24 @@
 -- tollgate: every quota of one request, decided atomically.
 --
--- KEYS[i]  the state of quota i. All keys of one call share a hash tag, so they live in one slot.
+-- KEYS[i]  the state of quota i, named by the quota itself (so reordering or adding quotas in a
+--          deploy never mixes states up). All keys of one call share a hash tag: one slot.
 -- ARGV[1]  now in microseconds, or -1 to use the server's clock (TIME). Only tests pass a time.
 -- ARGV[2]  cost of the request in units (0 <= cost <= the smallest burst; checked by the caller)
--- ARGV[4i-1 .. 4i+2]  for quota i: algorithm, then
+-- ARGV[3]  deadline in microseconds of the server's clock, or -1 for none: the caller gives up
+--          then, so a script that runs later (a server thawing from a freeze, a queue that
+--          drained late) writes nothing and answers { -1, now }.
+-- ARGV[4i .. 4i+3]  for quota i: algorithm, then
 --          0 (GCRA):           emission interval T (us), burst span B*T (us), unused
 --          1 (fixed window):   window W (ms), limit L, this key's window offset (ms)
 --          2 (sliding window): window W (ms), limit L, this key's window offset (ms)
 --
 -- States: GCRA stores the theoretical arrival time (TAT, us); a fixed window "end_ms count";
--- a sliding window "end_ms current previous" (the end of the current window).
+-- a sliding window "end_ms current previous" (the end of the current window). A value this
+-- script could not have written (not those shapes, a window that ends more than a window from
+-- now, a count above the limit, a key of another type) counts as absent, so it is overwritten,
+-- with an expiry, by the next allowed request.
 --
--- Returns a flat array of integers: allowed (1 or 0), then for each quota
+-- Returns a flat array of integers: allowed (1 or 0), now (us), then for each quota
 --   allowed, remaining, reset_after_us, retry_after_us
 --
 -- A request passes only if every quota allows it; then every state is written with an expiry
@@ -20,10 +27,20 @@
 -- and write happen in this one script, so they are atomic. All arithmetic is on integers below
 -- 2^53, exact in Lua's doubles; it mirrors crates/tollgate/src/algorithm.rs step by step.
 
+-- Before Redis 5, a write after TIME is refused unless the script replicates its effects
+-- (the default since 5, and the only mode since 7, where this is a no-op).
+if redis.replicate_commands then
+  pcall(redis.replicate_commands)
+end
+
 local now = tonumber(ARGV[1])
 if now < 0 then
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local deadline = tonumber(ARGV[3])
+if deadline >= 0 and now > deadline then
+  return { -1, now }
 end
 local now_ms = math.floor(now / 1000)
 local cost = tonumber(ARGV[2])
@@ -40,24 +57,37 @@ local function px_until(t_ms)
   return px
 end
 
+-- The stored string, or nil when the key is absent or holds another type.
+local function read(key)
+  local raw = redis.pcall('GET', key)
+  if type(raw) ~= 'string' then return nil end
+  return raw
+end
+
+-- A non-negative integer of at most `digits` digits, else nil ("nan", "inf", "-5", "1e300",
+-- "12abc" and the like are not numbers this script wrote).
+local function int(s, digits)
+  if s and #s <= digits and string.match(s, '^%d+$') then return tonumber(s) end
+  return nil
+end
+
 -- Each entry: allowed, write (a function or nil), spent {remaining, reset_us, retry_us},
 -- unspent {remaining, reset_us, retry_us}, repair (a function or nil).
 local evals = {}
 local all = 1
 
 for i = 1, n do
-  local algo = tonumber(ARGV[4 * i - 1])
-  local p1 = tonumber(ARGV[4 * i])
-  local p2 = tonumber(ARGV[4 * i + 1])
-  local p3 = tonumber(ARGV[4 * i + 2])
+  local algo = tonumber(ARGV[4 * i])
+  local p1 = tonumber(ARGV[4 * i + 1])
+  local p2 = tonumber(ARGV[4 * i + 2])
+  local p3 = tonumber(ARGV[4 * i + 3])
   local key = KEYS[i]
-  local raw = redis.call('GET', key)
+  local raw = read(key)
   local e = {}
 
   if algo == 0 then
     local T, span = p1, p2
-    -- A missing or unreadable state is a fresh key.
-    local tat = tonumber(raw)
+    local tat = int(raw, 16)
     if tat == nil or tat < now then
       tat = now
     elseif tat > now + span then
@@ -95,10 +125,11 @@ for i = 1, n do
     local count = 0
     if raw then
       local s_end, s_count = string.match(raw, '^(%d+) (%d+)$')
-      -- A stored window that has not ended is the current one (or a later one, if the clock
-      -- moved back: counting it is the conservative choice). Anything unreadable is fresh.
-      if s_end and tonumber(s_end) > now_ms then
-        count = tonumber(s_count)
+      s_end, s_count = int(s_end, 15), int(s_count, 10)
+      -- A stored window that has not ended is the current one (or, if the clock moved back by
+      -- less than a window, a later one: counting it is the conservative choice).
+      if s_end and s_count and s_end > now_ms and s_end <= end_ms + w and s_count <= limit then
+        count = s_count
       end
     end
     local after = count + cost
@@ -123,12 +154,13 @@ for i = 1, n do
     local curr, prev = 0, 0
     if raw then
       local s_end, s_curr, s_prev = string.match(raw, '^(%d+) (%d+) (%d+)$')
-      if s_end then
-        s_end = tonumber(s_end)
+      s_end, s_curr, s_prev = int(s_end, 15), int(s_curr, 10), int(s_prev, 10)
+      if s_end and s_curr and s_prev and s_curr <= limit and s_prev <= limit
+          and s_end <= end_ms + w then
         if s_end >= end_ms then
-          curr, prev = tonumber(s_curr), tonumber(s_prev)
+          curr, prev = s_curr, s_prev
         elseif s_end == end_ms - w then
-          curr, prev = 0, tonumber(s_curr)
+          curr, prev = 0, s_curr
         end
       end
     end
@@ -168,7 +200,7 @@ for i = 1, n do
   evals[i] = e
 end
 
-local out = { all }
+local out = { all, now }
 for i = 1, n do
   local e = evals[i]
   local r

@@ -44,16 +44,15 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use fred::prelude::{
-    Builder, ClientLike, Config, Error as FredError, ErrorKind as FredErrorKind, LuaInterface,
-    Options, ReconnectPolicy, Value,
+    Builder, ClientLike, Config, Error as FredError, ErrorKind as FredErrorKind, KeysInterface,
+    LuaInterface, Options, ReconnectPolicy, Value,
 };
 use fred::types::config::UnresponsiveConfig;
+use fred::types::{ClusterHash, CustomCommand};
 use tollgate::clock::Clock;
 use tollgate::metrics::StoreMetrics;
-use tollgate::store::window_offset;
-use tollgate::{
-    Algorithm, Decision, Key, MemoryStore, Quota, QuotaState, Store, StoreError, StoreErrorKind,
-};
+use tollgate::store::OwnedKey;
+use tollgate::{Decision, Key, MemoryStore, Quota, Store, StoreError, StoreErrorKind};
 
 pub use fred;
 
@@ -65,7 +64,12 @@ pub const CONCURRENCY_SCRIPT: &str = include_str!("concurrency.lua");
 
 mod concurrency;
 mod deny;
+mod script;
+mod server_clock;
 pub use concurrency::{RedisConcurrencyStore, RedisPermit};
+
+use script::Reply;
+use server_clock::ServerClock;
 
 const DEFAULT_PREFIX: &str = "tollgate:";
 const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
@@ -75,6 +79,10 @@ const MAX_PREFIX_LEN: usize = 64;
 const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
 const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(500);
 const DEFAULT_DENY_CACHE: usize = 10_000;
+const DEFAULT_DENY_CACHE_TTL: Duration = Duration::from_secs(10);
+/// The oldest Redis this store runs on: `redis.replicate_commands()`, which lets the script
+/// write after reading `TIME`, came with 3.2 (and is the only behaviour from 5 on).
+const MIN_REDIS_VERSION: (u32, u32) = (3, 2);
 const SCHEMES: [&str; 8] = [
     "redis",
     "rediss",
@@ -108,6 +116,7 @@ struct Inner {
     concurrency_script: fred::types::scripts::Script,
     deny: Option<deny::DenyCache>,
     origin: Instant,
+    server_clock: ServerClock,
 }
 
 impl Inner {
@@ -118,6 +127,74 @@ impl Inner {
             None => u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX),
         }
     }
+
+    /// The monotonic clock in µs, whatever the test clock says: what deadlines are measured in.
+    fn local_us(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+    }
+
+    fn timeout_us(&self) -> u64 {
+        u64::try_from(self.timeout.as_micros()).unwrap_or(u64::MAX)
+    }
+
+    /// Reads the server's `TIME` (to learn its clock) and version; an error for a server too
+    /// old to run the script.
+    async fn learn_server(&self) -> Result<(), Error> {
+        let client = self.client.with_options(&self.options);
+        for _ in 0..3 {
+            let sent = self.local_us();
+            let time: Result<Vec<i64>, _> = client
+                .custom(
+                    CustomCommand::new_static("TIME", ClusterHash::Random, false),
+                    Vec::<Value>::new(),
+                )
+                .await;
+            if let Ok([secs, micros]) = time.as_deref() {
+                self.server_clock.sample(
+                    sent,
+                    self.local_us(),
+                    secs.saturating_mul(1_000_000).saturating_add(*micros),
+                );
+            }
+        }
+        let info: Result<String, _> = client
+            .custom(
+                CustomCommand::new_static("INFO", ClusterHash::Random, false),
+                vec!["server"],
+            )
+            .await;
+        if let Some(version) = info.ok().as_deref().and_then(redis_version) {
+            if !version_at_least(version, MIN_REDIS_VERSION) {
+                tracing::error!(
+                    store = %self.name,
+                    version,
+                    "rate-limit-misconfigured: Redis {version} is too old for tollgate, which \
+                     needs {}.{} or newer; every decision will fail",
+                    MIN_REDIS_VERSION.0,
+                    MIN_REDIS_VERSION.1
+                );
+                return Err(Error::ServerTooOld {
+                    version: version.to_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The `redis_version` of an `INFO server` reply.
+fn redis_version(info: &str) -> Option<&str> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .map(str::trim)
+}
+
+/// Whether `version` (`major.minor.patch`) is at least `min`.
+fn version_at_least(version: &str, min: (u32, u32)) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    (major, minor) >= min
 }
 
 /// The circuit breaker: after `threshold` consecutive calls that timed out or found no
@@ -167,6 +244,7 @@ impl RedisStore {
             probe_interval: DEFAULT_PROBE_INTERVAL,
             name: "redis".to_owned(),
             deny_cache: DEFAULT_DENY_CACHE,
+            deny_cache_ttl: DEFAULT_DENY_CACHE_TTL,
         }
     }
 
@@ -192,9 +270,15 @@ impl RedisStore {
     /// # Errors
     ///
     /// [`Error::NotConnected`] when the client did not connect in time.
+    ///
+    /// Once connected it reads the server's clock (so that every decision can carry a deadline
+    /// on it from the first request) and its version.
+    ///
+    /// [`Error::ServerTooOld`] when the server is older than Redis 3.2, which cannot run the
+    /// script.
     pub async fn wait_connected(&self, timeout: Duration) -> Result<(), Error> {
         match tokio::time::timeout(timeout, self.inner.client.wait_for_connect()).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => self.inner.learn_server().await,
             Ok(Err(source)) => Err(Error::NotConnected {
                 waited: timeout,
                 source: Some(source),
@@ -206,13 +290,49 @@ impl RedisStore {
         }
     }
 
-    /// The Redis key of quota `index` of `key`: `<prefix>{<policy>:<route>:<ip>:<user>}:<index>`.
+    /// The Redis key of `quota`'s state for `key`:
+    /// `<prefix>{<policy>:<route>:<ip>:<user>}:<quota id>`, for example
+    /// `tollgate:{login:/login:192.0.2.1:}:3/m`.
     ///
     /// The braces are the Redis Cluster hash tag: all quotas of one request live in one slot.
     /// Every part inside is escaped (see [`Key::qualified`]), so no request content can add a
-    /// brace and move the slot, or a separator and reach another client's state.
-    pub fn redis_key(&self, key: &Key<'_>, index: usize) -> String {
-        format!("{}{{{}}}:{index}", self.inner.prefix, key.qualified())
+    /// brace and move the slot, or a separator and reach another client's state. The state is
+    /// named by the quota itself ([`Quota::id`]), not by its place in the policy.
+    pub fn redis_key(&self, key: &Key<'_>, quota: &Quota) -> String {
+        script::state_key(&self.inner.prefix, &key.qualified().to_string(), quota)
+    }
+
+    /// Forgets `key`'s state under `quotas` in Redis, and this instance's cached refusals of
+    /// it (and its state in the fallback store, if any): the key's next request starts with a
+    /// full budget. For operators unblocking a client; see docs/operations.md. Other instances
+    /// keep a cached refusal for at most the deny cache's time to live
+    /// ([`RedisStoreBuilder::deny_cache_ttl`]).
+    ///
+    /// # Errors
+    ///
+    /// When Redis cannot be reached or does not answer within the store's deadline.
+    pub async fn reset(&self, key: &Key<'_>, quotas: &[Quota]) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        let tag = key.qualified().to_string();
+        if let Some(deny) = &inner.deny {
+            deny.forget(&tag);
+        }
+        if let Some(fallback) = &inner.fallback {
+            fallback.reset(key, quotas);
+        }
+        if quotas.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = quotas
+            .iter()
+            .map(|q| script::state_key(&inner.prefix, &tag, q))
+            .collect();
+        let client = inner.client.with_options(&inner.options);
+        match tokio::time::timeout(inner.timeout, client.del::<i64, _>(keys)).await {
+            Err(_) => Err(StoreError::new(StoreErrorKind::Timeout)),
+            Ok(Err(e)) => Err(classify(e)),
+            Ok(Ok(_)) => Ok(()),
+        }
     }
 }
 
@@ -268,9 +388,26 @@ impl Inner {
         loop {
             tokio::time::sleep(self.breaker.probe_interval).await;
             attempts += 1;
+            // TIME rather than PING: it also tells the clock of a server that may be a new one
+            // (restarted, failed over).
             let client = self.client.with_options(&self.options);
-            let pong = tokio::time::timeout(self.timeout, client.ping::<Value>(None)).await;
-            if matches!(pong, Ok(Ok(_))) {
+            let sent = self.local_us();
+            let time = tokio::time::timeout(
+                self.timeout,
+                client.custom::<Vec<i64>, Value>(
+                    CustomCommand::new_static("TIME", ClusterHash::Random, false),
+                    Vec::new(),
+                ),
+            )
+            .await;
+            if let Ok(Ok(time)) = time {
+                if let [secs, micros] = time.as_slice() {
+                    self.server_clock.sample(
+                        sent,
+                        self.local_us(),
+                        secs.saturating_mul(1_000_000).saturating_add(*micros),
+                    );
+                }
                 self.breaker.failures.store(0, Ordering::Relaxed);
                 self.breaker.open.store(false, Ordering::Release);
                 self.metrics.degraded(false);
@@ -313,6 +450,16 @@ impl Inner {
     where
         A: Into<Value> + Clone + Send,
     {
+        // fred fails most commands at once while it is not connected (`fail_fast`), but not
+        // EVAL/EVALSHA, which wait in its queue for the whole deadline (seen with fred
+        // 10.1.0): check the connection here, so that a call while the connection is down
+        // fails at once, as documented, instead of costing every request the deadline.
+        if !self.client.is_connected() {
+            return Err(FredError::new(
+                FredErrorKind::Canceled,
+                "not connected to Redis",
+            ));
+        }
         let client = self.client.with_options(&self.options);
         let sha = script.sha1().clone();
         let args: Vec<Value> = args.into_iter().map(Into::into).collect();
@@ -361,47 +508,49 @@ impl Store for RedisStore {
             };
             return Box::pin(std::future::ready(result));
         }
-        let keys: Vec<String> = (0..quotas.len())
-            .map(|i| format!("{}{{{tag}}}:{i}", inner.prefix))
+        let keys: Vec<String> = quotas
+            .iter()
+            .map(|q| script::state_key(&inner.prefix, &tag, q))
             .collect();
-        let now_us = inner.clock.as_ref().map_or(-1, |c| {
-            i64::try_from(c.now_ns() / 1_000).unwrap_or(i64::MAX)
-        });
-        let mut args = Vec::with_capacity(2 + 4 * quotas.len());
-        args.push(now_us);
-        args.push(i64::from(cost));
-        for q in quotas {
-            match q.algorithm_kind() {
-                Algorithm::FixedWindow | Algorithm::SlidingWindow => {
-                    let window_ms = i64::try_from(q.period().as_millis()).unwrap_or(i64::MAX);
-                    let offset = i64::try_from(window_offset(key, q)).unwrap_or(0);
-                    let algo = if q.algorithm_kind() == Algorithm::FixedWindow {
-                        1
-                    } else {
-                        2
-                    };
-                    args.extend([algo, window_ms, i64::from(q.limit()), offset]);
-                }
-                _ => args.extend([
-                    0,
-                    micros(q.emission_interval()),
-                    micros(q.emission_interval() * q.burst_size()),
-                    0,
-                ]),
-            }
-        }
+        // A test clock replaces the server's; then there is no server time to set a deadline
+        // on.
+        let test_now_us = inner
+            .clock
+            .as_ref()
+            .map(|c| i64::try_from(c.now_ns() / 1_000).unwrap_or(i64::MAX));
+        let mut args = script::args(key, quotas, cost, test_now_us.unwrap_or(-1), -1);
         let quotas = quotas.to_vec();
         // The fallback decides after the round trip failed, so it needs its own copy of the key.
         let owned_key = inner.fallback.as_ref().map(|_| OwnedKey::from(key));
         let inner = Arc::clone(inner);
         Box::pin(async move {
             let started = Instant::now();
+            let sent = inner.local_us();
+            if test_now_us.is_none() {
+                // The script must not write once the caller has given up: tell it when, on the
+                // server's clock.
+                args[2] = inner.server_clock.deadline(sent, inner.timeout_us());
+            }
             let result = match tokio::time::timeout(inner.timeout, inner.eval(keys, args)).await {
                 Err(_) => Err(StoreError::new(StoreErrorKind::Timeout)),
                 Ok(Err(e)) => Err(classify(e)),
-                Ok(Ok(reply)) => parse_reply(&reply, &quotas),
+                Ok(Ok(reply)) => script::parse_reply(&reply, &quotas),
             };
             inner.metrics.duration(started.elapsed());
+            let result = result.and_then(|reply| {
+                if test_now_us.is_none() {
+                    inner
+                        .server_clock
+                        .sample(sent, inner.local_us(), reply.now_us());
+                }
+                match reply {
+                    Reply::Decided { decision, .. } => Ok(decision),
+                    Reply::Late { .. } => Err(StoreError::with_source(
+                        StoreErrorKind::Timeout,
+                        "the script ran after its deadline and wrote nothing",
+                    )),
+                }
+            });
             match result {
                 Ok(decision) => {
                     inner.succeeded();
@@ -426,35 +575,6 @@ impl Store for RedisStore {
             }
         })
     }
-}
-
-/// A copy of a [`Key`] that a future can own.
-struct OwnedKey {
-    policy: String,
-    route: String,
-    ip: Option<std::net::IpAddr>,
-    user: Option<String>,
-}
-
-impl From<&Key<'_>> for OwnedKey {
-    fn from(key: &Key<'_>) -> Self {
-        OwnedKey {
-            policy: key.policy().to_owned(),
-            route: key.route().to_owned(),
-            ip: key.ip(),
-            user: key.user().map(str::to_owned),
-        }
-    }
-}
-
-impl OwnedKey {
-    fn key(&self) -> Key<'_> {
-        Key::new(&self.policy, &self.route, self.ip, self.user.as_deref())
-    }
-}
-
-fn micros(d: Duration) -> i64 {
-    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
 
 /// Maps a fred error to the reason the layer counts it under.
@@ -501,60 +621,6 @@ fn is_unavailable(details: &str) -> bool {
     .any(|p| details.starts_with(p))
 }
 
-/// Reads the script's reply: `[allowed, (allowed, remaining, reset_after_us, retry_after_us)
-/// for each quota]`. Anything else is an invalid response, never a panic or a guess.
-fn parse_reply(reply: &Value, quotas: &[Quota]) -> Result<Decision, StoreError> {
-    let invalid = |why: &str| {
-        StoreError::with_source(
-            StoreErrorKind::InvalidResponse,
-            format!("rate-limit script reply {why}: {reply:?}"),
-        )
-    };
-    let Value::Array(items) = reply else {
-        return Err(invalid("is not an array"));
-    };
-    if items.len() != 1 + 4 * quotas.len() {
-        return Err(invalid("has the wrong length"));
-    }
-    let mut ints = Vec::with_capacity(items.len());
-    for item in items {
-        match item {
-            Value::Integer(i) if *i >= 0 => ints.push(*i),
-            _ => return Err(invalid("holds a value that is not a non-negative integer")),
-        }
-    }
-    let flag = |v: i64| match v {
-        0 => Ok(false),
-        1 => Ok(true),
-        _ => Err(invalid("holds a flag that is neither 0 nor 1")),
-    };
-    let all = flag(ints[0])?;
-    let mut states = Vec::with_capacity(quotas.len());
-    for (quota, chunk) in quotas.iter().zip(ints[1..].chunks_exact(4)) {
-        let allowed = flag(chunk[0])?;
-        if all && !allowed {
-            return Err(invalid(
-                "allows the request while refusing one of its quotas",
-            ));
-        }
-        let remaining = u32::try_from(chunk[1]).unwrap_or(u32::MAX);
-        let reset_after = Duration::from_micros(chunk[2].unsigned_abs());
-        let retry_after = Duration::from_micros(chunk[3].unsigned_abs());
-        states.push(QuotaState::new(
-            *quota,
-            allowed,
-            remaining,
-            reset_after,
-            retry_after,
-        ));
-    }
-    let decision = Decision::from_states(states);
-    if decision.is_allowed() != all {
-        return Err(invalid("disagrees with itself"));
-    }
-    Ok(decision)
-}
-
 /// Settings of a [`RedisStore`].
 #[must_use]
 pub struct RedisStoreBuilder {
@@ -570,6 +636,7 @@ pub struct RedisStoreBuilder {
     probe_interval: Duration,
     name: String,
     deny_cache: usize,
+    deny_cache_ttl: Duration,
 }
 
 impl RedisStoreBuilder {
@@ -581,6 +648,15 @@ impl RedisStoreBuilder {
     /// `ratelimit_deny_cache_hits_total`.
     pub fn deny_cache(mut self, max_keys: usize) -> Self {
         self.deny_cache = max_keys;
+        self
+    }
+
+    /// The longest a cached refusal is trusted (default 10 s; at most Redis's own wait). A
+    /// refusal Redis gave for a daily window would otherwise be answered locally for up to a
+    /// day, so an operator's [`RedisStore::reset`] would not reach the other instances for as
+    /// long; with this cap they ask Redis again after at most this long.
+    pub fn deny_cache_ttl(mut self, ttl: Duration) -> Self {
+        self.deny_cache_ttl = ttl;
         self
     }
 
@@ -729,8 +805,10 @@ impl RedisStoreBuilder {
                 metrics: StoreMetrics::new(&self.name),
                 name: self.name,
                 concurrency_script: fred::types::scripts::Script::from_lua(CONCURRENCY_SCRIPT),
-                deny: (self.deny_cache > 0).then(|| deny::DenyCache::new(self.deny_cache)),
+                deny: (self.deny_cache > 0)
+                    .then(|| deny::DenyCache::new(self.deny_cache, self.deny_cache_ttl)),
                 origin: Instant::now(),
+                server_clock: ServerClock::new(),
             }),
         })
     }
@@ -747,6 +825,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("breaker_threshold", &self.breaker_threshold)
             .field("probe_interval", &self.probe_interval)
             .field("deny_cache", &self.deny_cache)
+            .field("deny_cache_ttl", &self.deny_cache_ttl)
             .finish_non_exhaustive()
     }
 }
@@ -756,7 +835,10 @@ impl fmt::Debug for RedisStoreBuilder {
 #[non_exhaustive]
 pub enum Error {
     /// The URL could not be read.
-    #[error("invalid Redis URL {url:?}: {source}")]
+    #[error(
+        "invalid Redis URL {url:?}: {source} (a password holding '/', '@', '?', '#' or ':' must \
+         be percent-encoded, e.g. '/' as %2F)"
+    )]
     Url {
         /// The URL, with any password replaced by `***`.
         url: String,
@@ -786,6 +868,12 @@ pub enum Error {
     /// `build` was called outside a Tokio runtime.
     #[error("RedisStore::build must be called inside a Tokio runtime")]
     NoRuntime,
+    /// The server is older than Redis 3.2 and cannot run the script.
+    #[error("Redis {version} is too old: tollgate needs Redis 3.2 or newer")]
+    ServerTooOld {
+        /// The server's `redis_version`.
+        version: String,
+    },
     /// The client did not connect in time.
     #[error("not connected to Redis after {waited:?}")]
     NotConnected {
@@ -797,74 +885,78 @@ pub enum Error {
     },
 }
 
-/// The URL with its password (if any) replaced, for error messages and logs.
+/// The URL with every secret replaced by `***`, for error messages and logs.
+///
+/// The userinfo is everything up to the **last** `@`, since a password may hold `/`, `?`, `#`,
+/// `:` or `@` (written raw by mistake, or percent-encoded); the user name before the first `:`
+/// is kept. A userinfo without `:` is hidden whole (some clients read it as a password). Query
+/// parameters whose name mentions a password, secret, token or auth (fred's
+/// `sentinelPassword`) are hidden too. It only ever hides too much, never too little.
 pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (Some(scheme), rest),
+        None => (None, url),
     };
-    let (authority, tail) = rest.split_once('/').map_or((rest, ""), |(a, t)| (a, t));
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_owned();
+    let mut out = String::with_capacity(url.len());
+    if let Some(scheme) = scheme {
+        out.push_str(scheme);
+        out.push_str("://");
+    }
+    let rest = match rest.rfind('@') {
+        Some(at) => {
+            match rest[..at].split_once(':') {
+                Some((user, _)) if !user.contains(['/', '?', '#', '@']) => {
+                    out.push_str(user);
+                    out.push_str(":***@");
+                }
+                _ => out.push_str("***@"),
+            }
+            &rest[at + 1..]
+        }
+        None => rest,
     };
-    let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
-    let slash = if rest.contains('/') { "/" } else { "" };
-    format!("{scheme}://{user}:***@{host}{slash}{tail}")
+    match rest.split_once('?') {
+        Some((before, query)) => {
+            out.push_str(before);
+            out.push('?');
+            for (i, pair) in query.split('&').enumerate() {
+                if i > 0 {
+                    out.push('&');
+                }
+                match pair.split_once('=') {
+                    Some((name, _)) if is_secret_param(name) => {
+                        out.push_str(name);
+                        out.push_str("=***");
+                    }
+                    _ => out.push_str(pair),
+                }
+            }
+        }
+        None => out.push_str(rest),
+    }
+    out
+}
+
+fn is_secret_param(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["pass", "secret", "token", "auth"]
+        .iter()
+        .any(|s| name.contains(s))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn quota(s: &str) -> Quota {
-        s.parse().unwrap()
-    }
-
     #[test]
-    fn replies_that_are_not_decisions_are_invalid_responses() {
-        let q = [quota("5/s")];
-        let int = Value::Integer;
-        let cases = vec![
-            Value::Null,
-            Value::String("OK".into()),
-            Value::Array(vec![int(1)]),
-            Value::Array(vec![int(1), int(1), int(4), int(200_000)]),
-            Value::Array(vec![int(1), int(1), int(-4), int(200_000), int(0)]),
-            Value::Array(vec![int(2), int(1), int(4), int(200_000), int(0)]),
-            Value::Array(vec![int(1), int(0), int(4), int(200_000), int(0)]),
-            Value::Array(vec![
-                int(1),
-                Value::String("4".into()),
-                int(4),
-                int(200_000),
-                int(0),
-            ]),
-            Value::Array(vec![int(0), int(1), int(4), int(200_000), int(0)]),
-        ];
-        for reply in cases {
-            let err = parse_reply(&reply, &q).unwrap_err();
-            assert_eq!(err.kind(), StoreErrorKind::InvalidResponse, "{reply:?}");
-        }
-    }
-
-    #[test]
-    fn a_valid_reply_becomes_a_decision() {
-        let q = [quota("5/10s"), quota("20/m")];
-        let int = Value::Integer;
-        let reply = Value::Array(vec![
-            int(0),
-            int(0),
-            int(0),
-            int(10_000_000),
-            int(2_000_000),
-            int(1),
-            int(19),
-            int(3_000_000),
-            int(0),
-        ]);
-        let d = parse_reply(&reply, &q).unwrap();
-        assert!(d.is_limited());
-        assert_eq!(d.retry_after(), Some(Duration::from_secs(2)));
-        assert_eq!(d.states()[1].remaining(), 19);
+    fn server_versions_are_read_and_compared() {
+        let info = "# Server\r\nredis_version:7.0.15\r\nredis_git_sha1:00000000\r\n";
+        assert_eq!(redis_version(info), Some("7.0.15"));
+        assert!(version_at_least("7.0.15", MIN_REDIS_VERSION));
+        assert!(version_at_least("3.2.0", MIN_REDIS_VERSION));
+        assert!(!version_at_least("3.0.7", MIN_REDIS_VERSION));
+        assert!(!version_at_least("2.8.24", MIN_REDIS_VERSION));
+        assert!(version_at_least("10.1", MIN_REDIS_VERSION));
     }
 
     #[test]
@@ -900,6 +992,47 @@ mod tests {
         assert_eq!(redact("rediss://u:secret@h:6379"), "rediss://u:***@h:6379");
         assert_eq!(redact("redis://h:6379"), "redis://h:6379");
         assert_eq!(redact("garbage"), "garbage");
+        // A base64 password with '/' (the case that used to come back unchanged).
+        assert_eq!(
+            redact("redis://:ab/cd+ef@h:6379/0"),
+            "redis://:***@h:6379/0"
+        );
+        assert_eq!(redact("redis://u:a@b?c#d/e@h:1"), "redis://u:***@h:1");
+        assert_eq!(redact("redis://lonely@h:1"), "redis://***@h:1");
+        assert_eq!(
+            redact("redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=x/y"),
+            "redis-sentinel://h:26379/0?sentinelServiceName=m&sentinelPassword=***"
+        );
+        assert_eq!(redact("u:pw@h:1"), "u:***@h:1");
+    }
+
+    proptest::proptest! {
+        /// No URL, however mangled, puts its password in `redact`'s output or in the builder's
+        /// error message.
+        #[test]
+        fn no_url_leaks_its_password(
+            secret in "[a-zA-Z0-9/+=@?#:%& .-]{0,12}",
+            template in 0usize..7,
+            scheme in proptest::sample::select(vec!["redis", "rediss", "redis-cluster", "redis-sentinel", "valkey", "http", ""]),
+        ) {
+            // A marker no template contains, so any occurrence is the secret leaking.
+            let secret = format!("Zq9{secret}xW7");
+            let url = match template {
+                0 => format!("{scheme}://:{secret}@h:6379/0"),
+                1 => format!("{scheme}://user:{secret}@h:6379"),
+                2 => format!("{scheme}://{secret}@h:6379"),
+                3 => format!("{scheme}://h:26379/0?sentinelServiceName=m&sentinelPassword={secret}"),
+                4 => format!("{scheme}://user:{secret}@h:notaport/x?node=h2:1"),
+                5 => format!("{scheme}://:{secret}@h:6379/0?sentinelServiceName=m&sentinelPassword={secret}"),
+                _ => format!("user:{secret}@h:6379"),
+            };
+            let redacted = redact(&url);
+            proptest::prop_assert!(!redacted.contains(&secret), "{} -> {}", url, redacted);
+            if let Err(e) = RedisStore::builder(&url) {
+                let shown = format!("{e} {e:?}");
+                proptest::prop_assert!(!shown.contains(&secret), "{} -> {}", url, shown);
+            }
+        }
     }
 
     #[tokio::test]
@@ -940,18 +1073,20 @@ mod tests {
             .unwrap();
         let ip = "192.0.2.1".parse().ok();
         let k = Key::new("login", "/login", ip, Some("ev}il{:x"));
+        let (per_minute, per_day): (Quota, Quota) =
+            ("3/m".parse().unwrap(), "10/d fixed-window".parse().unwrap());
         assert_eq!(
-            store.redis_key(&k, 0),
-            "app:{login:/login:192.0.2.1:ev%7Dil%7B%3Ax}:0"
+            store.redis_key(&k, &per_minute),
+            "app:{login:/login:192.0.2.1:ev%7Dil%7B%3Ax}:3/m"
         );
         assert_eq!(
-            store.redis_key(&k, 1),
-            "app:{login:/login:192.0.2.1:ev%7Dil%7B%3Ax}:1"
+            store.redis_key(&k, &per_day),
+            "app:{login:/login:192.0.2.1:ev%7Dil%7B%3Ax}:10/d-fw"
         );
         // A megabyte of user id makes a short key.
         let huge = "u".repeat(1 << 20);
         let k = Key::new("login", "/login", ip, Some(huge.as_str()));
-        assert!(store.redis_key(&k, 0).len() < 100);
+        assert!(store.redis_key(&k, &per_minute).len() < 100);
     }
 }
 
@@ -962,3 +1097,6 @@ struct ConcurrencyGuide;
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/redis.md")]
 struct RedisGuide;
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/operations.md")]
+struct OperationsGuide;

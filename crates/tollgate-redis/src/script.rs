@@ -1,0 +1,238 @@
+//! The rate-limit script seen from Rust: the names of the keys it reads, the arguments it takes,
+//! and the reply it gives.
+
+use std::time::Duration;
+
+use fred::prelude::Value;
+use tollgate::store::window_offset;
+use tollgate::{Algorithm, Decision, Key, Quota, QuotaState, StoreError, StoreErrorKind};
+
+/// The Redis key of `quota`'s state for the key whose escaped, qualified form is `tag`:
+/// `<prefix>{<policy>:<route>:<ip>:<user>}:<quota id>`. The one place the format is written.
+///
+/// The braces are the Redis Cluster hash tag, so every quota of one request lives in one slot;
+/// the quota's [`id`](Quota::id) names the state, so that reordering or adding quotas never
+/// mixes states up.
+pub(crate) fn state_key(prefix: &str, tag: &str, quota: &Quota) -> String {
+    format!("{prefix}{{{tag}}}:{}", quota.id())
+}
+
+/// The script's arguments for one request (see the header of `gcra.lua`).
+pub(crate) fn args(
+    key: &Key<'_>,
+    quotas: &[Quota],
+    cost: u32,
+    now_us: i64,
+    deadline_us: i64,
+) -> Vec<i64> {
+    let mut args = Vec::with_capacity(3 + 4 * quotas.len());
+    args.extend([now_us, i64::from(cost), deadline_us]);
+    for q in quotas {
+        match q.algorithm_kind() {
+            Algorithm::FixedWindow | Algorithm::SlidingWindow => {
+                let window_ms = i64::try_from(q.period().as_millis()).unwrap_or(i64::MAX);
+                let offset = i64::try_from(window_offset(key, q)).unwrap_or(0);
+                let algo = if q.algorithm_kind() == Algorithm::FixedWindow {
+                    1
+                } else {
+                    2
+                };
+                args.extend([algo, window_ms, i64::from(q.limit()), offset]);
+            }
+            _ => args.extend([
+                0,
+                micros(q.emission_interval()),
+                micros(q.emission_interval() * q.burst_size()),
+                0,
+            ]),
+        }
+    }
+    args
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+/// What the script answered.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    /// It decided (and wrote, if the request was allowed) at the server's time `now_us`.
+    Decided { decision: Decision, now_us: i64 },
+    /// It ran past the caller's deadline and wrote nothing.
+    Late { now_us: i64 },
+}
+
+impl Reply {
+    /// The server's time the script ran at.
+    pub(crate) fn now_us(&self) -> i64 {
+        match self {
+            Reply::Decided { now_us, .. } | Reply::Late { now_us } => *now_us,
+        }
+    }
+}
+
+/// Reads the script's reply: `[allowed, now_us, (allowed, remaining, reset_after_us,
+/// retry_after_us) for each quota]`, or `[-1, now_us]` when it ran past the deadline. Anything
+/// else is an invalid response, never a panic or a guess.
+pub(crate) fn parse_reply(reply: &Value, quotas: &[Quota]) -> Result<Reply, StoreError> {
+    let invalid = |why: &str| {
+        StoreError::with_source(
+            StoreErrorKind::InvalidResponse,
+            format!("rate-limit script reply {why}: {reply:?}"),
+        )
+    };
+    let Value::Array(items) = reply else {
+        return Err(invalid("is not an array"));
+    };
+    if let [Value::Integer(-1), Value::Integer(now_us)] = items.as_slice() {
+        return Ok(Reply::Late { now_us: *now_us });
+    }
+    if items.len() != 2 + 4 * quotas.len() {
+        return Err(invalid("has the wrong length"));
+    }
+    let mut ints = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Value::Integer(i) if *i >= 0 => ints.push(*i),
+            _ => return Err(invalid("holds a value that is not a non-negative integer")),
+        }
+    }
+    let flag = |v: i64| match v {
+        0 => Ok(false),
+        1 => Ok(true),
+        _ => Err(invalid("holds a flag that is neither 0 nor 1")),
+    };
+    let all = flag(ints[0])?;
+    let now_us = ints[1];
+    let mut states = Vec::with_capacity(quotas.len());
+    for (quota, chunk) in quotas.iter().zip(ints[2..].chunks_exact(4)) {
+        let allowed = flag(chunk[0])?;
+        if all && !allowed {
+            return Err(invalid(
+                "allows the request while refusing one of its quotas",
+            ));
+        }
+        let remaining = u32::try_from(chunk[1]).unwrap_or(u32::MAX);
+        let reset_after = Duration::from_micros(chunk[2].unsigned_abs());
+        let retry_after = Duration::from_micros(chunk[3].unsigned_abs());
+        states.push(QuotaState::new(
+            *quota,
+            allowed,
+            remaining,
+            reset_after,
+            retry_after,
+        ));
+    }
+    let decision = Decision::from_states(states);
+    if decision.is_allowed() != all {
+        return Err(invalid("disagrees with itself"));
+    }
+    Ok(Reply::Decided { decision, now_us })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quota(s: &str) -> Quota {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn replies_that_are_not_decisions_are_invalid_responses() {
+        let q = [quota("5/s")];
+        let int = Value::Integer;
+        let now = int(1_700_000_000_000_000);
+        let cases = vec![
+            Value::Null,
+            Value::String("OK".into()),
+            Value::Array(vec![int(1)]),
+            Value::Array(vec![int(-1)]),
+            Value::Array(vec![int(-1), int(1), int(1)]),
+            Value::Array(vec![int(1), now.clone(), int(1), int(4), int(200_000)]),
+            Value::Array(vec![
+                int(1),
+                now.clone(),
+                int(1),
+                int(-4),
+                int(200_000),
+                int(0),
+            ]),
+            Value::Array(vec![
+                int(2),
+                now.clone(),
+                int(1),
+                int(4),
+                int(200_000),
+                int(0),
+            ]),
+            Value::Array(vec![
+                int(1),
+                now.clone(),
+                int(0),
+                int(4),
+                int(200_000),
+                int(0),
+            ]),
+            Value::Array(vec![
+                int(1),
+                now.clone(),
+                int(1),
+                Value::String("4".into()),
+                int(200_000),
+                int(0),
+            ]),
+            Value::Array(vec![int(0), now, int(1), int(4), int(200_000), int(0)]),
+            Value::Array(vec![int(1), int(-7), int(1), int(4), int(200_000), int(0)]),
+        ];
+        for reply in cases {
+            let err = parse_reply(&reply, &q).unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::InvalidResponse, "{reply:?}");
+        }
+    }
+
+    #[test]
+    fn a_valid_reply_becomes_a_decision() {
+        let q = [quota("5/10s"), quota("20/m")];
+        let int = Value::Integer;
+        let reply = Value::Array(vec![
+            int(0),
+            int(1_700_000_000_000_000),
+            int(0),
+            int(0),
+            int(10_000_000),
+            int(2_000_000),
+            int(1),
+            int(19),
+            int(3_000_000),
+            int(0),
+        ]);
+        let Reply::Decided {
+            decision: d,
+            now_us,
+        } = parse_reply(&reply, &q).unwrap()
+        else {
+            panic!("not a decision");
+        };
+        assert_eq!(now_us, 1_700_000_000_000_000);
+        assert!(d.is_limited());
+        assert_eq!(d.retry_after(), Some(Duration::from_secs(2)));
+        assert_eq!(d.states()[1].remaining(), 19);
+        let late = Value::Array(vec![int(-1), int(42)]);
+        assert!(matches!(
+            parse_reply(&late, &q),
+            Ok(Reply::Late { now_us: 42 })
+        ));
+    }
+
+    #[test]
+    fn state_keys_are_named_by_the_quota() {
+        let q = quota("10/s burst 20");
+        assert_eq!(state_key("app:", "p:/x:-:", &q), "app:{p:/x:-:}:10/s-b20");
+        assert_eq!(
+            state_key("t:", "k", &quota("3/10s fixed-window")),
+            "t:{k}:3/10s-fw"
+        );
+    }
+}
