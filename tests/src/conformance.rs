@@ -278,3 +278,154 @@ pub async fn compare<A: Store, B: Store>(a: &A, b: &B, clock: &ManualClock, sequ
         );
     }
 }
+
+/// The policies every store must decide exactly under concurrent load: each algorithm alone,
+/// and a policy of two algorithms. The number is what one key may spend.
+pub const CONCURRENT_POLICIES: [(&[&str], u32); 4] = [
+    (&["50/h"], 50),
+    (&["50/h fixed-window"], 50),
+    (&["50/h sliding-window"], 50),
+    (&["60/h", "50/h fixed-window"], 50),
+];
+
+/// Sends `per_store` checks of one key through every store in `stores` at once (all spawned
+/// before any is awaited) for each of [`CONCURRENT_POLICIES`], and checks that exactly the
+/// allowed count passes, and that the allowed ones saw every `remaining` from the limit down
+/// to 0 exactly once: a store that read, then wrote, would let two requests spend one unit.
+///
+/// The stores must share `clock` (so a window cannot turn over during the run); `name`
+/// namespaces the keys.
+///
+/// # Panics
+///
+/// On any other outcome, naming the policy.
+pub async fn exact_under_concurrency<S>(stores: &[S], per_store: usize, name: &str)
+where
+    S: Store,
+    S::Future: Send + 'static,
+{
+    for (i, (spec, allowed)) in CONCURRENT_POLICIES.iter().enumerate() {
+        let quotas: Vec<Quota> = spec.iter().map(|q| q.parse().expect("quota")).collect();
+        let policy = format!("{name}-{i}");
+        let key = Key::new(&policy, "/concurrent", None, Some("one-client"));
+        let mut tasks = Vec::new();
+        for _ in 0..per_store {
+            for store in stores {
+                tasks.push(tokio::spawn(store.check(&key, &quotas, 1)));
+            }
+        }
+        let mut remaining = Vec::new();
+        let mut refused = 0;
+        for task in tasks {
+            let decision = task.await.expect("task").expect("decision");
+            if decision.is_allowed() {
+                // The binding quota's units left after this request.
+                remaining.push(decision.remaining());
+            } else {
+                refused += 1;
+            }
+        }
+        let total = per_store * stores.len();
+        assert_eq!(
+            remaining.len(),
+            *allowed as usize,
+            "{spec:?}: {} of {total} allowed ({refused} refused)",
+            remaining.len()
+        );
+        remaining.sort_unstable();
+        let want: Vec<u32> = (0..*allowed).collect();
+        assert_eq!(
+            remaining, want,
+            "{spec:?}: two allowed requests saw the same budget"
+        );
+    }
+}
+
+/// Pseudo-random policies (every algorithm, bursts, several quotas at once) and request
+/// sequences (gaps, costs, two clients), each decision checked against the independent model
+/// in [`crate::model`]: every field of every decision, every wait. `store` must read time from
+/// `clock`; `name` namespaces the keys.
+///
+/// # Panics
+///
+/// On the first decision the model disagrees with, naming the sequence and request.
+pub async fn against_model<S: Store>(store: &S, clock: &ManualClock, sequences: usize, name: &str) {
+    against_model_within(store, clock, sequences, name, Duration::ZERO).await;
+}
+
+/// As [`against_model`], but waits may differ from the model's by less than `slack`: for a
+/// store with a local cache of refusals, which replays a window's wait from the time it was
+/// given, without the server's millisecond boundaries.
+pub async fn against_model_within<S: Store>(
+    store: &S,
+    clock: &ManualClock,
+    sequences: usize,
+    name: &str,
+    slack: Duration,
+) {
+    use tollgate::clock::Clock;
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64 ^ sequences as u64;
+    let mut next = move |n: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    for seq in 0..sequences {
+        let quotas = random_policy(&mut next);
+        let min_burst = quotas.iter().map(Quota::burst_size).min().unwrap_or(1);
+        let policy = format!("{name}-model-{seq}");
+        let mut model = crate::model::Model::new();
+        for i in 0..40 {
+            clock.advance(Duration::from_micros(random_gap_us(&mut next)));
+            let client = ["a", "b"][usize::try_from(next(2)).unwrap_or(0)];
+            let cost = u32::try_from(next(u64::from(min_burst) + 1)).unwrap_or(1);
+            let key = Key::new(&policy, "/model", None, Some(client));
+            let got = store.check(&key, &quotas, cost).await.expect("decision");
+            let want = model.decide(&key, &quotas, cost, clock.now_ns());
+            want.assert_matches_within(
+                &got,
+                slack,
+                &format!("sequence {seq} {quotas:?} request {i}: client {client} cost {cost}"),
+            );
+        }
+    }
+}
+
+/// A gap between two requests, in µs: mostly short, sometimes most of a window, now and then
+/// long enough for everything to expire.
+pub fn random_gap_us(next: &mut impl FnMut(u64) -> u64) -> u64 {
+    match next(10) {
+        0..=5 => next(400_000),
+        6..=8 => next(5_000_000),
+        _ => next(120_000_000),
+    }
+}
+
+/// One to three distinct quotas of any algorithm, from small limits and a few periods.
+pub fn random_policy(next: &mut impl FnMut(u64) -> u64) -> Vec<Quota> {
+    const PERIODS: [&str; 6] = ["750ms", "s", "3s", "10s", "m", "h"];
+    let mut quotas: Vec<Quota> = Vec::new();
+    for _ in 0..=next(3) {
+        let limit = 1 + next(12);
+        let period = PERIODS[usize::try_from(next(6)).unwrap_or(0)];
+        let mut text = format!("{limit}/{period}");
+        match next(3) {
+            0 => text.push_str(" fixed-window"),
+            1 => text.push_str(" sliding-window"),
+            _ => {
+                if next(2) == 0 {
+                    text.push_str(&format!(" burst {}", 1 + next(15)));
+                }
+            }
+        }
+        let q: Quota = text.parse().expect("quota");
+        if !quotas
+            .iter()
+            .any(|o| o.id().to_string() == q.id().to_string())
+        {
+            quotas.push(q);
+        }
+    }
+    quotas
+}

@@ -3,6 +3,7 @@
 //! store conformance suite.
 
 pub mod conformance;
+pub mod model;
 pub mod redis;
 
 use std::io::{BufRead, BufReader};
@@ -96,6 +97,28 @@ impl Demo {
     /// `http://ADDR` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process's resident memory now, in bytes (Linux: `VmRSS` of `/proc/PID/status`).
+    ///
+    /// # Panics
+    ///
+    /// When `/proc` cannot be read.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().strip_suffix("kB"))
+            .and_then(|kb| kb.trim().parse::<u64>().ok())
+            .expect("VmRSS in /proc/PID/status")
+            * 1024
     }
 
     /// The lines the process logged so far (stdout and stderr).

@@ -112,3 +112,70 @@ fn an_invalid_prefix_or_range_stops_start_up() {
     assert!(!status.success());
     assert!(out.contains("--trusted-proxy"), "{out}");
 }
+
+/// Distinct budgets per forwarded client: two clients each get five.
+async fn keyed_on_forwarded_clients(demo: &Demo) -> bool {
+    statuses(demo, &["198.51.100.21"; 5]).await == [200; 5]
+        && statuses(demo, &["198.51.100.22"; 5]).await == [200; 5]
+}
+
+#[tokio::test]
+async fn a_flag_overrides_only_what_it_names() {
+    use tollgate_tests::config_file;
+    let policy = "[[policy]]\nname = \"hello\"\nroute = \"/hello\"\nquota = \"5/10s\"\n";
+    let trusting = config_file(&format!(
+        "[client_ip]\ntrusted_proxies = [\"127.0.0.1/32\"]\n{policy}"
+    ));
+    let path = trusting.path().to_str().unwrap();
+    // --ipv6-prefix alone used to drop the file's trusted proxies.
+    let demo = Demo::start(DEMO, &["--config", path, "--ipv6-prefix", "56"]);
+    assert!(keyed_on_forwarded_clients(&demo).await);
+    // The header name is not case-sensitive, and naming the default keeps the file's trust.
+    let demo = Demo::start(
+        DEMO,
+        &["--config", path, "--client-ip-header", "X-Forwarded-For"],
+    );
+    assert!(keyed_on_forwarded_clients(&demo).await);
+    // --trusted-proxy used to reset the file's IPv6 prefix: /128 keys each address.
+    let per_address = config_file(&format!("[client_ip]\nipv6_prefix = 128\n{policy}"));
+    let demo = Demo::start(
+        DEMO,
+        &[
+            "--config",
+            per_address.path().to_str().unwrap(),
+            "--trusted-proxy",
+            "127.0.0.1/32",
+        ],
+    );
+    let same_64 = [
+        "2001:db8:1:2::1",
+        "2001:db8:1:2::2",
+        "2001:db8:1:2::3",
+        "2001:db8:1:2::4",
+        "2001:db8:1:2::5",
+        "2001:db8:1:2::6",
+    ];
+    assert_eq!(statuses(&demo, &same_64).await, [200; 6]);
+}
+
+#[tokio::test]
+async fn permissive_trust_is_warned_about_at_start_up() {
+    use tollgate_tests::config_file;
+    let warned = |demo: &Demo, what: &str| {
+        demo.log()
+            .iter()
+            .any(|l| l.contains("rate-limit-misconfigured") && l.contains(what))
+    };
+    let demo = Demo::start(DEMO, &["--trusted-proxy", "0.0.0.0/0"]);
+    assert!(warned(&demo, "covers every address"), "{:#?}", demo.log());
+    let demo = Demo::start(DEMO, &["--trusted-proxy", "::/0"]);
+    assert!(warned(&demo, "covers every address"), "{:#?}", demo.log());
+    let demo = Demo::start(DEMO, &["--client-ip-header", "x-real-ip"]);
+    assert!(warned(&demo, "never read"), "{:#?}", demo.log());
+    let hops = config_file("[client_ip]\ntrusted_hops = 1\nheader = \"x-real-ip\"\n");
+    let demo = Demo::start(DEMO, &["--config", hops.path().to_str().unwrap()]);
+    assert!(warned(&demo, "does not apply"), "{:#?}", demo.log());
+    // A sound setting says nothing of the kind.
+    let demo = Demo::start(DEMO, &["--trusted-proxy", "10.0.0.0/8"]);
+    assert!(!warned(&demo, ""), "{:#?}", demo.log());
+}

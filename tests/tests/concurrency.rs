@@ -58,9 +58,13 @@ async fn upstream(delay: Duration) -> Upstream {
 async fn many_clients_on_three_instances_never_exceed_n_in_flight_upstream() {
     let server = RedisServer::start();
     let up = upstream(Duration::from_millis(250)).await;
+    // A deadline no slow moment reaches: a timeout would fail open and run a report without a
+    // slot, which is not what this test is about.
     let args = [
         "--redis",
         &server.url(),
+        "--redis-timeout",
+        "5000",
         "--upstream",
         &up.url,
         "--report-concurrency",
@@ -122,6 +126,8 @@ async fn a_killed_instance_slots_come_back_after_the_lease() {
     let args = [
         "--redis",
         &server.url(),
+        "--redis-timeout",
+        "5000",
         "--upstream",
         &up.url,
         "--report-concurrency",

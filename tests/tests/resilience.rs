@@ -9,8 +9,11 @@ use tollgate_tests::redis::{RedisServer, free_port};
 use tollgate_tests::{Demo, metric_sum};
 
 const DEMO: &str = env!("CARGO_BIN_EXE_demo-under-test");
-/// The demo's Redis deadline in these tests.
+/// The demo's Redis deadline in the tests about the deadline (a frozen server).
 const DEADLINE_MS: u64 = 300;
+/// The deadline in the others: long enough that a slow moment of a busy machine is never
+/// mistaken for the fault under test (a dead or absent server fails at once anyway).
+const LONG_DEADLINE_MS: u64 = 5_000;
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -21,7 +24,11 @@ fn client() -> reqwest::Client {
 }
 
 fn demo_on(url: &str, extra: &[&str]) -> Demo {
-    let deadline = DEADLINE_MS.to_string();
+    demo_with_deadline(url, LONG_DEADLINE_MS, extra)
+}
+
+fn demo_with_deadline(url: &str, deadline_ms: u64, extra: &[&str]) -> Demo {
+    let deadline = deadline_ms.to_string();
     let mut args = vec!["--redis", url, "--redis-timeout", &deadline];
     args.extend_from_slice(extra);
     Demo::start(DEMO, &args)
@@ -33,16 +40,13 @@ struct Seen {
     status: u16,
     /// The response carried RateLimit headers: a store (shared or fallback) decided it.
     decided: bool,
-    took: Duration,
 }
 
 async fn get(client: &reqwest::Client, demo: &Demo, path: &str) -> Seen {
-    let started = Instant::now();
     let res = client.get(demo.url(path)).send().await.expect("response");
     Seen {
         status: res.status().as_u16(),
         decided: res.headers().contains_key("ratelimit"),
-        took: started.elapsed(),
     }
 }
 
@@ -192,15 +196,20 @@ async fn redis_killed_mid_load_fails_open_and_counts_every_undecided_request() {
 #[tokio::test]
 async fn a_frozen_redis_costs_at_most_the_deadline_then_nothing() {
     let server = RedisServer::start();
-    let demo = demo_on(&server.url(), &[]);
+    let demo = demo_with_deadline(&server.url(), DEADLINE_MS, &[]);
     let client = client();
     assert!(get(&client, &demo, "/hello").await.decided);
 
     server.pause();
-    // Sent while Redis is frozen: without a deadline these would hang until it thawed.
+    let frozen_at = Instant::now();
+    // Sent while Redis is frozen: without a deadline these would hang until it thawed, which is
+    // FREEZE from now.
     let mut seen = Vec::new();
+    let mut slowest = Duration::ZERO;
     for _ in 0..30 {
+        let started = Instant::now();
         seen.push(get(&client, &demo, "/hello").await);
+        slowest = slowest.max(started.elapsed());
     }
     let timeouts = metric(
         &client,
@@ -216,31 +225,45 @@ async fn a_frozen_redis_costs_at_most_the_deadline_then_nothing() {
         &[("policy", "hello"), ("reason", "circuit_open")],
     )
     .await;
+    let degraded_while_frozen = metric(&client, &demo, "ratelimit_store_degraded", &[]).await;
+    // Keep it frozen long enough that a request waiting for the thaw could not pass for one
+    // that waited the deadline.
+    const FREEZE: Duration = Duration::from_secs(6);
+    tokio::time::sleep(FREEZE.saturating_sub(frozen_at.elapsed())).await;
     server.resume();
+    // No request waited for the thaw: the slowest took about the deadline (with two seconds of
+    // slack for a busy machine), far from the six seconds of the freeze.
+    assert!(
+        slowest < Duration::from_millis(DEADLINE_MS) + Duration::from_secs(2),
+        "a request took {slowest:?} while Redis was frozen"
+    );
 
     assert!(
         seen.iter().all(|s| s.status == 200 && !s.decided),
         "{seen:?}"
     );
-    // The breaker opens after 5 consecutive timeouts; every later request is decided without
-    // asking Redis.
+    // Each request waited for Redis at most its deadline: 5 of them timed out (the breaker's
+    // threshold), and every later one was answered at once, without asking Redis (circuit
+    // open). None waited for the thaw: they were all answered while Redis was frozen.
     assert_eq!(timeouts, 5.0);
     assert_eq!(circuit_open, 25.0);
-    let deadline = Duration::from_millis(DEADLINE_MS);
-    // No request waited much longer than the deadline...
-    let slowest = seen.iter().map(|s| s.took).max().unwrap();
-    assert!(
-        slowest < deadline + Duration::from_secs(2),
-        "slowest {slowest:?}"
-    );
-    // ...and once the circuit opened, none waited for Redis at all (a wait would take at least
-    // the deadline).
-    let waited = seen.iter().filter(|s| s.took >= deadline).count();
-    assert_eq!(waited, 5, "{seen:?}");
+    // While frozen the store said it was degraded.
+    assert_eq!(degraded_while_frozen, 1.0);
 
-    // Thawed: limiting comes back by itself.
+    // Thawed: limiting comes back by itself, the breaker closes (the gauge falls back to 0),
+    // and the recovery is logged once.
     let after = until_decided(&client, &demo, 1).await;
     assert!(after[0].decided);
+    assert_eq!(
+        metric(&client, &demo, "ratelimit_store_degraded", &[]).await,
+        0.0
+    );
+    let recovered = demo
+        .log()
+        .iter()
+        .filter(|l| l.contains("rate-limit-recovered"))
+        .count();
+    assert_eq!(recovered, 1, "{:#?}", demo.log());
 }
 
 #[tokio::test]
@@ -289,6 +312,25 @@ async fn redis_absent_at_start_up_and_appearing_later() {
         let seen = get(&client, &demo, "/hello").await;
         assert_eq!((seen.status, seen.decided), (200, false));
     }
+    // Each failed at once for want of a connection, without waiting out the (5 s) deadline:
+    // none is counted as a timeout.
+    let exposition = client
+        .get(demo.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let by_reason = |reason| {
+        metric_sum(
+            &exposition,
+            "ratelimit_fail_open_total",
+            &[("policy", "hello"), ("reason", reason)],
+        )
+    };
+    assert_eq!(by_reason("timeout"), 0.0);
+    assert_eq!(by_reason("unavailable") + by_reason("circuit_open"), 8.0);
     assert_eq!(
         client
             .post(demo.url("/login"))
@@ -316,7 +358,9 @@ async fn redis_absent_at_start_up_and_appearing_later() {
 #[tokio::test]
 async fn with_the_local_fallback_one_instance_still_refuses_past_its_limit() {
     let mut server = RedisServer::start();
-    let demo = demo_on(&server.url(), &["--redis-fallback"]);
+    // The short deadline: while the client reconnects to the dead server, calls wait for it
+    // before the fallback decides, and requests 5 s apart would each find a refilled budget.
+    let demo = demo_with_deadline(&server.url(), DEADLINE_MS, &["--redis-fallback"]);
     let client = client();
     assert!(get(&client, &demo, "/hello").await.decided);
     server.stop();
@@ -354,4 +398,72 @@ async fn with_the_local_fallback_one_instance_still_refuses_past_its_limit() {
             .status(),
         200
     );
+}
+
+async fn login(client: &reqwest::Client, demo: &Demo) -> u16 {
+    client
+        .post(demo.url("/login"))
+        .send()
+        .await
+        .expect("response")
+        .status()
+        .as_u16()
+}
+
+/// Waits until the demo's store answers again (a decided `/hello`), at most 20 s.
+async fn until_redis_decides(client: &reqwest::Client, demo: &Demo) {
+    let _ = until_decided(client, demo, 1).await;
+}
+
+#[tokio::test]
+async fn a_login_refused_while_redis_was_frozen_costs_the_client_nothing() {
+    // The reproduction: Redis frozen, two logins answered 503 (fail closed), and after the
+    // thaw the client's second real login got 429 under 3/min, because the queued scripts ran
+    // late and spent the budget.
+    let server = RedisServer::start();
+    let demo = demo_with_deadline(&server.url(), DEADLINE_MS, &[]);
+    let client = client();
+    until_redis_decides(&client, &demo).await;
+
+    server.pause();
+    assert_eq!(login(&client, &demo).await, 503);
+    assert_eq!(login(&client, &demo).await, 503);
+    tokio::time::sleep(Duration::from_millis(DEADLINE_MS)).await;
+    server.resume();
+    until_redis_decides(&client, &demo).await;
+    let mut after = Vec::new();
+    for _ in 0..4 {
+        after.push(login(&client, &demo).await);
+    }
+    assert_eq!(after, [200, 200, 200, 429]);
+}
+
+#[tokio::test]
+async fn a_fallback_decision_is_not_spent_again_in_redis() {
+    let server = RedisServer::start();
+    let demo = demo_with_deadline(&server.url(), DEADLINE_MS, &["--redis-fallback"]);
+    let client = client();
+    until_redis_decides(&client, &demo).await;
+
+    server.pause();
+    // Decided locally while Redis is frozen; the scripts sent first still sit in its socket.
+    assert_eq!(login(&client, &demo).await, 200);
+    assert_eq!(login(&client, &demo).await, 200);
+    tokio::time::sleep(Duration::from_millis(DEADLINE_MS)).await;
+    server.resume();
+    until_redis_decides(&client, &demo).await;
+    let fallback = metric(
+        &client,
+        &demo,
+        "ratelimit_fallback_total",
+        &[("policy", "login")],
+    )
+    .await;
+    assert_eq!(fallback, 2.0);
+    // Redis never counted those two: its whole budget is there.
+    let mut after = Vec::new();
+    for _ in 0..4 {
+        after.push(login(&client, &demo).await);
+    }
+    assert_eq!(after, [200, 200, 200, 429]);
 }
