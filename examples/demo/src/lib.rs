@@ -57,18 +57,20 @@ pub struct Args {
     /// How long start-up waits for Redis before serving anyway, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     pub redis_connect_wait: u64,
-    /// A proxy address range to trust for X-Forwarded-For (repeatable; replaces the file's
-    /// client_ip settings). Without it, clients are keyed as the file says (by default on the
-    /// socket peer, ignoring forwarding headers).
+    /// A proxy address range to trust (repeatable). Replaces only the file's trusted proxies
+    /// (or hop count); the file's header and IPv6 prefix stay. Without it, clients are keyed
+    /// as the file says (by default on the socket peer, ignoring forwarding headers).
     #[arg(long = "trusted-proxy", value_name = "CIDR")]
     pub trusted_proxies: Vec<tollgate::client_ip::IpNet>,
-    /// The header trusted proxies report the client in: x-forwarded-for (default), forwarded,
-    /// or the name of a single-address header such as x-real-ip or cf-connecting-ip.
-    #[arg(long, value_name = "NAME", default_value = "x-forwarded-for")]
-    pub client_ip_header: String,
-    /// Key IPv6 clients on this prefix length (1 to 128).
-    #[arg(long, value_name = "BITS", default_value_t = 64)]
-    pub ipv6_prefix: u8,
+    /// The header trusted proxies report the client in, in any case: x-forwarded-for (the
+    /// default), forwarded, or a single-address header such as x-real-ip or cf-connecting-ip.
+    /// Replaces only the file's header.
+    #[arg(long, value_name = "NAME")]
+    pub client_ip_header: Option<String>,
+    /// Key IPv6 clients on this prefix length (1 to 128; default 64). Replaces only the
+    /// file's prefix.
+    #[arg(long, value_name = "BITS")]
+    pub ipv6_prefix: Option<u8>,
     /// At most this many `GET /report` per client in flight (across every instance with
     /// `--redis`).
     #[arg(long, value_name = "N", default_value_t = 2)]
@@ -87,32 +89,28 @@ pub struct Args {
 }
 
 impl Args {
-    /// The client-IP settings of the command line, if it gives any.
+    /// `client_ip` with the command line's client-IP flags applied: each flag replaces only
+    /// the setting it names.
     ///
     /// # Errors
     ///
     /// When the prefix length or header name is invalid.
-    pub fn client_ip_override(&self) -> anyhow::Result<Option<ClientIp>> {
-        if self.trusted_proxies.is_empty()
-            && self.ipv6_prefix == 64
-            && self.client_ip_header == "x-forwarded-for"
-        {
-            return Ok(None);
+    pub fn apply_client_ip_flags(&self, mut client_ip: ClientIp) -> anyhow::Result<ClientIp> {
+        if !self.trusted_proxies.is_empty() {
+            client_ip = client_ip.trust_proxies(self.trusted_proxies.iter().copied());
         }
-        let header = match self.client_ip_header.to_ascii_lowercase().as_str() {
-            "x-forwarded-for" => ForwardedHeader::XForwardedFor,
-            "forwarded" => ForwardedHeader::Forwarded,
-            other => ForwardedHeader::Single(
-                http::HeaderName::from_bytes(other.as_bytes())
-                    .with_context(|| format!("--client-ip-header {other:?}: not a header name"))?,
-            ),
-        };
-        ClientIp::peer()
-            .trust_proxies(self.trusted_proxies.iter().copied())
-            .header(header)
-            .ipv6_prefix(self.ipv6_prefix)
-            .map(Some)
-            .with_context(|| format!("--ipv6-prefix {}", self.ipv6_prefix))
+        if let Some(name) = &self.client_ip_header {
+            let header = name
+                .parse::<ForwardedHeader>()
+                .with_context(|| format!("--client-ip-header {name:?}: not a header name"))?;
+            client_ip = client_ip.header(header);
+        }
+        if let Some(bits) = self.ipv6_prefix {
+            client_ip = client_ip
+                .ipv6_prefix(bits)
+                .with_context(|| format!("--ipv6-prefix {bits}"))?;
+        }
+        Ok(client_ip)
     }
 
     /// The configuration: the file, or the embedded defaults, checked against the demo's
@@ -129,9 +127,7 @@ impl Args {
         config
             .check_routes(ROUTES)
             .context("invalid configuration")?;
-        if let Some(client_ip) = self.client_ip_override()? {
-            config.client_ip = client_ip;
-        }
+        config.client_ip = self.apply_client_ip_flags(config.client_ip)?;
         Ok(config)
     }
 }
@@ -152,7 +148,8 @@ where
 {
     let concurrency = ConcurrencyLimitLayer::new(report.store)
         .policy(ConcurrencyPolicy::new("report", report.limit))
-        .client_ip(config.client_ip.clone());
+        .client_ip(config.client_ip.clone())
+        .missing_key(config.missing_key);
     let upstream = report.upstream.map(|url| {
         let client = reqwest::Client::builder()
             .no_proxy()
@@ -284,6 +281,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             if r.fallback {
                 builder = builder.fallback(MemoryStore::new());
             }
+            if let Some(n) = r.deny_cache {
+                builder = builder.deny_cache(n);
+            }
+            if let Some(ttl) = r.deny_cache_ttl {
+                builder = builder.deny_cache_ttl(ttl);
+            }
             let store = builder.build()?;
             // Start anyway when Redis is not there yet: requests fail open (or closed, or go to
             // the fallback) until it is, and the client keeps reconnecting.
@@ -354,6 +357,8 @@ struct RedisSettings {
     prefix: Option<String>,
     breaker_threshold: Option<u32>,
     fallback: bool,
+    deny_cache: Option<usize>,
+    deny_cache_ttl: Option<Duration>,
 }
 
 impl RedisSettings {
@@ -364,6 +369,8 @@ impl RedisSettings {
             prefix: None,
             breaker_threshold: None,
             fallback: args.redis_fallback,
+            deny_cache: None,
+            deny_cache_ttl: None,
         }
     }
 
@@ -374,6 +381,8 @@ impl RedisSettings {
             prefix: r.prefix.clone(),
             breaker_threshold: r.breaker_threshold,
             fallback: r.fallback,
+            deny_cache: r.deny_cache,
+            deny_cache_ttl: r.deny_cache_ttl,
         }
     }
 }
