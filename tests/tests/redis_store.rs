@@ -162,24 +162,34 @@ async fn a_refused_request_writes_nothing() {
     let q = quotas(&["1/10s", "50/h"]);
     let key = Key::new("nw", "/t", None, Some("u"));
     assert!(store.check(&key, &q, 1).await.unwrap().is_allowed());
-    // The value and the expiry: a refusal that rewrote either (to refresh a TTL, say) would
-    // be a write.
+    // The values, and the server's own count of writes (`rdb_changes_since_last_save`: every
+    // command that changed the dataset, a rewritten expiry included), which does not depend on
+    // how much real time passes between the reads the way a PTTL does.
     let state = || {
         q.iter()
-            .map(|quota| {
-                let k = store.redis_key(&key, quota);
-                let pttl: i64 = server.cli(&["pttl", &k]).parse().unwrap();
-                (server.cli(&["get", &k]), pttl / 100)
-            })
+            .map(|quota| server.cli(&["get", &store.redis_key(&key, quota)]))
             .collect::<Vec<_>>()
+    };
+    let writes = || {
+        let info = server.cli(&["info", "persistence"]);
+        info.lines()
+            .find_map(|l| l.strip_prefix("rdb_changes_since_last_save:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no write count in INFO persistence: {info}"))
     };
     let before = state();
     assert!(
-        before.iter().all(|(v, pttl)| !v.is_empty() && *pttl > 0),
+        before.iter().all(|v| !v.is_empty()),
         "the allowed request wrote nothing: {before:?}"
+    );
+    let writes_before = writes();
+    assert!(
+        writes_before > 0,
+        "the allowed request was not counted as a write"
     );
     assert!(store.check(&key, &q, 1).await.unwrap().is_limited());
     assert_eq!(state(), before);
+    assert_eq!(writes(), writes_before, "the refusal wrote to Redis");
 }
 
 /// Polls until the store answers again after a fault, for at most 20 s. The store reconnects
