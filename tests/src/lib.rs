@@ -60,10 +60,10 @@ impl Demo {
             let log = Arc::clone(&log);
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if let (Some(tx), Some(addr)) = (&tx, line.split("listening on ").nth(1)) {
-                        if let Ok(addr) = addr.trim().parse::<SocketAddr>() {
-                            let _ = tx.send(addr);
-                        }
+                    if let (Some(tx), Some(addr)) = (&tx, line.split("listening on ").nth(1))
+                        && let Ok(addr) = addr.trim().parse::<SocketAddr>()
+                    {
+                        let _ = tx.send(addr);
                     }
                     log.lock().expect("log lock").push(line);
                 }

@@ -128,10 +128,10 @@ async fn redis_killed_mid_load_fails_open_and_counts_every_undecided_request() {
                     res.status().as_u16(),
                     res.headers().contains_key("ratelimit"),
                 ));
-                if done.fetch_add(1, Ordering::SeqCst) + 1 == 150 {
-                    if let Some(tx) = kill_tx.lock().unwrap().take() {
-                        let _ = tx.send(());
-                    }
+                if done.fetch_add(1, Ordering::SeqCst) + 1 == 150
+                    && let Some(tx) = kill_tx.lock().unwrap().take()
+                {
+                    let _ = tx.send(());
                 }
             }
             seen

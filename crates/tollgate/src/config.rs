@@ -574,13 +574,13 @@ fn policy(i: usize, p: PolicyFile) -> Result<RoutePolicy, ConfigError> {
                 .map_err(|e| ConfigError::at(format!("{at}.burst"), burst, e))?;
         }
         // The policy's algorithm applies to quotas that name none.
-        if let Some(a) = algorithm {
-            if q.algorithm_kind() == Algorithm::Gcra && !text.to_ascii_lowercase().contains("gcra")
-            {
-                q = q
-                    .algorithm(a)
-                    .map_err(|e| ConfigError::at(format!("{at}.algorithm"), a.name(), e))?;
-            }
+        if let Some(a) = algorithm
+            && q.algorithm_kind() == Algorithm::Gcra
+            && !text.to_ascii_lowercase().contains("gcra")
+        {
+            q = q
+                .algorithm(a)
+                .map_err(|e| ConfigError::at(format!("{at}.algorithm"), a.name(), e))?;
         }
         quotas.push(q);
     }
@@ -935,10 +935,10 @@ mod tests {
         }
         let mut decisions = std::collections::HashMap::new();
         for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-            if let metrics_util::debugging::DebugValue::Counter(n) = value {
-                if let Some(d) = key.key().labels().find(|l| l.key() == "decision") {
-                    *decisions.entry(d.value().to_owned()).or_insert(0) += n;
-                }
+            if let metrics_util::debugging::DebugValue::Counter(n) = value
+                && let Some(d) = key.key().labels().find(|l| l.key() == "decision")
+            {
+                *decisions.entry(d.value().to_owned()).or_insert(0) += n;
             }
         }
         assert_eq!(decisions.get("allowed"), Some(&1), "{decisions:?}");

@@ -606,7 +606,7 @@ mod tests {
         let mut b = parts.clone();
         match edit % 4 {
             0 | 1 => {
-                let (from, to) = if edit % 4 == 0 {
+                let (from, to) = if edit.is_multiple_of(4) {
                     (at % 2, at % 2 + 1)
                 } else {
                     (at % 2 + 1, at % 2)

@@ -271,10 +271,10 @@ impl<St: Clone, U: Clone> RateLimitLayer<St, U> {
         let mut by_name: HashMap<String, Arc<CompiledPolicy>> = HashMap::new();
         let mut compile = |p: &Policy| -> Arc<CompiledPolicy> {
             // Policies with the same name and content are one policy (one set of counters).
-            if let Some(c) = by_name.get(&p.name) {
-                if c.source == *p {
-                    return Arc::clone(c);
-                }
+            if let Some(c) = by_name.get(&p.name)
+                && c.source == *p
+            {
+                return Arc::clone(c);
             }
             let c = Arc::new(CompiledPolicy::new(p.clone(), self));
             by_name

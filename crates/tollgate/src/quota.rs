@@ -205,7 +205,7 @@ impl Quota {
             if self.burst != self.limit {
                 return Err(QuotaError::BurstWithWindow(algorithm));
             }
-            if self.period_ns % 1_000_000 != 0 {
+            if !self.period_ns.is_multiple_of(1_000_000) {
                 return Err(QuotaError::WindowNotWholeMillis(self.period()));
             }
             if u128::from(self.limit.get()) * u128::from(self.period_ns / 1_000_000)
@@ -351,9 +351,9 @@ fn fmt_period(period: Duration, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         (1, "ms"),
     ];
     let ms = period.as_millis();
-    if period.subsec_nanos() % 1_000_000 == 0 {
+    if period.subsec_nanos().is_multiple_of(1_000_000) {
         for (unit_ms, name) in UNITS {
-            if ms % unit_ms == 0 {
+            if ms.is_multiple_of(unit_ms) {
                 let n = ms / unit_ms;
                 return if n == 1 {
                     f.write_str(name)

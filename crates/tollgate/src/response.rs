@@ -150,20 +150,20 @@ impl PolicyHeaders {
                 headers.append(RATELIMIT.clone(), v);
             }
         }
-        if mode.legacy() {
-            if let Some(binding) = decision.binding() {
-                let wait = if binding.is_allowed() {
-                    ceil_secs(binding.reset_after())
-                } else {
-                    retry_after_secs(binding.retry_after())
-                };
-                let now = SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map_or(0, |d| d.as_secs());
-                headers.insert(X_LIMIT.clone(), HeaderValue::from(binding.quota().limit()));
-                headers.insert(X_REMAINING.clone(), HeaderValue::from(binding.remaining()));
-                headers.insert(X_RESET.clone(), HeaderValue::from(now + wait));
-            }
+        if mode.legacy()
+            && let Some(binding) = decision.binding()
+        {
+            let wait = if binding.is_allowed() {
+                ceil_secs(binding.reset_after())
+            } else {
+                retry_after_secs(binding.retry_after())
+            };
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            headers.insert(X_LIMIT.clone(), HeaderValue::from(binding.quota().limit()));
+            headers.insert(X_REMAINING.clone(), HeaderValue::from(binding.remaining()));
+            headers.insert(X_RESET.clone(), HeaderValue::from(now + wait));
         }
     }
 }

@@ -828,19 +828,19 @@ mod tests {
         }
         let mut counted = std::collections::HashMap::new();
         for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-            if let DebugValue::Counter(n) = value {
-                if key.key().name() == crate::metrics::STORE_EVICTIONS_TOTAL {
-                    let label = |name| {
-                        key.key()
-                            .labels()
-                            .find(|l| l.key() == name)
-                            .map(|l| l.value().to_owned())
-                            .unwrap()
-                    };
-                    *counted
-                        .entry((label("policy"), label("limited")))
-                        .or_insert(0) += n;
-                }
+            if let DebugValue::Counter(n) = value
+                && key.key().name() == crate::metrics::STORE_EVICTIONS_TOTAL
+            {
+                let label = |name| {
+                    key.key()
+                        .labels()
+                        .find(|l| l.key() == name)
+                        .map(|l| l.value().to_owned())
+                        .unwrap()
+                };
+                *counted
+                    .entry((label("policy"), label("limited")))
+                    .or_insert(0) += n;
             }
         }
         let of = |p: &str| {
