@@ -286,7 +286,10 @@ fn release_in_background(inner: Arc<Inner>, key: String, id: String) {
     };
     runtime.spawn(async move {
         if let Err(e) = lease_op(&inner, key, "release", id, 0, 0).await {
+            #[cfg(feature = "tracing")]
             tracing::debug!(error = %e, "concurrency lease not released; it will expire");
+            #[cfg(not(feature = "tracing"))]
+            let _ = e;
         }
     });
 }
@@ -301,6 +304,7 @@ async fn renew(inner: Arc<Inner>, key: String, id: String, lease: Duration) {
         match lease_op(&inner, key.clone(), "renew", id.clone(), lease_ms, 0).await {
             Ok(Lease::Done(_) | Lease::Late) => {}
             Ok(Lease::Refused(_)) => {
+                #[cfg(feature = "tracing")]
                 tracing::warn!(
                     lease = %id,
                     "rate-limit-degraded: a concurrency lease expired before it could be renewed; \

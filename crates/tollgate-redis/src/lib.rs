@@ -112,6 +112,8 @@ struct Inner {
     fallback: Option<MemoryStore>,
     breaker: Breaker,
     metrics: StoreMetrics,
+    /// Names the store in logs (metrics take it from `StoreMetrics`).
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     name: String,
     concurrency_script: fred::types::scripts::Script,
     deny: Option<deny::DenyCache>,
@@ -163,20 +165,21 @@ impl Inner {
                 vec!["server"],
             )
             .await;
-        if let Some(version) = info.ok().as_deref().and_then(redis_version) {
-            if !version_at_least(version, MIN_REDIS_VERSION) {
-                tracing::error!(
-                    store = %self.name,
-                    version,
-                    "rate-limit-misconfigured: Redis {version} is too old for tollgate, which \
-                     needs {}.{} or newer; every decision will fail",
-                    MIN_REDIS_VERSION.0,
-                    MIN_REDIS_VERSION.1
-                );
-                return Err(Error::ServerTooOld {
-                    version: version.to_owned(),
-                });
-            }
+        if let Some(version) = info.ok().as_deref().and_then(redis_version)
+            && !version_at_least(version, MIN_REDIS_VERSION)
+        {
+            #[cfg(feature = "tracing")]
+            tracing::error!(
+                store = %self.name,
+                version,
+                "rate-limit-misconfigured: Redis {version} is too old for tollgate, which \
+                 needs {}.{} or newer; every decision will fail",
+                MIN_REDIS_VERSION.0,
+                MIN_REDIS_VERSION.1
+            );
+            return Err(Error::ServerTooOld {
+                version: version.to_owned(),
+            });
         }
         Ok(())
     }
@@ -368,6 +371,7 @@ impl Inner {
                 .is_ok()
         {
             self.metrics.degraded(true);
+            #[cfg(feature = "tracing")]
             tracing::warn!(
                 store = %self.name,
                 consecutive_failures = failures,
@@ -383,6 +387,7 @@ impl Inner {
 
     /// Pings Redis every probe interval until it answers, then closes the circuit.
     async fn probe(self: Arc<Self>) {
+        #[cfg(feature = "tracing")]
         let started = Instant::now();
         let mut attempts = 0u64;
         loop {
@@ -411,6 +416,7 @@ impl Inner {
                 self.breaker.failures.store(0, Ordering::Relaxed);
                 self.breaker.open.store(false, Ordering::Release);
                 self.metrics.degraded(false);
+                #[cfg(feature = "tracing")]
                 tracing::info!(
                     store = %self.name,
                     down_for = ?started.elapsed(),
@@ -420,9 +426,10 @@ impl Inner {
                 return;
             }
             // A summary every 30 s while it stays down.
-            if attempts % (30_000 / self.breaker.probe_interval.as_millis().max(1) as u64).max(1)
-                == 0
-            {
+            if attempts.is_multiple_of(
+                (30_000 / self.breaker.probe_interval.as_millis().max(1) as u64).max(1),
+            ) {
+                #[cfg(feature = "tracing")]
                 tracing::warn!(
                     store = %self.name,
                     down_for = ?started.elapsed(),
@@ -468,6 +475,7 @@ impl Inner {
             .await
         {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
+                #[cfg(feature = "tracing")]
                 tracing::info!("rate-limit script not in the Redis script cache; loading it");
                 client.script_load_cluster::<(), _>(source).await?;
                 client.evalsha(sha, keys, args).await
@@ -491,11 +499,11 @@ impl Store for RedisStore {
         }
         let inner = &self.inner;
         let tag = key.qualified().to_string();
-        if let Some(deny) = &inner.deny {
-            if let Some(refusal) = deny.get(&tag, cost, inner.now_ns()) {
-                inner.metrics.deny_cache_hit();
-                return Box::pin(std::future::ready(Ok(refusal)));
-            }
+        if let Some(deny) = &inner.deny
+            && let Some(refusal) = deny.get(&tag, cost, inner.now_ns())
+        {
+            inner.metrics.deny_cache_hit();
+            return Box::pin(std::future::ready(Ok(refusal)));
         }
         if inner.breaker.open.load(Ordering::Acquire) {
             // Known down: no round trip, no waiting.
@@ -587,8 +595,9 @@ fn classify(e: FredError) -> StoreError {
         | FredErrorKind::Routing
         | FredErrorKind::Cluster
         | FredErrorKind::Sentinel
-        | FredErrorKind::Tls
         | FredErrorKind::Auth => StoreErrorKind::Unavailable,
+        #[cfg(feature = "tls")]
+        FredErrorKind::Tls => StoreErrorKind::Unavailable,
         FredErrorKind::Protocol | FredErrorKind::Parse => StoreErrorKind::InvalidResponse,
         _ if is_script_error(e.details()) => StoreErrorKind::Script,
         _ if is_unavailable(e.details()) => StoreErrorKind::Unavailable,
@@ -1100,3 +1109,6 @@ struct RedisGuide;
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/operations.md")]
 struct OperationsGuide;
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct Readme;
