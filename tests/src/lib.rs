@@ -1,9 +1,7 @@
 //! Support code for the end-to-end tests: start the demo as a real process on a free loopback
-//! port, read its log, stop it when the test ends; start real Redis servers and clusters; the
-//! store conformance suite.
+//! port, read its log, stop it when the test ends; start real Redis servers and clusters. (The
+//! store conformance suite ships in the core, `tollgate::conformance`.)
 
-pub mod conformance;
-pub mod model;
 pub mod redis;
 
 use std::io::{BufRead, BufReader};

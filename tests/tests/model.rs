@@ -1,4 +1,4 @@
-//! The memory store against the independent reference model (`tollgate_tests::model`), every
+//! The memory store against the independent reference model (`tollgate::conformance::model`), every
 //! decision and every wait, for every algorithm, costs and several quotas at once. The Redis
 //! store is checked against the same model in `redis_store.rs`.
 
@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 use tollgate::clock::{Clock, ManualClock};
+use tollgate::conformance::model::Model;
+use tollgate::conformance::{random_gap_us, random_policy};
 use tollgate::{Key, MemoryStore};
-use tollgate_tests::conformance::{random_gap_us, random_policy};
-use tollgate_tests::model::Model;
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
@@ -45,5 +45,5 @@ proptest! {
 async fn the_memory_store_passes_the_model_check_the_redis_store_runs() {
     let clock = ManualClock::new();
     let store = MemoryStore::with_clock(clock.clone());
-    tollgate_tests::conformance::against_model(&store, &clock, 40, "memory").await;
+    tollgate::conformance::against_model(&store, &clock, 40, "memory").await;
 }

@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use tollgate::clock::ManualClock;
 use tollgate::concurrency::{Acquire, ConcurrencyStore};
+use tollgate::conformance;
 use tollgate::{Key, MemoryStore, Quota, Store, StoreErrorKind};
 use tollgate_redis::{RedisStore, RedisStoreBuilder};
-use tollgate_tests::conformance;
 use tollgate_tests::redis::{RedisCluster, RedisServer};
 
 /// A store on `url` whose deadline is long enough that a slow moment of a busy test machine is
@@ -36,7 +36,7 @@ fn quotas(specs: &[&str]) -> Vec<Quota> {
 #[tokio::test]
 async fn memory_store_passes_the_conformance_suite() {
     let clock = ManualClock::new();
-    conformance::run(&MemoryStore::with_clock(clock.clone()), &clock).await;
+    conformance::verify(&MemoryStore::with_clock(clock.clone()), &clock, "memory").await;
 }
 
 #[tokio::test]
@@ -52,7 +52,7 @@ async fn redis_store_passes_the_conformance_suite_with_and_without_the_deny_cach
                 .clock(clock.clone()),
         )
         .await;
-        conformance::run(&store, &clock).await;
+        conformance::run_cases(&store, &clock, "conformance").await;
     }
 }
 
@@ -79,7 +79,7 @@ async fn cluster_passes_the_conformance_suite_with_multi_quota_keys_in_one_slot(
         .await;
         // The suite has multi-quota cases: their keys must hash to one slot, or the cluster
         // answers CROSSSLOT.
-        conformance::run(&store, &clock).await;
+        conformance::run_cases(&store, &clock, "conformance").await;
         let key = Key::new("p", "/x", None, Some("{evil}"));
         let slots: Vec<String> = quotas(&["5/s", "100/h fixed-window"])
             .iter()

@@ -8,6 +8,9 @@ pub mod concurrency;
 #[cfg(feature = "config")]
 #[cfg_attr(docsrs, doc(cfg(feature = "config")))]
 pub mod config;
+#[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
+pub mod conformance;
 mod decision;
 pub mod future;
 mod gcra;
@@ -44,3 +47,6 @@ struct AlgorithmsGuide;
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/client-ip.md")]
 struct ClientIpGuide;
+#[cfg(all(doctest, feature = "conformance"))]
+#[doc = include_str!("../../../docs/stores.md")]
+struct StoresGuide;

@@ -571,7 +571,7 @@ async fn fallback_decisions_are_enforced_and_counted_apart_from_fail_open() {
         Some(0)
     );
     store.fail_with(Some(StoreErrorKind::CircuitOpen));
-    store.with_fallback(true);
+    store.fallback(true);
     let mut got = Vec::new();
     for _ in 0..3 {
         let res = svc.clone().oneshot(request()).await.unwrap();

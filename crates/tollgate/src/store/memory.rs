@@ -11,7 +11,7 @@ use smallvec::SmallVec;
 use super::{Store, StoreError};
 use crate::algorithm::{self, Eval, State};
 use crate::clock::{Clock, MonotonicClock};
-use crate::decision::{Decision, QuotaState};
+use crate::decision::Decision;
 use crate::key::KeyHasher;
 use crate::{Key, Quota};
 
@@ -279,18 +279,7 @@ impl<C: Clock> MemoryStore<C> {
         drop(state);
         evicted.count(&inner.policies);
 
-        Ok(Decision::from_states(quotas.iter().zip(&evals).map(
-            |(quota, e)| {
-                let r = if allowed { e.spent } else { e.unspent };
-                QuotaState::new(
-                    *quota,
-                    e.allowed,
-                    r.remaining,
-                    Duration::from_nanos(r.reset_after_ns),
-                    Duration::from_nanos(r.retry_after_ns),
-                )
-            },
-        )))
+        Ok(super::kit::decision(quotas, &evals, allowed))
     }
 
     /// Forgets `key`'s state under `quotas`: its next request starts with a full budget. For

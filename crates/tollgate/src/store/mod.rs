@@ -3,7 +3,23 @@
 //! [`MemoryStore`] keeps state in this process. The `tollgate-redis` crate keeps it in Redis, so
 //! that every instance of a service shares one limit. Both run the same algorithm with the same
 //! semantics.
+//!
+//! # Writing a store
+//!
+//! A store implements [`Store`]. The kit for one written outside this crate:
+//!
+//! | piece | what for |
+//! |---|---|
+//! | [`decide`], [`StoredState`], [`Decided`] | the algorithms as one pure function over the states the store keeps: read, `decide`, write back atomically |
+//! | [`OwnedKey`], [`Key::qualified`] | a key the store can keep, and its injective text form (to name rows or keys) |
+//! | [`window_offset`] | where a key's windows start (what `decide` uses; for stores that run their own arithmetic, as the Redis script does) |
+//! | [`StoreError::check_cost`] | the error every store returns for a cost above a burst |
+//! | [`Decision::into_fallback`], [`Decision::later`] | marking a decision made by a fallback store; replaying a cached refusal later |
+//! | `tollgate::conformance` (feature `conformance`) | one call, `verify`, proves the store decides exactly as the built-in ones; a store that fails on demand |
+//!
+//! docs/stores.md in the repository gives the contract and a worked example.
 
+mod kit;
 mod memory;
 
 use std::error::Error;
@@ -11,7 +27,8 @@ use std::fmt;
 use std::future::Future;
 
 pub use crate::key::OwnedKey;
-pub use memory::MemoryStore;
+pub use kit::{Decided, StoredState, decide};
+pub use memory::{MemoryStore, MemoryStoreBuilder};
 
 /// A key's window offset in milliseconds for a window quota (0 for GCRA): where its windows
 /// start, so that keys do not all reset at the same instant. Every store must use this so that

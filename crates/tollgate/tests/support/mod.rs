@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::{Ready, ready};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,63 +11,11 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::Full;
 use metrics_util::debugging::{DebugValue, Snapshotter};
-use tollgate::clock::ManualClock;
-use tollgate::{Decision, Key, MemoryStore, Quota, Store, StoreError, StoreErrorKind};
+use tollgate::Quota;
 use tower::Service;
 
-/// A store that answers like a memory store until told to fail.
-#[derive(Clone)]
-pub struct FlakyStore {
-    memory: MemoryStore<ManualClock>,
-    failure: Arc<Mutex<Option<StoreErrorKind>>>,
-    fallback: Arc<Mutex<bool>>,
-    calls: Arc<Mutex<usize>>,
-}
-
-impl FlakyStore {
-    pub fn new(clock: &ManualClock) -> Self {
-        FlakyStore {
-            memory: MemoryStore::with_clock(clock.clone()),
-            failure: Arc::default(),
-            fallback: Arc::default(),
-            calls: Arc::default(),
-        }
-    }
-
-    /// From now on every call fails with `kind` (or succeeds again with `None`).
-    pub fn fail_with(&self, kind: Option<StoreErrorKind>) {
-        *self.failure.lock().unwrap() = kind;
-    }
-
-    /// Failures are answered by the memory store, marked as a fallback decision.
-    pub fn with_fallback(&self, on: bool) {
-        *self.fallback.lock().unwrap() = on;
-    }
-
-    pub fn calls(&self) -> usize {
-        *self.calls.lock().unwrap()
-    }
-}
-
-impl Store for FlakyStore {
-    type Future = Ready<Result<Decision, StoreError>>;
-
-    fn check(&self, key: &Key<'_>, quotas: &[Quota], cost: u32) -> Self::Future {
-        *self.calls.lock().unwrap() += 1;
-        match *self.failure.lock().unwrap() {
-            Some(kind) if *self.fallback.lock().unwrap() => ready(
-                self.memory
-                    .decide(key, quotas, cost)
-                    .map(|d| d.into_fallback(kind)),
-            ),
-            Some(kind) => ready(Err(StoreError::with_source(
-                kind,
-                std::io::Error::other("injected failure"),
-            ))),
-            None => self.memory.check(key, quotas, cost),
-        }
-    }
-}
+/// The layer tests' failing store is the one the crate ships for store authors.
+pub use tollgate::conformance::FailingStore as FlakyStore;
 
 /// Reads counters from a `DebuggingRecorder`, whose snapshots reset counters to zero: this
 /// keeps the running totals.

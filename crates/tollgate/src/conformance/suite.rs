@@ -10,9 +10,9 @@
 
 use std::time::Duration;
 
-use tollgate::clock::ManualClock;
-use tollgate::store::window_offset;
-use tollgate::{Decision, Key, Quota, Store, StoreErrorKind};
+use crate::clock::ManualClock;
+use crate::store::window_offset;
+use crate::{Decision, Key, Quota, Store, StoreErrorKind};
 
 /// What one request must get.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,10 +189,16 @@ pub fn cases() -> Vec<Case> {
     ]
 }
 
-/// Runs every case against `store`, which must read time from `clock`. Panics on the first
-/// decision that differs from the specification, naming the case and step.
-pub async fn run<S: Store>(store: &S, clock: &ManualClock) {
+/// Runs every case of [`cases`] against `store`, which must read time from `clock`; `name`
+/// namespaces the keys (policy `<name>-<case>`), so a store shared with other data or runs
+/// starts afresh.
+///
+/// # Panics
+///
+/// On the first decision that differs from the specification, naming the case and step.
+pub async fn run_cases<S: Store>(store: &S, clock: &ManualClock, name: &str) {
     for case in cases() {
+        let policy = format!("{name}-{}", case.name);
         let quotas: Vec<Quota> = case
             .quotas
             .iter()
@@ -200,7 +206,7 @@ pub async fn run<S: Store>(store: &S, clock: &ManualClock) {
             .collect();
         if case.align {
             // Every advance is whole milliseconds, so the clock is on one.
-            let key = Key::new(case.name, "/conformance", None, Some("a"));
+            let key = Key::new(&policy, "/conformance", None, Some("a"));
             let w = u64::try_from(quotas[0].period().as_millis()).expect("window");
             let offset = window_offset(&key, &quotas[0]);
             let now_ms = u64::try_from(clock.elapsed().as_millis()).expect("time");
@@ -208,7 +214,7 @@ pub async fn run<S: Store>(store: &S, clock: &ManualClock) {
         }
         for (i, step) in case.steps.iter().enumerate() {
             clock.advance(Duration::from_millis(step.advance_ms));
-            let key = Key::new(case.name, "/conformance", None, Some(step.client));
+            let key = Key::new(&policy, "/conformance", None, Some(step.client));
             let got = store.check(&key, &quotas, step.cost).await;
             let at = format!("case {} step {i} ({step:?})", case.name);
             match (step.expect, got) {
@@ -343,7 +349,7 @@ where
 
 /// Pseudo-random policies (every algorithm, bursts, several quotas at once) and request
 /// sequences (gaps, costs, two clients), each decision checked against the independent model
-/// in [`crate::model`]: every field of every decision, every wait. `store` must read time from
+/// in [`model`](super::model): every field of every decision, every wait. `store` must read time from
 /// `clock`; `name` namespaces the keys.
 ///
 /// # Panics
@@ -363,7 +369,7 @@ pub async fn against_model_within<S: Store>(
     name: &str,
     slack: Duration,
 ) {
-    use tollgate::clock::Clock;
+    use crate::clock::Clock;
     let mut rng = 0x9e37_79b9_7f4a_7c15_u64 ^ sequences as u64;
     let mut next = move |n: u64| {
         rng ^= rng << 13;
@@ -375,7 +381,7 @@ pub async fn against_model_within<S: Store>(
         let quotas = random_policy(&mut next);
         let min_burst = quotas.iter().map(Quota::burst_size).min().unwrap_or(1);
         let policy = format!("{name}-model-{seq}");
-        let mut model = crate::model::Model::new();
+        let mut model = super::model::Model::new();
         for i in 0..40 {
             clock.advance(Duration::from_micros(random_gap_us(&mut next)));
             let client = ["a", "b"][usize::try_from(next(2)).unwrap_or(0)];

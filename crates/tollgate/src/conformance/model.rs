@@ -12,8 +12,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use tollgate::store::window_offset;
-use tollgate::{Algorithm, Decision, Key, Quota};
+use crate::store::window_offset;
+use crate::{Algorithm, Decision, Key, Quota};
 
 const NS_PER_MS: u64 = 1_000_000;
 
