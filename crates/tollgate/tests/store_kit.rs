@@ -37,12 +37,7 @@ impl Store for TableStore {
     }
 }
 
-fn read(
-    rows: &Rows,
-    key: &Key<'_>,
-    quotas: &[Quota],
-    now: u64,
-) -> Vec<Option<StoredState>> {
+fn read(rows: &Rows, key: &Key<'_>, quotas: &[Quota], now: u64) -> Vec<Option<StoredState>> {
     quotas
         .iter()
         .map(|q| {
@@ -53,12 +48,7 @@ fn read(
         .collect()
 }
 
-fn write(
-    rows: &mut Rows,
-    key: &Key<'_>,
-    quotas: &[Quota],
-    writes: &[Option<StoredState>],
-) {
+fn write(rows: &mut Rows, key: &Key<'_>, quotas: &[Quota], writes: &[Option<StoredState>]) {
     for (q, w) in quotas.iter().zip(writes) {
         if let Some(w) = w {
             let (t, a, b) = w.into_parts();
