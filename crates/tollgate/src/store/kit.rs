@@ -48,9 +48,9 @@ impl StoredState {
 pub struct Decided {
     /// The decision to return.
     pub decision: Decision,
-    /// For each quota, in order: the new state to write when the decision is allowed, or
-    /// `None` (nothing worth keeping for it; leave what is there). Empty of `Some` when the
-    /// decision is a refusal: a refused request writes nothing.
+    /// For each quota, in order: the state to write, or `None` (leave what is there). An
+    /// allowed decision writes what it spent; a refusal writes nothing, except to repair a
+    /// stored state [`decide`] could not have written (see there).
     pub writes: SmallVec<[Option<StoredState>; 2]>,
 }
 
@@ -61,8 +61,9 @@ pub struct Decided {
 ///
 /// A state that [`decide`] could not have written counts as absent (a window count above the
 /// limit, a window that ends more than a window from now), except a GCRA state too far ahead,
-/// which counts as a full burst used: garbage never grants budget beyond one full burst, and
-/// never fails the request.
+/// which counts as a full burst used and is written back so repaired (even by a refusal; the
+/// only write a refusal makes): garbage never grants more than a fresh key, never fails the
+/// request, and never locks a client out past the wait it was told.
 ///
 /// # Errors
 ///
@@ -85,22 +86,33 @@ pub fn decide(
         "tollgate::store::decide: one stored state (or None) per quota"
     );
     StoreError::check_cost(quotas, cost)?;
+    let mut repaired: SmallVec<[Option<State>; 2]> = SmallVec::new();
     let evals: SmallVec<[Eval; 2]> = quotas
         .iter()
         .zip(stored)
         .map(|(quota, s)| {
-            let s = s.and_then(|s| plausible(quota, now_ns, s.0));
-            algorithm::eval(quota, now_ns, s, cost, algorithm::window_offset(key, quota))
+            let fixed = s.and_then(|s| plausible(quota, now_ns, s.0));
+            // A GCRA state capped to a full burst must be written back even on a refusal:
+            // left as it was, it would be capped again on every retry, forever.
+            repaired.push(fixed.filter(|f| s.is_some_and(|s| s.0 != *f)));
+            algorithm::eval(
+                quota,
+                now_ns,
+                fixed,
+                cost,
+                algorithm::window_offset(key, quota),
+            )
         })
         .collect();
     let allowed = evals.iter().all(|e| e.allowed);
     let writes = evals
         .iter()
-        .map(|e| {
+        .zip(&repaired)
+        .map(|(e, r)| {
             if allowed {
                 e.write.map(StoredState)
             } else {
-                None
+                r.map(StoredState)
             }
         })
         .collect();
@@ -209,13 +221,27 @@ mod tests {
                 assert!(d.remaining() <= 2, "{quota:?} {t} {a} {b}: {d:?}");
             }
         }
-        // A GCRA state far in the future is a full burst used, not a wait of centuries.
+        // A GCRA state far in the future is a full burst used, not a wait of centuries; the
+        // refusal writes the repaired state, and the client passes at the wait it was told.
+        let quotas = [q("3/10s")];
         let stored = [Some(StoredState::from_parts(u64::MAX, 0, 0))];
-        let d = decide(&key, &[q("3/10s")], &stored, now, 1)
-            .unwrap()
-            .decision;
-        assert!(d.is_limited());
-        assert!(d.retry_after().unwrap() <= Duration::from_secs(10), "{d:?}");
+        let got = decide(&key, &quotas, &stored, now, 1).unwrap();
+        assert!(got.decision.is_limited());
+        let wait = got.decision.retry_after().unwrap();
+        assert!(wait <= Duration::from_secs(10), "{got:?}");
+        let repaired = got.writes[0].expect("the repaired state is written back");
+        let later = now + u64::try_from(wait.as_nanos()).unwrap();
+        let retry = decide(&key, &quotas, &[Some(repaired)], later, 1).unwrap();
+        assert!(retry.decision.is_allowed(), "{retry:?}");
+        // A state decide wrote itself is never rewritten by a refusal.
+        let mut states = [None];
+        for _ in 0..3 {
+            let d = decide(&key, &quotas, &states, now, 1).unwrap();
+            states[0] = d.writes[0].or(states[0]);
+        }
+        let refused = decide(&key, &quotas, &states, now, 1).unwrap();
+        assert!(refused.decision.is_limited());
+        assert!(refused.writes.iter().all(Option::is_none), "{refused:?}");
     }
 
     #[test]
