@@ -97,6 +97,13 @@ impl Demo {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The demo's `/metrics` exposition, fetched with `client`.
+    pub async fn metrics(&self, client: &reqwest::Client) -> String {
+        let res = client.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(res.status(), 200, "/metrics answered {}", res.status());
+        res.text().await.unwrap()
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -162,14 +162,7 @@ async fn a_flood_of_new_addresses_cannot_free_a_limited_login() {
             .unwrap();
         assert_eq!(res.status(), 200);
     }
-    let metrics = client
-        .get(demo.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = demo.metrics(&client).await;
     let evicted = metric_sum(
         &metrics,
         "ratelimit_store_evictions_total",

@@ -77,14 +77,7 @@ async fn metrics_count_decisions_and_pass_promtool() {
     let client = client();
 
     // Before any failure, the fail-open counter already exists at zero for every policy.
-    let body = client
-        .get(demo.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = demo.metrics(&client).await;
     for policy in ["hello", "login"] {
         let line = format!("ratelimit_fail_open_total{{policy=\"{policy}\",reason=\"timeout\"}} 0");
         assert!(body.lines().any(|l| l == line), "missing {line} in\n{body}");
@@ -93,14 +86,7 @@ async fn metrics_count_decisions_and_pass_promtool() {
     for _ in 0..7 {
         client.get(demo.url("/hello")).send().await.unwrap();
     }
-    let body = client
-        .get(demo.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = demo.metrics(&client).await;
     let value = |labels: &str| {
         let prefix = format!("ratelimit_requests_total{{{labels}}} ");
         body.lines()

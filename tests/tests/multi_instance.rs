@@ -117,14 +117,7 @@ async fn sum_over(instances: &[Demo], name: &str, labels: &[(&str, &str)]) -> f6
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let mut sum = 0.0;
     for demo in instances {
-        let body = client
-            .get(demo.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let body = demo.metrics(&client).await;
         sum += tollgate_tests::metric_sum(&body, name, labels);
     }
     sum

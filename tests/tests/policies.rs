@@ -10,14 +10,7 @@ fn client() -> reqwest::Client {
 }
 
 async fn metric(demo: &Demo, labels: &[(&str, &str)]) -> f64 {
-    let body = client()
-        .get(demo.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = demo.metrics(&client()).await;
     metric_sum(&body, "ratelimit_requests_total", labels)
 }
 

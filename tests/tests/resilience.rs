@@ -52,14 +52,7 @@ async fn get(client: &reqwest::Client, demo: &Demo, path: &str) -> Seen {
 
 /// Sum of every sample of `name` whose labels include all of `labels`.
 async fn metric(client: &reqwest::Client, demo: &Demo, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let body = client
-        .get(demo.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = demo.metrics(client).await;
     metric_sum(&body, name, labels)
 }
 
@@ -314,14 +307,7 @@ async fn redis_absent_at_start_up_and_appearing_later() {
     }
     // Each failed at once for want of a connection, without waiting out the (5 s) deadline:
     // none is counted as a timeout.
-    let exposition = client
-        .get(demo.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let exposition = demo.metrics(&client).await;
     let by_reason = |reason| {
         metric_sum(
             &exposition,
