@@ -259,7 +259,7 @@ struct AllowlistFile {
 #[serde(deny_unknown_fields)]
 struct PolicyFile {
     name: String,
-    route: String,
+    route: OneOrMany,
     method: Option<String>,
     quota: OneOrMany,
     algorithm: Option<String>,
@@ -350,22 +350,23 @@ impl TryFrom<File> for Config {
         let mut bound: Vec<(Option<Method>, String, Policy)> = Vec::new();
         let mut policies = Vec::new();
         for (i, p) in file.policies.into_iter().enumerate() {
-            let rp = policy(i, p)?;
-            rp.policy
-                .validate()
-                .and_then(|()| {
-                    check_binding(
-                        &bound,
-                        None,
-                        Policy::name,
-                        rp.method.as_ref(),
-                        Some(&rp.route),
-                        &rp.policy,
-                    )
-                })
-                .map_err(|e| policy_error(i, e))?;
-            bound.push((rp.method.clone(), rp.route.clone(), rp.policy.clone()));
-            policies.push(rp);
+            for rp in policy(i, p)? {
+                rp.policy
+                    .validate()
+                    .and_then(|()| {
+                        check_binding(
+                            &bound,
+                            None,
+                            Policy::name,
+                            rp.method.as_ref(),
+                            Some(&rp.route),
+                            &rp.policy,
+                        )
+                    })
+                    .map_err(|e| policy_error(i, e))?;
+                bound.push((rp.method.clone(), rp.route.clone(), rp.policy.clone()));
+                policies.push(rp);
+            }
         }
         Ok(Config {
             headers,
@@ -530,7 +531,7 @@ fn policy_error(i: usize, e: PolicyError) -> ConfigError {
     }
 }
 
-fn policy(i: usize, p: PolicyFile) -> Result<RoutePolicy, ConfigError> {
+fn policy(i: usize, p: PolicyFile) -> Result<Vec<RoutePolicy>, ConfigError> {
     crate::policy::check_name(&p.name).map_err(|e| policy_error(i, e))?;
     let at = format!("policy[{i}] ({})", p.name);
     let method = p
@@ -595,7 +596,18 @@ fn policy(i: usize, p: PolicyFile) -> Result<RoutePolicy, ConfigError> {
             ));
         }
     };
+    let (routes, listed) = match p.route {
+        OneOrMany::One(route) => (vec![route], false),
+        OneOrMany::Many(routes) if routes.is_empty() => {
+            return Err(ConfigError(format!(
+                "{at}.route: at least one route is needed"
+            )));
+        }
+        OneOrMany::Many(routes) => (routes, true),
+    };
     let scope = match p.scope.as_deref() {
+        // A list of routes shares one budget unless it says otherwise.
+        None if listed => KeyScope::Policy,
         None | Some("route") => KeyScope::Route,
         Some("policy") => KeyScope::Policy,
         Some(other) => {
@@ -625,11 +637,14 @@ fn policy(i: usize, p: PolicyFile) -> Result<RoutePolicy, ConfigError> {
     if let Some(a) = p.allowlist {
         policy = policy.allowlist(allowlist(&format!("{at}.allowlist"), a)?);
     }
-    Ok(RoutePolicy {
-        route: p.route,
-        method,
-        policy,
-    })
+    Ok(routes
+        .into_iter()
+        .map(|route| RoutePolicy {
+            route,
+            method: method.clone(),
+            policy: policy.clone(),
+        })
+        .collect())
 }
 
 #[cfg(test)]

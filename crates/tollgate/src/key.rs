@@ -1,13 +1,26 @@
 //! Keys: who is spending budget, on what.
 //!
-//! Every request is keyed on `<route>:<ip>:<user?>`:
+//! Every request is keyed on `<route>:<ip>:<user>`, in the namespace of its policy:
 //!
 //! - **route**: axum's [`MatchedPath`](axum::extract::MatchedPath) template (`/users/{id}`, never
 //!   the raw path, which a client could vary to get a fresh bucket per request), or the policy's
 //!   name when the policy's [`KeyScope`](crate::KeyScope) says so or when there is no matched path;
-//! - **ip**: the client address, see [`ClientIp`](crate::ClientIp);
-//! - **user**: optional, from a [`UserKey`] extractor (for example the user id an authentication
-//!   layer put in the request extensions).
+//! - **ip** and **user**: the [`Identity`] a [`KeyExtractor`] gives the request.
+//!
+//! The layers take the extractor with `.key(..)`. The built-ins:
+//!
+//! | extractor | one budget per | missing when |
+//! |---|---|---|
+//! | [`ClientAddress`] (the default) | client address ([`ClientIp`](crate::ClientIp)) | the server gave no peer address |
+//! | [`ClientAndUser`] (`.user_key(..)`) | address, and user when there is one | as above |
+//! | [`FromExtension`] | identity an auth layer put in the extensions (API key, user id), whatever the address | the extension is absent |
+//! | [`TrustedHeader`] | value of a header a trusted gateway sets (a tenant) | the header is absent, empty, repeated or not visible ASCII |
+//! | [`Global`] | nothing: one budget for every client | never |
+//! | a closure `Fn(&RequestParts) -> Option<Identity>` | whatever it returns | it returns `None` |
+//!
+//! [`or`](KeyExtractor::or) falls back to a second extractor when the first finds nothing
+//! (`FromExtension::<ApiKey>::new().or(ClientAddress)`). A request whose identity is missing
+//! is handled as the layer's [`MissingKey`] says.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -15,8 +28,10 @@ use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use http::{Extensions, HeaderMap};
+use http::{Extensions, HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
+
+use crate::RequestParts;
 
 /// Two randomly seeded hashers: a key's 128-bit identity in the memory stores. Clients cannot
 /// choose keys that collide, since they do not know the seeds.
@@ -278,9 +293,9 @@ impl fmt::Debug for Key<'_> {
     }
 }
 
-/// Extracts the optional user part of a key from a request.
+/// Extracts the optional user part of a key from a request, for [`ClientAndUser`].
 ///
-/// Implemented by [`NoUser`] (the default), [`UserFromExtension`] and [`UserFn`].
+/// Implemented by [`NoUser`], [`UserFromExtension`] and [`UserFn`].
 pub trait UserKey: Send + Sync + 'static {
     /// The user part for this request, or `None` for an anonymous request.
     fn user_key<'r>(
@@ -439,17 +454,257 @@ where
     }
 }
 
-/// What to do with a request whose key cannot be built because the server put no peer address
-/// in it (usually: axum served without `into_make_service_with_connect_info::<SocketAddr>()`).
+/// Who a request spends budget as: a client address, a user (an API key, a tenant), both, or
+/// neither (one budget for everybody). What a [`KeyExtractor`] gives; the layer adds the policy
+/// and the route, masks the address (see [`ClientIp::ipv6_prefix`](crate::ClientIp)) and bounds
+/// the user part ([`MAX_USER_LEN`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Identity<'a> {
+    ip: Option<IpAddr>,
+    user: Option<Cow<'a, str>>,
+}
+
+impl<'a> Identity<'a> {
+    /// No address and no user: every request with this identity shares one budget.
+    pub fn global() -> Self {
+        Identity::default()
+    }
+
+    /// A client address.
+    pub fn from_addr(ip: IpAddr) -> Self {
+        Identity {
+            ip: Some(ip),
+            user: None,
+        }
+    }
+
+    /// A user, API key or tenant, whatever address it comes from.
+    pub fn from_user(user: impl Into<Cow<'a, str>>) -> Self {
+        Identity::global().with_user(user)
+    }
+
+    /// Adds a user part (an empty one is no user part).
+    #[must_use]
+    pub fn with_user(mut self, user: impl Into<Cow<'a, str>>) -> Self {
+        self.user = Some(user.into()).filter(|u| !u.is_empty());
+        self
+    }
+
+    /// The address part.
+    pub fn addr(&self) -> Option<IpAddr> {
+        self.ip
+    }
+
+    /// The user part.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    pub(crate) fn into_parts(self) -> (Option<IpAddr>, Option<Cow<'a, str>>) {
+        (self.ip, self.user)
+    }
+}
+
+/// Finds who a request spends budget as. Both layers take one with `.key(..)`; see the
+/// [module docs](self) for the built-ins.
 ///
-/// Whichever is chosen, the first such request of a layer logs one error,
+/// Closures `Fn(&RequestParts<'_>) -> Option<Identity<'static>>` are extractors too:
+///
+/// ```
+/// use tollgate::key::Identity;
+/// use tollgate::{MemoryStore, Policy, Quota, RateLimitLayer, RequestParts};
+///
+/// // One budget per API version and client address.
+/// let layer = RateLimitLayer::new(MemoryStore::new())
+///     .key(|req: &RequestParts<'_>| {
+///         let version = req.headers().get("x-api-version")?.to_str().ok()?.to_owned();
+///         Some(Identity::from_addr(req.client_ip()?).with_user(version))
+///     })
+///     .policy(Policy::new("api", Quota::per_second(10).unwrap()));
+/// # let _ = layer;
+/// ```
+///
+/// Key on what something you trust has checked. A value the client writes freely (a raw
+/// `x-api-key`, `x-user-id`) gives every client as many budgets as it can invent values.
+pub trait KeyExtractor: Send + Sync + 'static {
+    /// The identity of this request, or `None` when what the key is made of is missing (the
+    /// layer's [`MissingKey`] then decides).
+    fn extract<'r>(&self, req: &RequestParts<'r>) -> Option<Identity<'r>>;
+
+    /// Tries `self`, then `other` when `self` finds nothing.
+    fn or<B: KeyExtractor>(self, other: B) -> Or<Self, B>
+    where
+        Self: Sized,
+    {
+        Or(self, other)
+    }
+}
+
+impl<F> KeyExtractor for F
+where
+    F: Fn(&RequestParts<'_>) -> Option<Identity<'static>> + Send + Sync + 'static,
+{
+    fn extract<'r>(&self, req: &RequestParts<'r>) -> Option<Identity<'r>> {
+        self(req)
+    }
+}
+
+/// One budget per client address: `<route>:<ip>:`. The default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientAddress;
+
+impl KeyExtractor for ClientAddress {
+    fn extract<'r>(&self, req: &RequestParts<'r>) -> Option<Identity<'r>> {
+        req.client_ip().map(Identity::from_addr)
+    }
+}
+
+/// One budget per client address and user: `<route>:<ip>:<user>`, or `<route>:<ip>:` for an
+/// anonymous request. What the layers' `.user_key(..)` sets.
+#[derive(Debug, Clone, Default)]
+pub struct ClientAndUser<U>(U);
+
+impl<U: UserKey> ClientAndUser<U> {
+    /// Address and the user part `user` finds.
+    pub fn new(user: U) -> Self {
+        ClientAndUser(user)
+    }
+}
+
+impl<U: UserKey> KeyExtractor for ClientAndUser<U> {
+    fn extract<'r>(&self, req: &RequestParts<'r>) -> Option<Identity<'r>> {
+        let id = Identity::from_addr(req.client_ip()?);
+        Some(match self.0.user_key(req.headers(), req.extensions()) {
+            Some(user) => id.with_user(user),
+            None => id,
+        })
+    }
+}
+
+/// One budget per identity an earlier layer (authentication) put in the request extensions:
+/// an API key or a user id, whatever address it comes from (`<route>:-:<identity>`).
+///
+/// A request without the extension is missing its key (see [`MissingKey`]); to limit
+/// anonymous requests by address instead, use `FromExtension::<T>::new().or(ClientAddress)`.
+///
+/// ```
+/// use tollgate::key::{ClientAddress, FromExtension, KeyExtractor};
+/// use tollgate::{MemoryStore, Policy, Quota, RateLimitLayer};
+///
+/// /// What the authentication layer inserts once it has checked the key.
+/// #[derive(Clone)]
+/// struct ApiKeyId(String);
+///
+/// impl tollgate::key::AsUserKey for ApiKeyId {
+///     fn as_user_key(&self) -> std::borrow::Cow<'_, str> {
+///         self.0.as_str().into()
+///     }
+/// }
+///
+/// let layer = RateLimitLayer::new(MemoryStore::new())
+///     .key(FromExtension::<ApiKeyId>::new().or(ClientAddress))
+///     .policy(Policy::new("api", Quota::per_minute(600).unwrap()));
+/// # let _ = layer;
+/// ```
+pub struct FromExtension<T>(std::marker::PhantomData<fn() -> T>);
+
+impl<T> FromExtension<T> {
+    /// Keys on the `T` extension of each request.
+    pub fn new() -> Self {
+        FromExtension(std::marker::PhantomData)
+    }
+}
+
+impl<T> Default for FromExtension<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T> Clone for FromExtension<T> {
+    fn clone(&self) -> Self {
+        Self::new()
+    }
+}
+
+impl<T> fmt::Debug for FromExtension<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("FromExtension")
+            .field(&std::any::type_name::<T>())
+            .finish()
+    }
+}
+
+impl<T: AsUserKey + Send + Sync + 'static> KeyExtractor for FromExtension<T> {
+    fn extract<'r>(&self, req: &RequestParts<'r>) -> Option<Identity<'r>> {
+        let id = req.extensions().get::<T>()?.as_user_key();
+        (!id.is_empty()).then(|| Identity::from_user(id))
+    }
+}
+
+/// One budget per value of a header that a trusted gateway sets, such as a tenant id
+/// (`<route>:-:<value>`).
+///
+/// Only for a header the gateway in front of the service writes itself, replacing whatever the
+/// client sent: otherwise every client picks its own budget. A request where the header is
+/// absent, empty, given more than once (a client's copy and the gateway's) or not visible
+/// ASCII is missing its key (see [`MissingKey`]).
+#[derive(Debug, Clone)]
+pub struct TrustedHeader(HeaderName);
+
+impl TrustedHeader {
+    /// Keys on the header `name`.
+    pub fn new(name: HeaderName) -> Self {
+        TrustedHeader(name)
+    }
+}
+
+impl KeyExtractor for TrustedHeader {
+    fn extract<'r>(&self, req: &RequestParts<'r>) -> Option<Identity<'r>> {
+        let mut values = req.headers().get_all(&self.0).iter();
+        let value = values.next()?;
+        if values.next().is_some() {
+            return None;
+        }
+        let value = value.to_str().ok()?.trim();
+        (!value.is_empty()).then(|| Identity::from_user(value))
+    }
+}
+
+/// One budget for every client of a policy (per route, or for the whole policy with
+/// [`KeyScope::Policy`](crate::KeyScope)): protects a resource whatever the number of clients.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Global;
+
+impl KeyExtractor for Global {
+    fn extract<'r>(&self, _: &RequestParts<'r>) -> Option<Identity<'r>> {
+        Some(Identity::global())
+    }
+}
+
+/// Tries one extractor, then another; see [`KeyExtractor::or`].
+#[derive(Debug, Clone, Default)]
+pub struct Or<A, B>(A, B);
+
+impl<A: KeyExtractor, B: KeyExtractor> KeyExtractor for Or<A, B> {
+    fn extract<'r>(&self, req: &RequestParts<'r>) -> Option<Identity<'r>> {
+        self.0.extract(req).or_else(|| self.1.extract(req))
+    }
+}
+
+/// What to do with a request whose key cannot be built: its [`KeyExtractor`] found nothing. With
+/// the default [`ClientAddress`], that is a request the server put no peer address in (usually:
+/// axum served without `into_make_service_with_connect_info::<SocketAddr>()`); with
+/// [`FromExtension`], a request the auth layer let through without an identity.
+///
+/// Whichever is chosen, the first request of a layer that has no peer address logs one error,
 /// `rate-limit-misconfigured`, naming the cause and the fix. A fail-closed policy never
-/// becomes unlimited through a missing address.
+/// becomes unlimited through a missing key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum MissingKey {
-    /// Limit every such request together, under one key without an address
-    /// (`<route>:-:<user?>`): the limit still holds, for all of them at once. The default: a
+    /// Limit every such request together, under one key with neither address nor user
+    /// (`<route>:-:`): the limit still holds, for all of them at once. The default: a
     /// deployment that forgot the peer address is limited too hard (and says so in its log),
     /// never not at all.
     #[default]
@@ -463,7 +718,7 @@ pub enum MissingKey {
     Reject,
 }
 
-/// What a layer does with one request that has no peer address.
+/// What a layer does with one request whose key is missing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Unkeyed {
     /// Decide it under the shared key without an address.

@@ -12,26 +12,24 @@ pub mod config;
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 mod decision;
-pub mod future;
 mod gcra;
 pub mod key;
-mod layer;
 pub mod metrics;
+mod pipeline;
 mod policy;
 mod quota;
+pub mod rate_limit;
 mod response;
 mod routes;
-mod service;
 pub mod store;
 
 pub use client_ip::{ClientIp, ClientIpWarning, ForwardedHeader};
 pub use decision::{Decision, QuotaState};
-pub use key::{Key, MissingKey};
-pub use layer::RateLimitLayer;
+pub use key::{Key, KeyExtractor, MissingKey};
 pub use policy::{Allowlist, FailureMode, KeyScope, Policy, PolicyError, RequestParts};
 pub use quota::{Algorithm, Quota, QuotaError};
+pub use rate_limit::{RateLimit, RateLimitLayer};
 pub use response::RateLimitHeaders;
-pub use service::RateLimit;
 pub use store::{MemoryStore, Store, StoreError, StoreErrorKind};
 
 // The guides' and the README's code blocks compile and run as doctests.

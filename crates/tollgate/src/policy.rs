@@ -11,24 +11,45 @@ use ipnet::IpNet;
 
 use crate::Quota;
 
-/// The parts of a request that cost functions and allowlist predicates see.
+/// The one view of a request that key extractors, cost functions and allowlist predicates
+/// see: its method, URI, headers and extensions, the client address the layer resolved (with
+/// its trusted proxies, see [`ClientIp`](crate::ClientIp)) and the route template axum matched.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestParts<'a> {
     method: &'a Method,
     uri: &'a Uri,
     headers: &'a HeaderMap,
     extensions: &'a Extensions,
+    client_ip: Option<IpAddr>,
+    route: Option<&'a str>,
 }
 
 impl<'a> RequestParts<'a> {
-    /// The parts of `req`.
+    /// The parts of `req`, without a client address or matched route (the layers fill both in;
+    /// tests of a closure can set them).
     pub fn new<B>(req: &'a Request<B>) -> Self {
         RequestParts {
             method: req.method(),
             uri: req.uri(),
             headers: req.headers(),
             extensions: req.extensions(),
+            client_ip: None,
+            route: None,
         }
+    }
+
+    /// Sets the client address.
+    #[must_use]
+    pub fn with_client_ip(mut self, ip: Option<IpAddr>) -> Self {
+        self.client_ip = ip;
+        self
+    }
+
+    /// Sets the matched route template.
+    #[must_use]
+    pub fn with_route(mut self, route: Option<&'a str>) -> Self {
+        self.route = route;
+        self
     }
 
     /// The method.
@@ -49,6 +70,17 @@ impl<'a> RequestParts<'a> {
     /// The extensions (what earlier layers put there).
     pub fn extensions(&self) -> &'a Extensions {
         self.extensions
+    }
+
+    /// The client address, resolved through the layer's trusted proxies and not masked;
+    /// `None` when the server gave no peer address.
+    pub fn client_ip(&self) -> Option<IpAddr> {
+        self.client_ip
+    }
+
+    /// The route template axum matched (`/users/{id}`), if any.
+    pub fn route(&self) -> Option<&'a str> {
+        self.route
     }
 }
 

@@ -1,19 +1,21 @@
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response};
+#[cfg(feature = "axum")]
+use http::Method;
+use http::Response;
 use tower_layer::Layer;
 
-use crate::ClientIp;
-use crate::key::{Key, MissingKey, MissingKeyWarning, NoUser, UserKey};
+use super::RateLimit;
+#[cfg(feature = "axum")]
+use crate::KeyScope;
+use crate::key::{ClientAddress, ClientAndUser, KeyExtractor, MissingKey};
 use crate::metrics::PolicyCounters;
+use crate::pipeline::{Bindable, Bindings, Classifier, Common, Compiled, LogThrottle};
 use crate::response::{LimitedResponseFn, PolicyHeaders, RateLimitHeaders, default_limited};
-use crate::routes::RouteTable;
-use crate::{Allowlist, Decision, FailureMode, KeyScope, Policy, Quota, RateLimit, RequestParts};
+use crate::{Allowlist, ClientIp, Decision, Policy, PolicyError, Quota, RequestParts};
 
 /// Applies [`RateLimit`] to a service: a tower [`Layer`] for axum's `.layer()` and
 /// `.route_layer()`, or a [`tower::ServiceBuilder`](https://docs.rs/tower).
@@ -22,31 +24,29 @@ use crate::{Allowlist, Decision, FailureMode, KeyScope, Policy, Quota, RateLimit
 /// for every other request. Requests that no policy applies to pass untouched. See the
 /// [crate docs](crate) for examples.
 #[must_use]
-pub struct RateLimitLayer<St, U = NoUser> {
+pub struct RateLimitLayer<St, K = ClientAddress> {
     store: St,
-    user: U,
+    key: K,
     client_ip: ClientIp,
-    routes: Vec<(Option<Method>, String, Policy)>,
-    default: Option<Policy>,
+    bindings: Bindings<Policy>,
     headers: RateLimitHeaders,
     missing_key: MissingKey,
     limited_response: LimitedResponseFn,
     unavailable_retry_after: Duration,
     shadow: bool,
     allowlist: Allowlist,
-    compiled: OnceLock<Arc<Shared<St, U>>>,
+    compiled: OnceLock<Arc<Shared<St, K>>>,
 }
 
-impl<St> RateLimitLayer<St, NoUser> {
+impl<St> RateLimitLayer<St, ClientAddress> {
     /// A layer deciding with `store`, with no policies yet (so it limits nothing until
     /// [`route`](Self::route) or [`policy`](Self::policy) adds one).
     pub fn new(store: St) -> Self {
         RateLimitLayer {
             store,
-            user: NoUser,
+            key: ClientAddress,
             client_ip: ClientIp::peer(),
-            routes: Vec::new(),
-            default: None,
+            bindings: Bindings::default(),
             headers: RateLimitHeaders::default(),
             missing_key: MissingKey::default(),
             limited_response: Arc::new(default_limited),
@@ -58,10 +58,10 @@ impl<St> RateLimitLayer<St, NoUser> {
     }
 }
 
-impl<St, U> RateLimitLayer<St, U> {
+impl<St, K> RateLimitLayer<St, K> {
     /// Applies `policy` to requests whose matched route template is `template` (as written in
-    /// the router: `"/users/{id}"`), whatever their method. Needs the `axum` feature and an axum
-    /// router, which records the matched path.
+    /// the router: `"/users/{id}"`), whatever their method. Needs an axum router, which records
+    /// the matched path (the `axum` feature).
     ///
     /// # Panics
     ///
@@ -69,11 +69,43 @@ impl<St, U> RateLimitLayer<St, U> {
     /// digits, `-` or `_`; its fixed cost is 0 or above its smallest burst; the template does
     /// not start with `/`; another policy is already bound to the route; or a different policy
     /// already has its name. Found at start-up, like axum's conflicting routes.
+    #[cfg(feature = "axum")]
     #[track_caller]
     pub fn route(mut self, template: impl Into<String>, policy: Policy) -> Self {
-        let template = template.into();
-        self.check(None, Some(&template), &policy);
-        self.routes.push((None, template, policy));
+        self.bindings.bind(None, Some(template.into()), policy);
+        self.compiled = OnceLock::new();
+        self
+    }
+
+    /// Applies `policy` to every route in `templates`, with one budget per client for all of
+    /// them together (the policy's [`KeyScope`] becomes [`KeyScope::Policy`]): a request to any
+    /// of them spends from the same budget.
+    ///
+    /// ```
+    /// use tollgate::{MemoryStore, Policy, Quota, RateLimitLayer};
+    ///
+    /// let layer = RateLimitLayer::new(MemoryStore::new()).routes(
+    ///     ["/api/reports", "/api/exports"],
+    ///     Policy::new("reporting", Quota::per_minute(60).unwrap()),
+    /// );
+    /// # let _ = layer;
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// As [`route`](Self::route).
+    #[cfg(feature = "axum")]
+    #[track_caller]
+    pub fn routes<T: Into<String>>(
+        mut self,
+        templates: impl IntoIterator<Item = T>,
+        policy: Policy,
+    ) -> Self {
+        let policy = policy.scope(KeyScope::Policy);
+        for template in templates {
+            self.bindings
+                .bind(None, Some(template.into()), policy.clone());
+        }
         self.compiled = OnceLock::new();
         self
     }
@@ -85,6 +117,7 @@ impl<St, U> RateLimitLayer<St, U> {
     /// # Panics
     ///
     /// As [`route`](Self::route).
+    #[cfg(feature = "axum")]
     #[track_caller]
     pub fn route_method(
         mut self,
@@ -92,9 +125,8 @@ impl<St, U> RateLimitLayer<St, U> {
         template: impl Into<String>,
         policy: Policy,
     ) -> Self {
-        let template = template.into();
-        self.check(Some(&method), Some(&template), &policy);
-        self.routes.push((Some(method), template, policy));
+        self.bindings
+            .bind(Some(method), Some(template.into()), policy);
         self.compiled = OnceLock::new();
         self
     }
@@ -107,38 +139,19 @@ impl<St, U> RateLimitLayer<St, U> {
     /// As [`route`](Self::route).
     #[track_caller]
     pub fn policy(mut self, policy: Policy) -> Self {
-        self.default = None;
-        self.check(None, None, &policy);
-        self.default = Some(policy);
+        self.bindings.bind(None, None, policy);
         self.compiled = OnceLock::new();
         self
     }
 
-    #[track_caller]
-    fn check(&self, method: Option<&Method>, route: Option<&str>, policy: &Policy) {
-        let checked = policy.validate().and_then(|()| {
-            crate::policy::check_binding(
-                &self.routes,
-                self.default.as_ref(),
-                Policy::name,
-                method,
-                route,
-                policy,
-            )
-        });
-        if let Err(e) = checked {
-            panic!("tollgate: {e}");
-        }
-    }
-
-    /// Sets where the user part of the key comes from (default: none).
-    pub fn user_key<U2>(self, user: U2) -> RateLimitLayer<St, U2> {
+    /// Sets who a request spends budget as (default [`ClientAddress`]); see
+    /// [`tollgate::key`](crate::key) for the built-ins, or pass a closure.
+    pub fn key<K2: KeyExtractor>(self, key: K2) -> RateLimitLayer<St, K2> {
         RateLimitLayer {
             store: self.store,
-            user,
+            key,
             client_ip: self.client_ip,
-            routes: self.routes,
-            default: self.default,
+            bindings: self.bindings,
             headers: self.headers,
             missing_key: self.missing_key,
             limited_response: self.limited_response,
@@ -147,6 +160,12 @@ impl<St, U> RateLimitLayer<St, U> {
             allowlist: self.allowlist,
             compiled: OnceLock::new(),
         }
+    }
+
+    /// Keys on the client address and a user part `user` finds: a shortcut for
+    /// `.key(ClientAndUser::new(user))`.
+    pub fn user_key<U: crate::key::UserKey>(self, user: U) -> RateLimitLayer<St, ClientAndUser<U>> {
+        self.key(ClientAndUser::new(user))
     }
 
     /// Shadow mode for every policy of the layer (see [`Policy::shadow`]): decide and count, but
@@ -222,14 +241,13 @@ impl<St, U> RateLimitLayer<St, U> {
     }
 }
 
-impl<St: Clone, U: Clone> Clone for RateLimitLayer<St, U> {
+impl<St: Clone, K: Clone> Clone for RateLimitLayer<St, K> {
     fn clone(&self) -> Self {
         RateLimitLayer {
             store: self.store.clone(),
-            user: self.user.clone(),
+            key: self.key.clone(),
             client_ip: self.client_ip.clone(),
-            routes: self.routes.clone(),
-            default: self.default.clone(),
+            bindings: self.bindings.clone(),
             headers: self.headers,
             missing_key: self.missing_key,
             limited_response: Arc::clone(&self.limited_response),
@@ -241,122 +259,57 @@ impl<St: Clone, U: Clone> Clone for RateLimitLayer<St, U> {
     }
 }
 
-impl<St: fmt::Debug, U: fmt::Debug> fmt::Debug for RateLimitLayer<St, U> {
+impl<St: fmt::Debug, K: fmt::Debug> fmt::Debug for RateLimitLayer<St, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimitLayer")
             .field("store", &self.store)
-            .field("user", &self.user)
+            .field("key", &self.key)
             .field("client_ip", &self.client_ip)
-            .field("routes", &self.routes)
-            .field("default", &self.default)
+            .field("routes", &self.bindings.routes)
+            .field("default", &self.bindings.default)
             .field("headers", &self.headers)
             .field("missing_key", &self.missing_key)
             .finish_non_exhaustive()
     }
 }
 
-impl<S, St: Clone, U: Clone> Layer<S> for RateLimitLayer<St, U> {
-    type Service = RateLimit<S, St, U>;
+impl<S, St: Clone, K: KeyExtractor + Clone> Layer<S> for RateLimitLayer<St, K> {
+    type Service = RateLimit<S, St, K>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        let shared = self.compiled.get_or_init(|| Arc::new(self.compile()));
+        let shared = self.compiled.get_or_init(|| {
+            let routes = self
+                .bindings
+                .compile(|p| CompiledPolicy::new(p.clone(), self));
+            Arc::new(Shared {
+                store: self.store.clone(),
+                classifier: Classifier::new(
+                    "rate limiter",
+                    routes,
+                    self.client_ip.clone(),
+                    self.key.clone(),
+                    self.missing_key,
+                ),
+            })
+        });
         RateLimit::from_shared(inner, Arc::clone(shared))
     }
 }
 
-impl<St: Clone, U: Clone> RateLimitLayer<St, U> {
-    fn compile(&self) -> Shared<St, U> {
-        crate::metrics::describe();
-        self.client_ip.log_warnings("rate limiter");
-        let mut by_name: HashMap<String, Arc<CompiledPolicy>> = HashMap::new();
-        let mut compile = |p: &Policy| -> Arc<CompiledPolicy> {
-            // Policies with the same name and content are one policy (one set of counters).
-            if let Some(c) = by_name.get(&p.name)
-                && c.source == *p
-            {
-                return Arc::clone(c);
-            }
-            let c = Arc::new(CompiledPolicy::new(p.clone(), self));
-            by_name
-                .entry(p.name.clone())
-                .or_insert_with(|| Arc::clone(&c));
-            c
-        };
-        let routes = RouteTable::build(&self.routes, self.default.as_ref(), &mut compile);
-        Shared {
-            store: self.store.clone(),
-            user: self.user.clone(),
-            client_ip: self.client_ip.clone(),
-            routes,
-            missing_key: self.missing_key,
-            missing_key_warning: MissingKeyWarning::default(),
-        }
-    }
-}
-
 /// What every clone of the service shares.
-pub(crate) struct Shared<St, U> {
+pub(crate) struct Shared<St, K> {
     pub(crate) store: St,
-    user: U,
-    client_ip: ClientIp,
-    routes: RouteTable<CompiledPolicy>,
-    pub(crate) missing_key: MissingKey,
-    missing_key_warning: MissingKeyWarning,
-}
-
-/// The outcome of keying a request.
-pub(crate) enum Keyed<'a> {
-    /// No policy applies.
-    Pass,
-    /// A policy applies and the key was built; the request costs this much.
-    Key(&'a Arc<CompiledPolicy>, Key<'a>, u32),
-    /// A policy applies but the request has no peer address.
-    Missing(&'a Arc<CompiledPolicy>),
-    /// A policy applies but its allowlist exempts the request.
-    Allowlisted(&'a Arc<CompiledPolicy>),
-}
-
-impl<St, U: UserKey> Shared<St, U> {
-    pub(crate) fn key<'a, B>(&'a self, req: &'a Request<B>) -> Keyed<'a> {
-        let Some((policy, matched)) = self.routes.lookup(req) else {
-            return Keyed::Pass;
-        };
-        let route = match (policy.source.scope, matched) {
-            (KeyScope::Route, Some(matched)) => matched,
-            _ => policy.source.name.as_str(),
-        };
-        let addr = self.client_ip.client_addr(req);
-        let user = self.user.user_key(req.headers(), req.extensions());
-        let parts = RequestParts::new(req);
-        if !policy.allowlist.is_empty() && policy.allowlist.matches(addr, user.as_deref(), &parts) {
-            return Keyed::Allowlisted(policy);
-        }
-        if addr.is_none() && self.missing_key != MissingKey::Shared {
-            return Keyed::Missing(policy);
-        }
-        let ip = addr.map(|a| self.client_ip.mask(a));
-        let cost = policy.source.cost.of(&parts);
-        Keyed::Key(policy, Key::new(policy.name(), route, ip, user), cost)
-    }
-
-    /// Logs once, for the whole layer, that requests arrive without a peer address.
-    pub(crate) fn warn_missing_key(&self, policy: &CompiledPolicy) {
-        self.missing_key_warning
-            .warn("rate limiter", policy.name(), self.missing_key);
-    }
+    pub(crate) classifier: Classifier<CompiledPolicy, K>,
 }
 
 /// A policy with everything the request path needs precomputed.
 pub(crate) struct CompiledPolicy {
+    pub(crate) common: Common,
     pub(crate) source: Policy,
-    pub(crate) shadow: bool,
-    pub(crate) allowlist: Allowlist,
     pub(crate) quotas: Box<[Quota]>,
     pub(crate) min_burst: u32,
-    pub(crate) counters: PolicyCounters,
     pub(crate) headers: PolicyHeaders,
     pub(crate) respond: ResponseConfig,
-    pub(crate) degraded_log: LogThrottle,
     pub(crate) shadow_log: LogThrottle,
 }
 
@@ -365,11 +318,10 @@ pub(crate) struct CompiledPolicy {
 pub(crate) struct ResponseConfig {
     pub(crate) headers: RateLimitHeaders,
     pub(crate) limited: LimitedResponseFn,
-    pub(crate) unavailable_retry_after: Duration,
 }
 
 impl CompiledPolicy {
-    fn new<St, U>(source: Policy, layer: &RateLimitLayer<St, U>) -> Self {
+    fn new<St, K>(source: Policy, layer: &RateLimitLayer<St, K>) -> Self {
         let min_burst = source
             .quotas
             .iter()
@@ -377,87 +329,51 @@ impl CompiledPolicy {
             .min()
             .unwrap_or(u32::MAX);
         CompiledPolicy {
-            shadow: source.shadow || layer.shadow,
-            allowlist: layer.allowlist.clone().merge(&source.allowlist),
+            common: Common {
+                name: source.name.clone(),
+                scope: source.scope,
+                failure: source.failure,
+                shadow: source.shadow || layer.shadow,
+                allowlist: layer.allowlist.clone().merge(&source.allowlist),
+                counters: PolicyCounters::register(&source.name),
+                degraded_log: LogThrottle::default(),
+                unavailable_retry_after: layer.unavailable_retry_after,
+                store_kind: "rate-limit",
+            },
             quotas: source.quotas.clone().into_boxed_slice(),
             min_burst,
-            counters: PolicyCounters::register(&source.name),
             headers: PolicyHeaders::new(&source.name, &source.quotas),
             respond: ResponseConfig {
                 headers: layer.headers,
                 limited: Arc::clone(&layer.limited_response),
-                unavailable_retry_after: layer.unavailable_retry_after,
             },
-            degraded_log: LogThrottle::default(),
             shadow_log: LogThrottle::default(),
             source,
         }
     }
 
+    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     pub(crate) fn name(&self) -> &str {
-        &self.source.name
-    }
-
-    pub(crate) fn fails_open(&self) -> bool {
-        self.source.failure == FailureMode::Open
+        &self.common.name
     }
 }
 
-/// Lets one log line through per interval and counts the ones it held back, so a store outage
-/// under load writes a handful of lines, not one per request.
-#[derive(Debug, Default)]
-pub(crate) struct LogThrottle {
-    /// Milliseconds since [`epoch`] of the last line written, plus one (0: never).
-    last_ms: AtomicU64,
-    suppressed: AtomicU64,
-}
-
-const LOG_INTERVAL_MS: u64 = 10_000;
-
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-impl LogThrottle {
-    /// `Some(n)` when a line may be written now, `n` being how many were held back since the
-    /// last one; `None` when this one is held back.
-    pub(crate) fn permit(&self) -> Option<u64> {
-        self.permit_at(u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX - 1))
+impl Compiled for CompiledPolicy {
+    fn common(&self) -> &Common {
+        &self.common
     }
 
-    fn permit_at(&self, now_ms: u64) -> Option<u64> {
-        let now = now_ms + 1;
-        let last = self.last_ms.load(Ordering::Relaxed);
-        if last != 0 && now < last + LOG_INTERVAL_MS {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        if self
-            .last_ms
-            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-            .is_err()
-        {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    fn cost(&self, parts: &RequestParts<'_>) -> u32 {
+        self.source.cost.of(parts)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+impl Bindable for Policy {
+    fn name(&self) -> &str {
+        &self.name
+    }
 
-    #[test]
-    fn log_throttle_writes_one_line_per_interval_and_counts_the_rest() {
-        let t = LogThrottle::default();
-        assert_eq!(t.permit_at(0), Some(0));
-        for ms in [1, 500, 9_999] {
-            assert_eq!(t.permit_at(ms), None);
-        }
-        assert_eq!(t.permit_at(10_000), Some(3));
-        assert_eq!(t.permit_at(10_001), None);
-        assert_eq!(t.permit_at(60_000), Some(1));
+    fn validate(&self) -> Result<(), PolicyError> {
+        Policy::validate(self)
     }
 }

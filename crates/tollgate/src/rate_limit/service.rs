@@ -3,16 +3,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use tower_service::Service;
 
-use crate::RateLimitLayer;
-use crate::future::ResponseFuture;
-use crate::future::shadow_over_capacity;
-use crate::key::{NoUser, Unkeyed, UserKey};
-use crate::layer::{Keyed, Shared};
-use crate::metrics::Outcome;
-use crate::response::{set_retry_after, status_line, text_response};
+use super::RateLimitLayer;
+use super::future::{ResponseFuture, shadow_over_capacity};
+use super::layer::Shared;
+use crate::key::{ClientAddress, KeyExtractor};
+use crate::pipeline::Classified;
 use crate::store::Store;
 
 /// The rate-limiting service: asks the store about every request a policy applies to, and
@@ -22,23 +20,23 @@ use crate::store::Store;
 ///
 /// `poll_ready` only forwards to the inner service: limiting never happens through backpressure
 /// (axum treats services as always ready). A limited request never reaches the inner service.
-pub struct RateLimit<S, St, U = NoUser> {
+pub struct RateLimit<S, St, K = ClientAddress> {
     inner: S,
-    shared: Arc<Shared<St, U>>,
+    shared: Arc<Shared<St, K>>,
 }
 
-impl<S, St: Clone, U: Clone> RateLimit<S, St, U> {
-    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<St, U>>) -> Self {
+impl<S, St: Clone, K: Clone> RateLimit<S, St, K> {
+    pub(crate) fn from_shared(inner: S, shared: Arc<Shared<St, K>>) -> Self {
         RateLimit { inner, shared }
     }
 
     /// A shortcut for [`RateLimitLayer::new`].
-    pub fn layer(store: St) -> RateLimitLayer<St, NoUser> {
+    pub fn layer(store: St) -> RateLimitLayer<St, ClientAddress> {
         RateLimitLayer::new(store)
     }
 }
 
-impl<S, St, U> RateLimit<S, St, U> {
+impl<S, St, K> RateLimit<S, St, K> {
     /// The inner service.
     pub fn get_ref(&self) -> &S {
         &self.inner
@@ -55,7 +53,7 @@ impl<S, St, U> RateLimit<S, St, U> {
     }
 }
 
-impl<S: Clone, St, U> Clone for RateLimit<S, St, U> {
+impl<S: Clone, St, K> Clone for RateLimit<S, St, K> {
     fn clone(&self) -> Self {
         RateLimit {
             inner: self.inner.clone(),
@@ -64,7 +62,7 @@ impl<S: Clone, St, U> Clone for RateLimit<S, St, U> {
     }
 }
 
-impl<S: fmt::Debug, St, U> fmt::Debug for RateLimit<S, St, U> {
+impl<S: fmt::Debug, St, K> fmt::Debug for RateLimit<S, St, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RateLimit")
             .field("inner", &self.inner)
@@ -72,11 +70,11 @@ impl<S: fmt::Debug, St, U> fmt::Debug for RateLimit<S, St, U> {
     }
 }
 
-impl<S, St, U, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, St, U>
+impl<S, St, K, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S, St, K>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     St: Store,
-    U: UserKey,
+    K: KeyExtractor,
     ResBody: From<Bytes>,
 {
     type Response = Response<ResBody>;
@@ -89,37 +87,13 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let shared = &*self.shared;
-        let (policy, check) = match shared.key(&req) {
-            Keyed::Pass => return ResponseFuture::passthrough(self.inner.call(req)),
-            Keyed::Missing(policy) => {
-                shared.warn_missing_key(policy);
-                policy.counters.outcome(Outcome::Unkeyed);
-                match shared.missing_key.action(policy.fails_open()) {
-                    // A shadow policy never changes a response.
-                    Unkeyed::Refuse(status) if !policy.shadow => {
-                        let mut res = text_response(status, status_line(status));
-                        if status == StatusCode::SERVICE_UNAVAILABLE {
-                            set_retry_after(
-                                res.headers_mut(),
-                                policy.respond.unavailable_retry_after,
-                            );
-                        }
-                        return ResponseFuture::respond(res.map(ResBody::from));
-                    }
-                    _ => return ResponseFuture::passthrough(self.inner.call(req)),
-                }
-            }
-            Keyed::Allowlisted(policy) => {
-                policy.counters.outcome(Outcome::Allowlisted);
-                return ResponseFuture::passthrough(self.inner.call(req));
-            }
-            Keyed::Key(policy, key, cost) => {
-                if key.ip().is_none() {
-                    shared.warn_missing_key(policy);
-                }
+        let (policy, check) = match shared.classifier.classify(&req) {
+            Classified::Pass => return ResponseFuture::passthrough(self.inner.call(req)),
+            Classified::Respond(res) => return ResponseFuture::respond(res.map(ResBody::from)),
+            Classified::Decide { policy, key, cost } => {
                 if cost > policy.min_burst {
                     // Cannot pass, ever: don't bother the store.
-                    if policy.shadow {
+                    if policy.common.shadow {
                         shadow_over_capacity(policy, cost);
                         return ResponseFuture::passthrough(self.inner.call(req));
                     }

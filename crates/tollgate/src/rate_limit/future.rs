@@ -1,4 +1,5 @@
-//! The response future of [`RateLimit`](crate::RateLimit).
+//! The response future of [`RateLimit`](crate::RateLimit): the store's decision, then the
+//! inner service or the layer's own answer.
 
 use std::fmt;
 use std::future::Future;
@@ -11,7 +12,7 @@ use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use crate::layer::CompiledPolicy;
+use super::layer::CompiledPolicy;
 use crate::metrics::Outcome;
 use crate::response::{set_retry_after, text_response};
 use crate::{Decision, StoreError, StoreErrorKind};
@@ -124,43 +125,44 @@ where
                         .map(ResBody::from)));
                     };
                     let report = match decision {
-                        Ok(decision) if decision.is_allowed() || policy.shadow => {
+                        Ok(decision) if decision.is_allowed() || policy.common.shadow => {
                             if let Some(reason) = decision.fallback_reason() {
-                                policy.counters.fallback(reason);
+                                policy.common.counters.fallback(reason);
                             }
                             if decision.is_allowed() {
-                                policy.counters.outcome(Outcome::Allowed);
+                                policy.common.counters.outcome(Outcome::Allowed);
                             } else {
                                 shadow_limited(policy, &decision);
                             }
                             // A shadow policy is not enforced: it tells clients nothing.
-                            let report = (policy.respond.headers.any() && !policy.shadow)
+                            let report = (policy.respond.headers.any() && !policy.common.shadow)
                                 .then(|| decision.clone());
                             req.extensions_mut().insert(decision);
                             report.map(|d| (Arc::clone(policy), d))
                         }
                         Ok(decision) => {
                             if let Some(reason) = decision.fallback_reason() {
-                                policy.counters.fallback(reason);
+                                policy.common.counters.fallback(reason);
                             }
-                            policy.counters.outcome(Outcome::Limited);
+                            policy.common.counters.outcome(Outcome::Limited);
                             return Poll::Ready(Ok(limited(policy, &decision)));
                         }
                         Err(err) => match err.kind() {
                             // A shadow policy never changes a response: it counts what it
                             // would have done and lets the request through.
-                            StoreErrorKind::CostExceedsBurst { cost, .. } if policy.shadow => {
+                            StoreErrorKind::CostExceedsBurst { cost, .. }
+                                if policy.common.shadow =>
+                            {
                                 shadow_over_capacity(policy, cost);
                                 None
                             }
                             StoreErrorKind::CostExceedsBurst { cost, .. } => {
                                 return Poll::Ready(Ok(over_capacity_response(policy, cost)));
                             }
-                            _ if policy.fails_open() || policy.shadow => {
-                                fail_open(policy, &err);
-                                None
-                            }
-                            _ => return Poll::Ready(Ok(fail_closed(policy, &err))),
+                            _ => match policy.common.store_failed(&err) {
+                                Some(res) => return Poll::Ready(Ok(res.map(ResBody::from))),
+                                None => None,
+                            },
                         },
                     };
                     let fut = inner.call(req);
@@ -201,8 +203,8 @@ fn limited<B: From<Bytes>>(policy: &CompiledPolicy, decision: &Decision) -> Resp
 }
 
 fn over_capacity_response<B: From<Bytes>>(policy: &CompiledPolicy, cost: u32) -> Response<B> {
-    policy.counters.outcome(Outcome::OverCapacity);
-    if let Some(_held_back) = policy.degraded_log.permit() {
+    policy.common.counters.outcome(Outcome::OverCapacity);
+    if let Some(_held_back) = policy.common.degraded_log.permit() {
         #[cfg(feature = "tracing")]
         tracing::error!(
             policy = %policy.name(),
@@ -223,7 +225,7 @@ fn over_capacity_response<B: From<Bytes>>(policy: &CompiledPolicy, cost: u32) ->
 
 /// A shadow policy's request that costs more than its burst: counted and logged, let through.
 pub(crate) fn shadow_over_capacity(policy: &CompiledPolicy, cost: u32) {
-    policy.counters.outcome(Outcome::ShadowOverCapacity);
+    policy.common.counters.outcome(Outcome::ShadowOverCapacity);
     if let Some(_held_back) = policy.shadow_log.permit() {
         #[cfg(feature = "tracing")]
         tracing::info!(
@@ -239,7 +241,7 @@ pub(crate) fn shadow_over_capacity(policy: &CompiledPolicy, cost: u32) {
 }
 
 fn shadow_limited(policy: &CompiledPolicy, decision: &Decision) {
-    policy.counters.outcome(Outcome::ShadowLimited);
+    policy.common.counters.outcome(Outcome::ShadowLimited);
     if let Some(_held_back) = policy.shadow_log.permit() {
         #[cfg(feature = "tracing")]
         tracing::info!(
@@ -252,47 +254,6 @@ fn shadow_limited(policy: &CompiledPolicy, decision: &Decision) {
     }
     #[cfg(not(feature = "tracing"))]
     let _ = decision;
-}
-
-/// Lets a request through undecided because the store failed: a fail-open policy, or a shadow
-/// one (counted as the refusal it would have been when it fails closed).
-fn fail_open(policy: &CompiledPolicy, err: &StoreError) {
-    policy.counters.outcome(if policy.fails_open() {
-        Outcome::FailOpen
-    } else {
-        Outcome::ShadowFailClosed
-    });
-    policy.counters.failure(true, err.kind());
-    if let Some(_held_back) = policy.degraded_log.permit() {
-        #[cfg(feature = "tracing")]
-        tracing::warn!(
-            policy = %policy.name(),
-            reason = err.kind().reason(),
-            error = %err,
-            suppressed = _held_back,
-            "rate-limit-degraded: the rate-limit store failed; letting the request through \
-             (fail open)"
-        );
-    }
-}
-
-fn fail_closed<B: From<Bytes>>(policy: &CompiledPolicy, err: &StoreError) -> Response<B> {
-    policy.counters.outcome(Outcome::FailClosed);
-    policy.counters.failure(false, err.kind());
-    if let Some(_held_back) = policy.degraded_log.permit() {
-        #[cfg(feature = "tracing")]
-        tracing::warn!(
-            policy = %policy.name(),
-            reason = err.kind().reason(),
-            error = %err,
-            suppressed = _held_back,
-            "rate-limit-degraded: the rate-limit store failed; refusing the request with 503 \
-             (fail closed)"
-        );
-    }
-    let mut res = text_response(StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable\n");
-    set_retry_after(res.headers_mut(), policy.respond.unavailable_retry_after);
-    res.map(B::from)
 }
 
 impl<S, F, ReqBody> fmt::Debug for ResponseFuture<S, F, ReqBody>
