@@ -216,7 +216,9 @@ async fn allowed_in_a_row(store: &RedisStore, key: &Key<'_>, q: &[Quota], n: usi
 }
 
 fn sha1_of_script() -> String {
-    tollgate_redis::fred::types::scripts::Script::from_lua(tollgate_redis::GCRA_SCRIPT)
+    // The script as the store loads it (its source is not part of the crate's API).
+    let source = include_str!("../../crates/tollgate-redis/src/rate_limit.lua");
+    tollgate_redis::fred::types::scripts::Script::from_lua(source)
         .sha1()
         .to_string()
 }

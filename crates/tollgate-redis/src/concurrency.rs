@@ -14,13 +14,15 @@ use tokio::task::JoinHandle;
 use tollgate::concurrency::{Acquire, ConcurrencyStore};
 use tollgate::{Key, StoreError, StoreErrorKind};
 
-use crate::{CONCURRENCY_SCRIPT, Inner, RedisStore, classify};
+use crate::error::classify;
+use crate::script::CONCURRENCY_SCRIPT;
+use crate::store::{Inner, RedisStore};
 
 /// A [`ConcurrencyStore`] in Redis: at most N requests of a key in flight across every instance.
 ///
 /// Each slot is a lease in a sorted set (`<prefix>{<key>}:inflight`, member = a unique lease id,
 /// score = its expiry on the server's clock), taken and given back by one script
-/// ([`CONCURRENCY_SCRIPT`]) that first drops expired leases. A request's lease is renewed every
+/// (`concurrency.lua`) that first drops expired leases. A request's lease is renewed every
 /// third of the lease time while the request runs, and released when its
 /// [`RedisPermit`] is dropped: when the response body ends or is dropped, the client
 /// disconnects, or the handler panics. An instance that dies holding slots stops renewing them,
@@ -75,7 +77,7 @@ impl RedisConcurrencyStore {
 
     /// The Redis key of `key`'s leases.
     pub fn redis_key(&self, key: &Key<'_>) -> String {
-        format!("{}{{{}}}:inflight", self.inner.prefix, key.qualified())
+        crate::keys::inflight_key(&self.inner.prefix, key)
     }
 }
 

@@ -7,17 +7,14 @@ use fred::prelude::Value;
 use tollgate::store::window_offset;
 use tollgate::{Algorithm, Decision, Key, Quota, QuotaState, StoreError, StoreErrorKind};
 
-/// The Redis key of `quota`'s state for the key whose escaped, qualified form is `tag`:
-/// `<prefix>{<policy>:<route>:<ip>:<user>}:<quota id>`. The one place the format is written.
-///
-/// The braces are the Redis Cluster hash tag, so every quota of one request lives in one slot;
-/// the quota's [`id`](Quota::id) names the state, so that reordering or adding quotas never
-/// mixes states up.
-pub(crate) fn state_key(prefix: &str, tag: &str, quota: &Quota) -> String {
-    format!("{prefix}{{{tag}}}:{}", quota.id())
-}
+/// The Lua source of the script the store runs: GCRA, fixed and sliding windows, every quota of
+/// a request at once.
+pub(crate) const RATE_LIMIT_SCRIPT: &str = include_str!("rate_limit.lua");
 
-/// The script's arguments for one request (see the header of `gcra.lua`).
+/// The Lua source of the concurrency-lease script.
+pub(crate) const CONCURRENCY_SCRIPT: &str = include_str!("concurrency.lua");
+
+/// The script's arguments for one request (see the header of `rate_limit.lua`).
 pub(crate) fn args(
     key: &Key<'_>,
     quotas: &[Quota],
@@ -229,9 +226,12 @@ mod tests {
     #[test]
     fn state_keys_are_named_by_the_quota() {
         let q = quota("10/s burst 20");
-        assert_eq!(state_key("app:", "p:/x:-:", &q), "app:{p:/x:-:}:10/s-b20");
         assert_eq!(
-            state_key("t:", "k", &quota("3/10s fixed-window")),
+            crate::keys::state_key("app:", "p:/x:-:", &q),
+            "app:{p:/x:-:}:10/s-b20"
+        );
+        assert_eq!(
+            crate::keys::state_key("t:", "k", &quota("3/10s fixed-window")),
             "t:{k}:3/10s-fw"
         );
     }
