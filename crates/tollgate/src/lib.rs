@@ -48,3 +48,9 @@ struct ClientIpGuide;
 #[cfg(all(doctest, feature = "conformance"))]
 #[doc = include_str!("../../../docs/stores.md")]
 struct StoresGuide;
+#[cfg(all(doctest, feature = "axum"))]
+#[doc = include_str!("../../../docs/cookbook.md")]
+struct Cookbook;
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/migrating-from-tower-governor.md")]
+struct MigrationGuide;
