@@ -50,7 +50,7 @@ pub(crate) fn is_unavailable(details: &str) -> bool {
     .any(|p| details.starts_with(p))
 }
 
-/// Why a [`RedisStore`] could not be built or connected.
+/// Why a [`RedisStore`](crate::RedisStore) could not be built or connected.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {

@@ -3,7 +3,8 @@
 //!
 //! Some endpoints are limited not by rate but by how many run at once: heavy exports, BI
 //! queries, calls to an AI agent. [`ConcurrencyLimitLayer`] keys requests like the rate limiter
-//! (`<route>:<ip>:<user?>` in a policy's namespace), asks a [`ConcurrencyStore`] for a slot, and
+//! (through the same pipeline: `<route>:<ip>:<user>` in a policy's namespace by default, or any
+//! [`KeyExtractor`](crate::KeyExtractor); the same allowlists), asks a [`ConcurrencyStore`] for a slot, and
 //! answers 429 (or 503) with `Retry-After` when the key has none free; the inner service is then
 //! never called.
 //!
