@@ -792,6 +792,28 @@ mod tests {
     const IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
 
     #[test]
+    fn a_tenant_header_a_client_could_bend_is_no_key() {
+        let tenant = TrustedHeader::new(HeaderName::from_static("x-tenant"));
+        let extract = |values: &[&[u8]]| {
+            let mut req = http::Request::new(());
+            for v in values {
+                req.headers_mut()
+                    .append("x-tenant", http::HeaderValue::from_bytes(v).unwrap());
+            }
+            tenant
+                .extract(&RequestParts::new(&req))
+                .map(|id| id.user().map(str::to_owned))
+        };
+        assert_eq!(extract(&[b"acme"]), Some(Some("acme".to_owned())));
+        assert_eq!(extract(&[b" acme "]), Some(Some("acme".to_owned())));
+        // Absent, empty, repeated, or bytes outside visible ASCII: missing, never a key.
+        assert_eq!(extract(&[]), None);
+        assert_eq!(extract(&[b"  "]), None);
+        assert_eq!(extract(&[b"mine", b"acme"]), None);
+        assert_eq!(extract(&[b"caf\xe9"]), None);
+    }
+
+    #[test]
     fn separators_cannot_make_two_clients_share_a_key() {
         let pairs = [
             (
