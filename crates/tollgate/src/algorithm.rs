@@ -4,7 +4,7 @@
 use std::fmt::{self, Write as _};
 
 use crate::gcra;
-use crate::{Algorithm, Key, Quota};
+use crate::{Algorithm, Key, Quota, QuotaState};
 
 const NS_PER_MS: u64 = 1_000_000;
 
@@ -23,25 +23,34 @@ pub(crate) struct State {
     pub(crate) b: u32,
 }
 
-/// What a quota reports for a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Report {
-    pub(crate) remaining: u32,
-    pub(crate) reset_after_ns: u64,
-    pub(crate) retry_after_ns: u64,
-}
-
-/// The evaluation of one quota for one request.
+/// The evaluation of one quota for one request: its two possible outcomes, because whether
+/// the request is spent depends on the policy's other quotas too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Eval {
-    /// Whether this quota alone allows the request.
-    pub(crate) allowed: bool,
     /// The state to store if the whole request is allowed (`None`: nothing worth storing).
     pub(crate) write: Option<State>,
-    /// The report when the whole request is allowed (and this quota spent).
-    pub(crate) spent: Report,
-    /// The report when nothing is spent: this quota refused, or another one did.
-    pub(crate) unspent: Report,
+    /// The outcome when the whole request is allowed and this quota spent (when this quota
+    /// refuses, the same as `unspent`).
+    pub(crate) spent: QuotaState,
+    /// The outcome when nothing is spent: this quota refused, or another one did. Its
+    /// `allowed` says whether this quota alone allows the request.
+    pub(crate) unspent: QuotaState,
+}
+
+impl Eval {
+    /// Whether this quota alone allows the request.
+    pub(crate) fn allowed(&self) -> bool {
+        self.unspent.allowed
+    }
+
+    /// This quota's outcome once the policy decided `request_allowed`.
+    pub(crate) fn state(&self, request_allowed: bool) -> QuotaState {
+        if request_allowed {
+            self.spent
+        } else {
+            self.unspent
+        }
+    }
 }
 
 /// Evaluates `quota` for a request of `cost` at `now_ns`, given the stored state. `offset_ms`
@@ -57,33 +66,7 @@ pub(crate) fn eval(
         Algorithm::FixedWindow => fixed(quota, now_ns, stored, cost, offset_ms),
         Algorithm::SlidingWindow => sliding(quota, now_ns, stored, cost, offset_ms),
         // Gcra, and any future algorithm defaults to the reference one.
-        _ => gcra_eval(quota, now_ns, stored, cost),
-    }
-}
-
-fn gcra_eval(quota: &Quota, now: u64, stored: Option<State>, cost: u32) -> Eval {
-    let v = gcra::decide(now, stored.map(|s| s.t), quota, cost);
-    let report = |v: gcra::Verdict| Report {
-        remaining: v.remaining,
-        reset_after_ns: v.reset_after_ns,
-        retry_after_ns: v.retry_after_ns,
-    };
-    Eval {
-        allowed: v.allowed,
-        write: (v.allowed && v.new_tat > now).then_some(State {
-            t: v.new_tat,
-            a: 0,
-            b: 0,
-        }),
-        spent: report(v),
-        unspent: {
-            let (remaining, reset_after_ns) = v.unspent(quota, cost);
-            Report {
-                remaining,
-                reset_after_ns,
-                retry_after_ns: v.retry_after_ns,
-            }
-        },
+        _ => gcra::decide(now_ns, stored.map(|s| s.t), quota, cost),
     }
 }
 
@@ -116,24 +99,33 @@ fn fixed(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_ms
     };
     let allowed = u64::from(count) + u64::from(cost) <= u64::from(limit);
     let after = count.saturating_add(cost);
-    let spent = Report {
-        remaining: limit.saturating_sub(after),
-        reset_after_ns: if after > 0 { until_end } else { 0 },
-        retry_after_ns: 0,
-    };
-    let unspent = Report {
-        remaining: limit.saturating_sub(count),
-        reset_after_ns: if count > 0 { until_end } else { 0 },
-        retry_after_ns: if allowed { 0 } else { until_end },
-    };
-    Eval {
+    let unspent = QuotaState::from_ns(
+        *quota,
         allowed,
-        write: (allowed && after > 0).then_some(State {
+        limit.saturating_sub(count),
+        if count > 0 { until_end } else { 0 },
+        if allowed { 0 } else { until_end },
+    );
+    if !allowed {
+        return Eval {
+            write: None,
+            spent: unspent,
+            unspent,
+        };
+    }
+    Eval {
+        write: (after > 0).then_some(State {
             t: ms_to_ns(end),
             a: after,
             b: 0,
         }),
-        spent,
+        spent: QuotaState::from_ns(
+            *quota,
+            true,
+            limit - after,
+            if after > 0 { until_end } else { 0 },
+            0,
+        ),
         unspent,
     }
 }
@@ -191,23 +183,34 @@ fn sliding(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_
         let t = wu.saturating_sub(room / cu.max(1));
         ms_to_ns((w - elapsed).saturating_add(i64::try_from(t).unwrap_or(i64::MAX)))
     };
-    Eval {
+    let unspent = QuotaState::from_ns(
+        *quota,
         allowed,
-        write: (allowed && cu + cost_u > 0).then_some(State {
+        sat_u32(lw.saturating_sub(est) / wu.max(1)),
+        reset(cu),
+        retry,
+    );
+    if !allowed {
+        return Eval {
+            write: None,
+            spent: unspent,
+            unspent,
+        };
+    }
+    Eval {
+        write: (cu + cost_u > 0).then_some(State {
             t: ms_to_ns(end + w),
             a: sat_u32(cu + cost_u),
             b: prev,
         }),
-        spent: Report {
-            remaining: sat_u32(lw.saturating_sub(est + cost_u * wu) / wu.max(1)),
-            reset_after_ns: reset(cu + cost_u),
-            retry_after_ns: 0,
-        },
-        unspent: Report {
-            remaining: sat_u32(lw.saturating_sub(est) / wu.max(1)),
-            reset_after_ns: reset(cu),
-            retry_after_ns: retry,
-        },
+        spent: QuotaState::from_ns(
+            *quota,
+            true,
+            sat_u32(lw.saturating_sub(est + cost_u * wu) / wu.max(1)),
+            reset(cu + cost_u),
+            0,
+        ),
+        unspent,
     }
 }
 
@@ -253,15 +256,11 @@ mod tests {
         reqs.iter()
             .map(|&(at, cost)| {
                 let e = eval(quota, at * MS, state, cost, offset);
-                let r = if e.allowed {
-                    if let Some(w) = e.write {
-                        state = Some(w);
-                    }
-                    e.spent
-                } else {
-                    e.unspent
-                };
-                (e.allowed, r.remaining, r.retry_after_ns / MS)
+                if let Some(w) = e.write {
+                    state = Some(w);
+                }
+                let r = e.state(e.allowed());
+                (r.allowed, r.remaining, r.retry_after_ns / MS)
             })
             .collect()
     }
@@ -301,9 +300,9 @@ mod tests {
     /// (allowed, remaining, retry, reset) of one request on `state`, in ms.
     fn one(quota: &Quota, state: Option<State>, at: u64, cost: u32) -> (bool, u32, u64, u64) {
         let e = eval(quota, at * MS, state, cost, 0);
-        let r = if e.allowed { e.spent } else { e.unspent };
+        let r = e.state(e.allowed());
         (
-            e.allowed,
+            r.allowed,
             r.remaining,
             r.retry_after_ns / MS,
             r.reset_after_ns / MS,
@@ -376,7 +375,7 @@ mod tests {
             // caller's to drop, but there is nothing to write).
             let full = eval(&quota, 2_000 * MS, None, 3, 0).write;
             let refused = eval(&quota, 2_000 * MS, full, 1, 0);
-            assert!(!refused.allowed, "{text}");
+            assert!(!refused.allowed(), "{text}");
             assert_eq!(refused.write, None, "{text}");
         }
     }
@@ -463,13 +462,13 @@ mod tests {
                 now += gap;
                 let cost = cost.min(limit);
                 let e = eval(&quota, now * MS, state, cost, offset);
-                if e.allowed {
+                if e.allowed() {
                     if let Some(s) = e.write { state = Some(s); }
                     *per_window.entry((now + offset) / w).or_insert(0u32) += cost;
                 } else {
                     // Told the truth: at retry_after it passes.
                     let later = eval(&quota, now * MS + e.unspent.retry_after_ns, state, cost, offset);
-                    prop_assert!(later.allowed);
+                    prop_assert!(later.allowed());
                 }
             }
             prop_assert!(per_window.values().all(|&n| n <= limit));
@@ -514,7 +513,7 @@ mod tests {
                 let cost = cost.min(limit);
                 let e = eval(&quota, now * MS, state, cost, offset);
                 let with = estimate(&allowed, now) + u128::from(cost) * u128::from(w);
-                if e.allowed {
+                if e.allowed() {
                     if let Some(s) = e.write { state = Some(s); }
                     allowed.push((now, cost));
                     prop_assert!(estimate(&allowed, now) <= lw, "allowed over the limit at {}", now);
@@ -522,8 +521,8 @@ mod tests {
                     prop_assert!(with > lw, "refused within the limit at {}", now);
                     let retry = e.unspent.retry_after_ns;
                     prop_assert!(retry >= MS);
-                    prop_assert!(eval(&quota, now * MS + retry, state, cost, offset).allowed);
-                    prop_assert!(!eval(&quota, now * MS + retry - MS, state, cost, offset).allowed);
+                    prop_assert!(eval(&quota, now * MS + retry, state, cost, offset).allowed());
+                    prop_assert!(!eval(&quota, now * MS + retry - MS, state, cost, offset).allowed());
                 }
             }
         }

@@ -6,19 +6,23 @@ use smallvec::SmallVec;
 
 use crate::{Quota, StoreErrorKind};
 
-/// The state of one quota after a request was decided.
+/// The outcome of one quota for one request: the one type that carries it from the algorithm
+/// (the memory store, the store kit, the Redis store's reply) to the response headers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct QuotaState {
-    quota: Quota,
-    allowed: bool,
-    remaining: u32,
+    pub(crate) quota: Quota,
+    pub(crate) allowed: bool,
+    pub(crate) remaining: u32,
     // Nanoseconds: `Duration`s would make every decision larger to copy.
-    reset_after_ns: u64,
-    retry_after_ns: u64,
+    pub(crate) reset_after_ns: u64,
+    pub(crate) retry_after_ns: u64,
 }
 
 impl QuotaState {
-    /// Builds a state. Stores call this; the layer only reads states.
+    /// Builds a state from what a store answered. Stores outside this crate call this; the
+    /// layer only reads states. What no quota could report is corrected, so a store that
+    /// answers garbage cannot make the headers lie: `remaining` is at most the burst, and an
+    /// allowed state has no wait.
     pub fn new(
         quota: Quota,
         allowed: bool,
@@ -27,12 +31,30 @@ impl QuotaState {
         retry_after: Duration,
     ) -> Self {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        QuotaState::from_ns(
+            quota,
+            allowed,
+            remaining.min(quota.burst_size()),
+            ns(reset_after),
+            if allowed { 0 } else { ns(retry_after) },
+        )
+    }
+
+    /// A state as the algorithms compute it, in nanoseconds; they never report more than the
+    /// burst, nor a wait for an allowed request.
+    pub(crate) const fn from_ns(
+        quota: Quota,
+        allowed: bool,
+        remaining: u32,
+        reset_after_ns: u64,
+        retry_after_ns: u64,
+    ) -> Self {
         QuotaState {
             quota,
             allowed,
-            remaining: remaining.min(quota.burst_size()),
-            reset_after_ns: ns(reset_after),
-            retry_after_ns: if allowed { 0 } else { ns(retry_after) },
+            remaining,
+            reset_after_ns,
+            retry_after_ns,
         }
     }
 

@@ -4,65 +4,47 @@
 //! which is exact because emission intervals are whole microseconds). See `docs/algorithms.md`
 //! for a worked example.
 
-use crate::Quota;
+use crate::algorithm::{Eval, State};
+use crate::{Quota, QuotaState};
 
-/// The verdict of one quota for one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Verdict {
-    pub(crate) allowed: bool,
-    /// The theoretical arrival time to store when the whole request is allowed.
-    pub(crate) new_tat: u64,
-    /// Units left after this request (when allowed) or now (when refused).
-    pub(crate) remaining: u32,
-    /// Nanoseconds until the key is back to a full burst.
-    pub(crate) reset_after_ns: u64,
-    /// Nanoseconds until a request of this cost would be allowed; 0 when allowed.
-    pub(crate) retry_after_ns: u64,
-}
-
-/// Decides one request of `cost` units at `now` against the stored theoretical arrival time.
+/// Decides one request of `cost` units at `now` against the stored theoretical arrival time:
+/// the quota's state if the request is allowed and spent, its state if nothing is spent, and
+/// the new arrival time to store.
 ///
 /// `cost` must not exceed the quota's burst (callers check this first: such a request can
 /// never pass and is reported as an error, not as a limit).
-pub(crate) fn decide(now: u64, stored_tat: Option<u64>, quota: &Quota, cost: u32) -> Verdict {
+pub(crate) fn decide(now: u64, stored_tat: Option<u64>, quota: &Quota, cost: u32) -> Eval {
     let t = quota.emission_ns();
     let span = quota.burst_span_ns();
     let tat = stored_tat.map_or(now, |tat| tat.max(now));
     // cost <= burst, so cost * t <= span, which was checked to fit at construction.
-    let increment = t * u64::from(cost);
-    let new_tat = tat.saturating_add(increment);
+    let new_tat = tat.saturating_add(t * u64::from(cost));
     let ahead = new_tat - now;
+    // The part of the burst in use before this request: what a refusal reports.
+    let used = tat - now;
     if ahead <= span {
-        Verdict {
-            allowed: true,
-            new_tat,
-            remaining: units((span - ahead) / t),
-            reset_after_ns: ahead,
-            retry_after_ns: 0,
+        Eval {
+            write: (new_tat > now).then_some(State {
+                t: new_tat,
+                a: 0,
+                b: 0,
+            }),
+            spent: QuotaState::from_ns(*quota, true, units((span - ahead) / t), ahead, 0),
+            unspent: QuotaState::from_ns(*quota, true, units((span - used) / t), used, 0),
         }
     } else {
-        let used = tat - now;
-        Verdict {
-            allowed: false,
-            new_tat: tat,
-            remaining: units(span.saturating_sub(used) / t),
-            reset_after_ns: used,
-            retry_after_ns: ahead - span,
+        let refused = QuotaState::from_ns(
+            *quota,
+            false,
+            units(span.saturating_sub(used) / t),
+            used,
+            ahead - span,
+        );
+        Eval {
+            write: None,
+            spent: refused,
+            unspent: refused,
         }
-    }
-}
-
-impl Verdict {
-    /// The units left and the time used (until a full burst) when nothing was spent: this
-    /// verdict's own for a refusal; for a request this quota allowed but another refused,
-    /// what is available now, without this request's cost.
-    pub(crate) fn unspent(self, quota: &Quota, cost: u32) -> (u32, u64) {
-        if !self.allowed {
-            return (self.remaining, self.reset_after_ns);
-        }
-        let t = quota.emission_ns();
-        let used = self.reset_after_ns - t * u64::from(cost);
-        (units((quota.burst_span_ns() - used) / t), used)
     }
 }
 
@@ -78,17 +60,22 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
-    /// Runs a sequence of (time, cost) requests through one key and returns the verdicts.
-    fn run(quota: &Quota, requests: &[(u64, u32)]) -> Vec<Verdict> {
+    /// What one quota deciding alone reports: its state spent when it allows, else unspent.
+    fn alone(e: &Eval) -> QuotaState {
+        e.state(e.allowed())
+    }
+
+    /// Runs a sequence of (time, cost) requests through one key and returns what each reports.
+    fn run(quota: &Quota, requests: &[(u64, u32)]) -> Vec<QuotaState> {
         let mut tat = None;
         requests
             .iter()
             .map(|&(now, cost)| {
-                let v = decide(now, tat, quota, cost);
-                if v.allowed {
-                    tat = Some(v.new_tat);
+                let e = decide(now, tat, quota, cost);
+                if let Some(w) = e.write {
+                    tat = Some(w.t);
                 }
-                v
+                alone(&e)
             })
             .collect()
     }
@@ -165,16 +152,17 @@ mod tests {
         let q = Quota::new(5, Duration::from_secs(10)).unwrap();
         let mut tat = None;
         for _ in 0..5 {
-            let v = decide(0, tat, &q, 1);
-            assert!(v.allowed);
-            tat = Some(v.new_tat);
+            let e = decide(0, tat, &q, 1);
+            assert!(e.allowed());
+            tat = e.write.map(|w| w.t);
         }
-        let v = decide(S, tat, &q, 1);
+        let e = decide(S, tat, &q, 1);
+        let v = alone(&e);
         assert!(!v.allowed);
         assert_eq!(v.reset_after_ns, 9 * S);
         assert_eq!(v.remaining, 0);
         assert_eq!(v.retry_after_ns, S);
-        assert_eq!(v.unspent(&q, 1), (0, 9 * S));
+        assert_eq!((e.unspent.remaining, e.unspent.reset_after_ns), (0, 9 * S));
     }
 
     #[test]
@@ -183,16 +171,20 @@ mod tests {
         // quota refuses it: one unit is left, 2 T are in use.
         let q = Quota::per_second(3).unwrap();
         let t = q.emission_ns();
+        let tat = |e: &Eval| e.write.map(|w| w.t);
         let first = decide(0, None, &q, 1);
-        let second = decide(0, Some(first.new_tat), &q, 1);
-        let third = decide(0, Some(second.new_tat), &q, 1);
-        assert!(third.allowed);
-        assert_eq!(third.remaining, 0);
-        assert_eq!(third.unspent(&q, 1), (1, 2 * t));
+        let second = decide(0, tat(&first), &q, 1);
+        let third = decide(0, tat(&second), &q, 1);
+        assert!(third.allowed());
+        assert_eq!(third.spent.remaining, 0);
+        assert_eq!(
+            (third.unspent.remaining, third.unspent.reset_after_ns),
+            (1, 2 * t)
+        );
         // And for a cost of two, nothing more is in use than before it.
-        let two = decide(0, Some(first.new_tat), &q, 2);
-        assert!(two.allowed);
-        assert_eq!(two.unspent(&q, 2), (2, t));
+        let two = decide(0, tat(&first), &q, 2);
+        assert!(two.allowed());
+        assert_eq!((two.unspent.remaining, two.unspent.reset_after_ns), (2, t));
     }
 
     #[test]
@@ -210,11 +202,11 @@ mod tests {
     #[test]
     fn idle_key_is_indistinguishable_from_a_new_one() {
         let q = Quota::per_second(2).unwrap();
-        let first = decide(0, None, &q, 1);
+        let first = decide(0, None, &q, 1).write.unwrap().t;
         // Once now reaches the stored TAT, the stored state no longer matters.
-        let later = first.new_tat + 5;
+        let later = first + 5;
         assert_eq!(
-            decide(later, Some(first.new_tat), &q, 1),
+            decide(later, Some(first), &q, 1),
             decide(later, None, &q, 1)
         );
     }
@@ -236,16 +228,19 @@ mod tests {
             for (gap, cost) in gaps {
                 now += gap;
                 let cost = cost.min(burst);
-                let v = decide(now, tat, &q, cost);
-                if v.allowed {
-                    tat = Some(v.new_tat);
+                let e = decide(now, tat, &q, cost);
+                if e.allowed() {
+                    if let Some(w) = e.write {
+                        tat = Some(w.t);
+                    }
                     passed.push((now, cost));
                 } else {
                     // A refused request is told the truth: waiting retry_after lets it pass.
-                    let retry = decide(now + v.retry_after_ns, tat, &q, cost);
-                    prop_assert!(retry.allowed);
-                    if v.retry_after_ns > 0 {
-                        prop_assert!(!decide(now + v.retry_after_ns - 1, tat, &q, cost).allowed);
+                    let wait = e.unspent.retry_after_ns;
+                    let retry = decide(now + wait, tat, &q, cost);
+                    prop_assert!(retry.allowed());
+                    if wait > 0 {
+                        prop_assert!(!decide(now + wait - 1, tat, &q, cost).allowed());
                     }
                 }
             }
@@ -271,9 +266,9 @@ mod tests {
         fn remaining_is_exact_on_a_fresh_key(limit in 1u32..1000, burst in 1u32..1000, cost in 1u32..1000) {
             let q = Quota::per_minute(limit).unwrap().burst(burst).unwrap();
             let cost = cost.min(burst);
-            let v = decide(7, None, &q, cost);
-            prop_assert!(v.allowed);
-            prop_assert_eq!(v.remaining, burst - cost);
+            let e = decide(7, None, &q, cost);
+            prop_assert!(e.allowed());
+            prop_assert_eq!(e.spent.remaining, burst - cost);
         }
     }
 }

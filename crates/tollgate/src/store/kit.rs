@@ -7,12 +7,10 @@
 //! and if the decision is allowed write back each [`Decided::writes`] entry with an expiry at
 //! [`StoredState::expires_at_ns`]. docs/stores.md walks through one.
 
-use std::time::Duration;
-
 use smallvec::SmallVec;
 
 use crate::algorithm::{self, Eval, State};
-use crate::{Algorithm, Decision, Key, Quota, QuotaState};
+use crate::{Algorithm, Decision, Key, Quota};
 
 use super::StoreError;
 
@@ -104,7 +102,7 @@ pub fn decide(
             )
         })
         .collect();
-    let allowed = evals.iter().all(|e| e.allowed);
+    let allowed = evals.iter().all(Eval::allowed);
     let writes = evals
         .iter()
         .zip(&repaired)
@@ -117,23 +115,15 @@ pub fn decide(
         })
         .collect();
     Ok(Decided {
-        decision: decision(quotas, &evals, allowed),
+        decision: decision(&evals, allowed),
         writes,
     })
 }
 
-/// The decision the evaluations of a request's quotas make together.
-pub(crate) fn decision(quotas: &[Quota], evals: &[Eval], allowed: bool) -> Decision {
-    Decision::from_states(quotas.iter().zip(evals).map(|(quota, e)| {
-        let r = if allowed { e.spent } else { e.unspent };
-        QuotaState::new(
-            *quota,
-            e.allowed,
-            r.remaining,
-            Duration::from_nanos(r.reset_after_ns),
-            Duration::from_nanos(r.retry_after_ns),
-        )
-    }))
+/// The decision the evaluations of a request's quotas make together: each quota's outcome
+/// spent when all of them allow it, unspent otherwise.
+pub(crate) fn decision(evals: &[Eval], allowed: bool) -> Decision {
+    Decision::from_states(evals.iter().map(|e| e.state(allowed)))
 }
 
 /// `s` if the algorithms could have written it by `now`, a repaired GCRA state if it is too
@@ -162,6 +152,7 @@ mod tests {
     use super::*;
     use crate::MemoryStore;
     use crate::clock::ManualClock;
+    use std::time::Duration;
 
     fn q(s: &str) -> Quota {
         s.parse().unwrap()

@@ -232,7 +232,7 @@ impl<C: Clock> MemoryStore<C> {
             new_entries += usize::from(stored.is_none() && e.write.is_some());
             evals.push(e);
         }
-        let allowed = evals.iter().all(|e| e.allowed);
+        let allowed = evals.iter().all(Eval::allowed);
         let mut evicted = Evicted::default();
         if allowed {
             if new_entries > 0 && state.map.len() + new_entries > inner.max_keys_per_shard {
@@ -271,7 +271,7 @@ impl<C: Clock> MemoryStore<C> {
         } else if cost > 1 {
             // A request refused for its cost, though cheaper ones may pass: its client is
             // limited for that cost until the wait runs out.
-            for (quota, e) in quotas.iter().zip(&evals).filter(|(_, e)| !e.allowed) {
+            for (quota, e) in quotas.iter().zip(&evals).filter(|(_, e)| !e.allowed()) {
                 let until = now.saturating_add(e.unspent.retry_after_ns);
                 protect(&mut state, entry_key(base, quota), until);
             }
@@ -279,7 +279,7 @@ impl<C: Clock> MemoryStore<C> {
         drop(state);
         evicted.count(&inner.policies);
 
-        Ok(super::kit::decision(quotas, &evals, allowed))
+        Ok(super::kit::decision(&evals, allowed))
     }
 
     /// Forgets `key`'s state under `quotas`: its next request starts with a full budget. For
