@@ -23,7 +23,7 @@ proptest! {
             rng % n
         };
         let quotas = random_policy(&mut next);
-        let min_burst = quotas.iter().map(|q| q.burst_size()).min().unwrap_or(1);
+        let min_burst = quotas.iter().map(|q| q.burst()).min().unwrap_or(1);
         let clock = ManualClock::new();
         let store = MemoryStore::with_clock(clock.clone());
         let mut model = Model::new();

@@ -33,7 +33,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .route("/hello", Policy::new("hello", hello))
         .route(
             "/login",
-            Policy::new("login", login).failure_mode(FailureMode::Closed),
+            Policy::new("login", login).with_failure_mode(FailureMode::Closed),
         );
     let app = Router::new()
         .route("/hello", get(|| async { "hello\n" }))

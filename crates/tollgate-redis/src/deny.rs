@@ -84,7 +84,7 @@ impl DenyCache {
         if decision
             .states()
             .iter()
-            .any(|s| s.quota().algorithm_kind() == Algorithm::SlidingWindow)
+            .any(|s| s.quota().algorithm() == Algorithm::SlidingWindow)
         {
             return;
         }

@@ -25,11 +25,11 @@ pub(crate) fn args(
     let mut args = Vec::with_capacity(3 + 4 * quotas.len());
     args.extend([now_us, i64::from(cost), deadline_us]);
     for q in quotas {
-        match q.algorithm_kind() {
+        match q.algorithm() {
             Algorithm::FixedWindow | Algorithm::SlidingWindow => {
                 let window_ms = i64::try_from(q.period().as_millis()).unwrap_or(i64::MAX);
                 let offset = i64::try_from(window_offset(key, q)).unwrap_or(0);
-                let algo = if q.algorithm_kind() == Algorithm::FixedWindow {
+                let algo = if q.algorithm() == Algorithm::FixedWindow {
                     1
                 } else {
                     2
@@ -39,7 +39,7 @@ pub(crate) fn args(
             _ => args.extend([
                 0,
                 micros(q.emission_interval()),
-                micros(q.emission_interval() * q.burst_size()),
+                micros(q.emission_interval() * q.burst()),
                 0,
             ]),
         }

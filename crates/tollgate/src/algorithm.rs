@@ -62,7 +62,7 @@ pub(crate) fn eval(
     cost: u32,
     offset_ms: u64,
 ) -> Eval {
-    match quota.algorithm_kind() {
+    match quota.algorithm() {
         Algorithm::FixedWindow => fixed(quota, now_ns, stored, cost, offset_ms),
         Algorithm::SlidingWindow => sliding(quota, now_ns, stored, cost, offset_ms),
         // Gcra, and any future algorithm defaults to the reference one.
@@ -218,7 +218,7 @@ fn sliding(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_
 /// key's windows start at their own moment (no thundering herd at the top of the minute) and
 /// every store and instance computes the same one.
 pub(crate) fn window_offset(key: &Key<'_>, quota: &Quota) -> u64 {
-    if quota.algorithm_kind() == Algorithm::Gcra {
+    if quota.algorithm() == Algorithm::Gcra {
         return 0;
     }
     let mut h = Fnv(0xcbf2_9ce4_8422_2325);
@@ -452,7 +452,7 @@ mod tests {
             reqs in proptest::collection::vec((0u64..3_000, 1u32..4), 1..120),
         ) {
             let quota = Quota::new(limit, std::time::Duration::from_secs(secs)).unwrap()
-                .algorithm(Algorithm::FixedWindow).unwrap();
+                .with_algorithm(Algorithm::FixedWindow).unwrap();
             let w = secs * 1_000;
             let offset = offset % w;
             let mut now = 0;
@@ -485,7 +485,7 @@ mod tests {
             reqs in proptest::collection::vec((0u64..3_000, 1u32..4), 1..120),
         ) {
             let quota = Quota::new(limit, std::time::Duration::from_secs(secs)).unwrap()
-                .algorithm(Algorithm::SlidingWindow).unwrap();
+                .with_algorithm(Algorithm::SlidingWindow).unwrap();
             let w = secs * 1_000;
             let offset = offset % w;
             // The estimate at `now` (ms), times w, from the allowed requests (ms, cost).

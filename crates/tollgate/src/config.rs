@@ -571,16 +571,16 @@ fn policy(i: usize, p: PolicyFile) -> Result<Vec<RoutePolicy>, ConfigError> {
         let mut q: Quota = text.parse().map_err(|e| ConfigError::at(&path, text, e))?;
         if let Some(burst) = p.burst {
             q = q
-                .burst(burst)
+                .with_burst(burst)
                 .map_err(|e| ConfigError::at(format!("{at}.burst"), burst, e))?;
         }
         // The policy's algorithm applies to quotas that name none.
         if let Some(a) = algorithm
-            && q.algorithm_kind() == Algorithm::Gcra
+            && q.algorithm() == Algorithm::Gcra
             && !text.to_ascii_lowercase().contains("gcra")
         {
             q = q
-                .algorithm(a)
+                .with_algorithm(a)
                 .map_err(|e| ConfigError::at(format!("{at}.algorithm"), a.name(), e))?;
         }
         quotas.push(q);
@@ -625,17 +625,17 @@ fn policy(i: usize, p: PolicyFile) -> Result<Vec<RoutePolicy>, ConfigError> {
         )));
     };
     let mut policy = Policy::new(p.name, first)
-        .failure_mode(failure)
-        .scope(scope)
-        .shadow(p.shadow);
+        .with_failure_mode(failure)
+        .with_scope(scope)
+        .with_shadow(p.shadow);
     for q in quotas {
         policy = policy.add_quota(q);
     }
     if let Some(cost) = p.cost {
-        policy = policy.cost(cost);
+        policy = policy.with_cost(cost);
     }
     if let Some(a) = p.allowlist {
-        policy = policy.allowlist(allowlist(&format!("{at}.allowlist"), a)?);
+        policy = policy.with_allowlist(allowlist(&format!("{at}.allowlist"), a)?);
     }
     Ok(routes
         .into_iter()
@@ -722,7 +722,7 @@ mod tests {
         assert_eq!(export.method, Some(Method::GET));
         assert_eq!(export.policy.quotas().len(), 2);
         let api = &c.policies[2].policy;
-        assert_eq!(api.quotas()[0].algorithm_kind(), Algorithm::SlidingWindow);
+        assert_eq!(api.quotas()[0].algorithm(), Algorithm::SlidingWindow);
         assert!(c.check_routes(["/export", "/login", "/api/{id}"]).is_ok());
         let ip = "10.1.1.1".parse().unwrap();
         let mut h = http::HeaderMap::new();

@@ -34,7 +34,7 @@ impl QuotaState {
         QuotaState::from_ns(
             quota,
             allowed,
-            remaining.min(quota.burst_size()),
+            remaining.min(quota.burst()),
             ns(reset_after),
             if allowed { 0 } else { ns(retry_after) },
         )
@@ -193,7 +193,7 @@ impl Decision {
             // A quota whose own wait is over would now allow (nothing else changed).
             let allowed = s.allowed || s.retry_after() <= elapsed;
             let reset_after = s.reset_after().saturating_sub(elapsed);
-            let (remaining, reset_after) = match s.quota.algorithm_kind() {
+            let (remaining, reset_after) = match s.quota.algorithm() {
                 // GCRA replenishes continuously: what is left follows from the time used.
                 crate::Algorithm::Gcra => {
                     let used = u64::try_from(reset_after.as_nanos()).unwrap_or(u64::MAX);

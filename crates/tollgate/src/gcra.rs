@@ -119,7 +119,7 @@ mod tests {
     #[test]
     fn burst_differs_from_limit() {
         // 1 per second with bursts of 3.
-        let q = Quota::per_second(1).unwrap().burst(3).unwrap();
+        let q = Quota::per_second(1).unwrap().with_burst(3).unwrap();
         let v = run(&q, &[(0, 1), (0, 1), (0, 1), (0, 1)]);
         assert_eq!(
             v.iter().map(|v| v.allowed).collect::<Vec<_>>(),
@@ -221,7 +221,7 @@ mod tests {
             gaps in proptest::collection::vec((0u64..400_000_000, 1u32..5), 1..200),
         ) {
             let Ok(q) = Quota::new(limit, Duration::from_millis(period_ms)) else { return Ok(()) };
-            let q = q.burst(burst).unwrap();
+            let q = q.with_burst(burst).unwrap();
             let mut now = 0;
             let mut passed: Vec<(u64, u32)> = Vec::new();
             let mut tat = None;
@@ -264,7 +264,7 @@ mod tests {
         /// Remaining never exceeds the burst, and a fresh key starts with burst - cost.
         #[test]
         fn remaining_is_exact_on_a_fresh_key(limit in 1u32..1000, burst in 1u32..1000, cost in 1u32..1000) {
-            let q = Quota::per_minute(limit).unwrap().burst(burst).unwrap();
+            let q = Quota::per_minute(limit).unwrap().with_burst(burst).unwrap();
             let cost = cost.min(burst);
             let e = decide(7, None, &q, cost);
             prop_assert!(e.allowed());

@@ -126,7 +126,7 @@ impl<'a> Key<'a> {
     }
 
     /// The client address, if the key has one.
-    pub fn ip(&self) -> Option<IpAddr> {
+    pub fn client_ip(&self) -> Option<IpAddr> {
         self.ip
     }
 
@@ -471,7 +471,7 @@ impl<'a> Identity<'a> {
     }
 
     /// A client address.
-    pub fn from_addr(ip: IpAddr) -> Self {
+    pub fn from_client_ip(ip: IpAddr) -> Self {
         Identity {
             ip: Some(ip),
             user: None,
@@ -491,7 +491,7 @@ impl<'a> Identity<'a> {
     }
 
     /// The address part.
-    pub fn addr(&self) -> Option<IpAddr> {
+    pub fn client_ip(&self) -> Option<IpAddr> {
         self.ip
     }
 
@@ -518,7 +518,7 @@ impl<'a> Identity<'a> {
 /// let layer = RateLimitLayer::new(MemoryStore::new())
 ///     .key(|req: &RequestParts<'_>| {
 ///         let version = req.headers().get("x-api-version")?.to_str().ok()?.to_owned();
-///         Some(Identity::from_addr(req.client_ip()?).with_user(version))
+///         Some(Identity::from_client_ip(req.client_ip()?).with_user(version))
 ///     })
 ///     .policy(Policy::new("api", Quota::per_second(10).unwrap()));
 /// # let _ = layer;
@@ -555,7 +555,7 @@ pub struct ClientAddress;
 
 impl KeyExtractor for ClientAddress {
     fn extract<'r>(&self, req: &RequestParts<'r>) -> Option<Identity<'r>> {
-        req.client_ip().map(Identity::from_addr)
+        req.client_ip().map(Identity::from_client_ip)
     }
 }
 
@@ -573,7 +573,7 @@ impl<U: UserKey> ClientAndUser<U> {
 
 impl<U: UserKey> KeyExtractor for ClientAndUser<U> {
     fn extract<'r>(&self, req: &RequestParts<'r>) -> Option<Identity<'r>> {
-        let id = Identity::from_addr(req.client_ip()?);
+        let id = Identity::from_client_ip(req.client_ip()?);
         Some(match self.0.user_key(req.headers(), req.extensions()) {
             Some(user) => id.with_user(user),
             None => id,
@@ -1058,7 +1058,7 @@ mod tests {
         let k = Key::new("api", "/users/{id}", Some(IP), Some("alice"));
         assert_eq!(k.policy(), "api");
         assert_eq!(k.route(), "/users/{id}");
-        assert_eq!(k.ip(), Some(IP));
+        assert_eq!(k.client_ip(), Some(IP));
         assert_eq!(k.user(), Some("alice"));
         assert_eq!(format!("{k:?}"), "Key(/users/%7Bid%7D:192.0.2.1:alice)");
         let users = UserFromExtension::<u64>::new();

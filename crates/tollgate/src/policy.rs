@@ -251,7 +251,7 @@ impl fmt::Debug for Allowlist {
 /// # fn main() -> Result<(), tollgate::QuotaError> {
 /// // 3 per minute per client; refuse (503) rather than let logins through unchecked when the
 /// // store is down.
-/// let login = Policy::new("login", Quota::per_minute(3)?).failure_mode(FailureMode::Closed);
+/// let login = Policy::new("login", Quota::per_minute(3)?).with_failure_mode(FailureMode::Closed);
 ///
 /// // A burst limit and a sustained one, decided together.
 /// let export = Policy::new("export", Quota::per_second(2)?).add_quota(Quota::per_minute(20)?);
@@ -291,13 +291,13 @@ impl Policy {
     }
 
     /// What to do when the store cannot decide (default: [`FailureMode::Open`]).
-    pub fn failure_mode(mut self, failure: FailureMode) -> Self {
+    pub fn with_failure_mode(mut self, failure: FailureMode) -> Self {
         self.failure = failure;
         self
     }
 
     /// What the route part of the key is (default: [`KeyScope::Route`]).
-    pub fn scope(mut self, scope: KeyScope) -> Self {
+    pub fn with_scope(mut self, scope: KeyScope) -> Self {
         self.scope = scope;
         self
     }
@@ -305,7 +305,7 @@ impl Policy {
     /// How many units each request spends (default 1): at least 1 and at most the smallest
     /// burst of the policy's quotas, which the layer checks when the policy is added (a cost of
     /// 0 would never be refused; one above the burst could never pass).
-    pub fn cost(mut self, cost: u32) -> Self {
+    pub fn with_cost(mut self, cost: u32) -> Self {
         self.cost = Cost::Fixed(cost);
         self
     }
@@ -322,7 +322,7 @@ impl Policy {
     ///
     /// # fn main() -> Result<(), tollgate::QuotaError> {
     /// // A page of up to 1000 rows costs 1 unit per 100 rows.
-    /// let search = Policy::new("search", Quota::per_minute(100)?).cost_fn(|req| {
+    /// let search = Policy::new("search", Quota::per_minute(100)?).with_cost_fn(|req| {
     ///     let rows = req.uri().query()
     ///         .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("limit=")))
     ///         .and_then(|v| v.parse::<u32>().ok())
@@ -332,7 +332,7 @@ impl Policy {
     /// });
     /// # let _ = search; Ok(()) }
     /// ```
-    pub fn cost_fn<F>(mut self, f: F) -> Self
+    pub fn with_cost_fn<F>(mut self, f: F) -> Self
     where
         F: Fn(&RequestParts<'_>) -> u32 + Send + Sync + 'static,
     {
@@ -344,13 +344,13 @@ impl Policy {
     /// refused are let through, counted in `ratelimit_requests_total{decision="shadow_limited"}`
     /// and logged (`rate-limit-shadow`), and no rate-limit headers are sent. For rolling out a
     /// new limit safely.
-    pub fn shadow(mut self, shadow: bool) -> Self {
+    pub fn with_shadow(mut self, shadow: bool) -> Self {
         self.shadow = shadow;
         self
     }
 
     /// Requests this policy never limits (added to any allowlist of the layer).
-    pub fn allowlist(mut self, allowlist: Allowlist) -> Self {
+    pub fn with_allowlist(mut self, allowlist: Allowlist) -> Self {
         self.allowlist = allowlist;
         self
     }
@@ -373,7 +373,7 @@ impl Policy {
             let min_burst = self
                 .quotas
                 .iter()
-                .map(Quota::burst_size)
+                .map(Quota::burst)
                 .min()
                 .unwrap_or(u32::MAX);
             if cost == 0 || cost > min_burst {
@@ -393,7 +393,7 @@ impl Policy {
     }
 
     /// The policy's failure mode.
-    pub fn failure(&self) -> FailureMode {
+    pub fn failure_mode(&self) -> FailureMode {
         self.failure
     }
 

@@ -39,8 +39,8 @@ const MAX_BURST_SPAN_NS: u64 = 10 * 366 * 24 * 3600 * 1_000_000_000;
 /// assert_eq!(q, "30/5m".parse()?);
 ///
 /// // 10 per second with bursts of 20.
-/// let q = Quota::per_second(10)?.burst(20)?;
-/// assert_eq!(q.burst_size(), 20);
+/// let q = Quota::per_second(10)?.with_burst(20)?;
+/// assert_eq!(q.burst(), 20);
 /// assert_eq!(q.emission_interval(), Duration::from_millis(100));
 /// # Ok(()) }
 /// ```
@@ -183,7 +183,7 @@ impl Quota {
     /// # Errors
     ///
     /// Fails when `burst` is zero, or when a full burst would span more than ten years.
-    pub fn burst(self, burst: u32) -> Result<Self, QuotaError> {
+    pub fn with_burst(self, burst: u32) -> Result<Self, QuotaError> {
         let burst = NonZeroU32::new(burst).ok_or(QuotaError::ZeroBurst)?;
         if self.algorithm != Algorithm::Gcra && burst != self.limit {
             return Err(QuotaError::BurstWithWindow(self.algorithm));
@@ -200,7 +200,7 @@ impl Quota {
     /// For a window algorithm: when a burst different from the limit was set (windows have no
     /// burst), when the period is not a whole number of milliseconds, or when `limit × period`
     /// (in ms) exceeds 2^52, beyond which window arithmetic would not be exact in every store.
-    pub fn algorithm(self, algorithm: Algorithm) -> Result<Self, QuotaError> {
+    pub fn with_algorithm(self, algorithm: Algorithm) -> Result<Self, QuotaError> {
         if algorithm != Algorithm::Gcra {
             if self.burst != self.limit {
                 return Err(QuotaError::BurstWithWindow(algorithm));
@@ -221,7 +221,7 @@ impl Quota {
     }
 
     /// How the quota counts.
-    pub fn algorithm_kind(&self) -> Algorithm {
+    pub fn algorithm(&self) -> Algorithm {
         self.algorithm
     }
 
@@ -250,7 +250,7 @@ impl Quota {
     }
 
     /// The largest number of units a key may spend at once.
-    pub fn burst_size(&self) -> u32 {
+    pub fn burst(&self) -> u32 {
         self.burst.get()
     }
 
@@ -379,7 +379,7 @@ impl FromStr for Quota {
         let s = input.trim();
         if let Some((rest, last)) = s.rsplit_once(char::is_whitespace) {
             if let Ok(algorithm) = last.parse::<Algorithm>() {
-                return parse_rate(input, rest)?.algorithm(algorithm);
+                return parse_rate(input, rest)?.with_algorithm(algorithm);
             }
             if parse_rate(input, rest).is_ok() && parse_rate(input, s).is_err() {
                 return Err(QuotaError::UnknownAlgorithm(truncate_for_error(last)));
@@ -413,7 +413,7 @@ fn parse_rate(input: &str, s: &str) -> Result<Quota, QuotaError> {
         let b: u32 = b
             .parse()
             .map_err(|_| invalid("the burst is not a whole number up to 4294967295"))?;
-        quota = quota.burst(b)?;
+        quota = quota.with_burst(b)?;
     }
     Ok(quota)
 }
@@ -552,7 +552,7 @@ mod tests {
         let q = Quota::per_second(10).unwrap();
         assert_eq!(q.limit(), 10);
         assert_eq!(q.period(), Duration::from_secs(1));
-        assert_eq!(q.burst_size(), 10);
+        assert_eq!(q.burst(), 10);
         assert_eq!(q.emission_interval(), Duration::from_millis(100));
         assert_eq!(
             Quota::per_minute(30).unwrap().emission_interval(),
@@ -578,25 +578,25 @@ mod tests {
     #[test]
     fn window_quotas_refuse_what_windows_cannot_do() {
         // A burst is a GCRA notion: a window holds its limit.
-        let burst = Quota::per_minute(10).unwrap().burst(20).unwrap();
+        let burst = Quota::per_minute(10).unwrap().with_burst(20).unwrap();
         assert_eq!(
-            burst.algorithm(Algorithm::FixedWindow),
+            burst.with_algorithm(Algorithm::FixedWindow),
             Err(QuotaError::BurstWithWindow(Algorithm::FixedWindow))
         );
         let window = Quota::per_minute(10)
             .unwrap()
-            .algorithm(Algorithm::SlidingWindow)
+            .with_algorithm(Algorithm::SlidingWindow)
             .unwrap();
         assert_eq!(
-            window.burst(20),
+            window.with_burst(20),
             Err(QuotaError::BurstWithWindow(Algorithm::SlidingWindow))
         );
         // Setting the burst to the limit is no burst at all: allowed.
-        assert!(window.burst(10).is_ok());
+        assert!(window.with_burst(10).is_ok());
         // Windows count in whole milliseconds.
         let odd = Quota::new(3, Duration::from_micros(1_500_500)).unwrap();
         assert_eq!(
-            odd.algorithm(Algorithm::FixedWindow),
+            odd.with_algorithm(Algorithm::FixedWindow),
             Err(QuotaError::WindowNotWholeMillis(Duration::from_micros(
                 1_500_500
             )))
@@ -604,14 +604,14 @@ mod tests {
         // limit × window (ms) above 2^52 would not be exact in every store.
         let huge = Quota::new(u32::MAX, Duration::from_secs(366 * 24 * 3600)).unwrap();
         assert!(matches!(
-            huge.algorithm(Algorithm::FixedWindow),
+            huge.with_algorithm(Algorithm::FixedWindow),
             Err(QuotaError::WindowTooLarge {
                 limit: u32::MAX,
                 ..
             })
         ));
         let fits = Quota::new(1_000_000, Duration::from_secs(86_400)).unwrap();
-        assert!(fits.algorithm(Algorithm::FixedWindow).is_ok());
+        assert!(fits.with_algorithm(Algorithm::FixedWindow).is_ok());
         for e in [
             QuotaError::BurstWithWindow(Algorithm::FixedWindow),
             QuotaError::WindowNotWholeMillis(Duration::from_micros(1_500_500)),
@@ -639,17 +639,22 @@ mod tests {
             Err(QuotaError::RateTooHigh { .. })
         ));
         assert_eq!(
-            Quota::per_second(1).unwrap().burst(0),
+            Quota::per_second(1).unwrap().with_burst(0),
             Err(QuotaError::ZeroBurst)
         );
         assert!(matches!(
-            Quota::per_day(1).unwrap().burst(u32::MAX),
+            Quota::per_day(1).unwrap().with_burst(u32::MAX),
             Err(QuotaError::BurstTooLong { .. })
         ));
         // The largest values that do work are accepted.
         assert!(Quota::per_second(1_000_000).is_ok());
         assert!(Quota::new(1, MAX_PERIOD).is_ok());
-        assert!(Quota::per_second(1000).unwrap().burst(u32::MAX).is_ok());
+        assert!(
+            Quota::per_second(1000)
+                .unwrap()
+                .with_burst(u32::MAX)
+                .is_ok()
+        );
     }
 
     #[test]
@@ -667,7 +672,7 @@ mod tests {
             let q: Quota = input.parse().unwrap_or_else(|e| panic!("{input}: {e}"));
             assert_eq!(q.limit(), limit, "{input}");
             assert_eq!(q.period(), Duration::from_secs(secs), "{input}");
-            assert_eq!(q.burst_size(), burst, "{input}");
+            assert_eq!(q.burst(), burst, "{input}");
         }
         assert_eq!(
             "250/250ms".parse::<Quota>().unwrap().period(),

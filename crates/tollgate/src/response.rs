@@ -172,12 +172,9 @@ impl PolicyHeaders {
 /// replenish it (rounded, at least 1). For a quota whose burst equals its limit that is exactly
 /// the limit and the period.
 pub(crate) fn policy_window(quota: &Quota) -> (u32, u64) {
-    let span = quota.emission_interval() * quota.burst_size();
+    let span = quota.emission_interval() * quota.burst();
     let w = (span.as_millis() + 500) / 1000;
-    (
-        quota.burst_size(),
-        u64::try_from(w).unwrap_or(u64::MAX).max(1),
-    )
+    (quota.burst(), u64::try_from(w).unwrap_or(u64::MAX).max(1))
 }
 
 /// An RFC 9651 sf-string: printable ASCII, with `"` and `\` escaped; anything else becomes `_`.

@@ -48,7 +48,7 @@ fn app() -> Router {
         .route("/hello", Policy::new("hello", quota("5/10s")))
         .route(
             "/login",
-            Policy::new("login", quota("3/m")).failure_mode(FailureMode::Closed),
+            Policy::new("login", quota("3/m")).with_failure_mode(FailureMode::Closed),
         )
         .route("/users/{id}", Policy::new("users", quota("2/m")))
         .route_method(
@@ -158,7 +158,7 @@ async fn route_layer_on_a_single_route() {
 
 #[tokio::test]
 async fn policy_scope_shares_one_budget_across_routes() {
-    let shared = Policy::new("api", quota("3/m")).scope(KeyScope::Policy);
+    let shared = Policy::new("api", quota("3/m")).with_scope(KeyScope::Policy);
     let app = Router::new()
         .route("/a", get(|| async { "a" }))
         .route("/b", get(|| async { "b" }))

@@ -238,7 +238,7 @@ async fn requests_without_a_peer_address_are_handled_like_the_rate_limiter_does(
     let (senders_tx, mut senders_rx) = mpsc::unbounded_channel();
     let layer = |missing: Option<MissingKey>, failure: FailureMode| {
         let l = ConcurrencyLimitLayer::new(store.clone())
-            .policy(ConcurrencyPolicy::new("report", 1).failure_mode(failure));
+            .policy(ConcurrencyPolicy::new("report", 1).with_failure_mode(failure));
         match missing {
             Some(m) => l.missing_key(m),
             None => l,

@@ -152,7 +152,7 @@ async fn a_closure_sees_the_resolved_client_and_the_matched_route() {
         |r: &RequestParts<'_>| {
             assert_eq!(r.route(), Some("/api"));
             let version = r.headers().get("x-version")?.to_str().ok()?.to_owned();
-            Some(Identity::from_addr(r.client_ip()?).with_user(version))
+            Some(Identity::from_client_ip(r.client_ip()?).with_user(version))
         },
         "1/m",
     );

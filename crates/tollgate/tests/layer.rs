@@ -284,7 +284,7 @@ async fn fail_closed_answers_503_without_calling_the_service() {
     let svc = ServiceBuilder::new()
         .layer(
             RateLimitLayer::new(store.clone())
-                .policy(Policy::new("login", quota("3/m")).failure_mode(FailureMode::Closed))
+                .policy(Policy::new("login", quota("3/m")).with_failure_mode(FailureMode::Closed))
                 .unavailable_retry_after(Duration::from_secs(7)),
         )
         .service(inner);
@@ -322,7 +322,7 @@ async fn a_cost_above_the_burst_is_an_error_not_a_stream_of_429s() {
             // A fixed cost above the burst is refused when the policy is added; a computed one
             // can still ask for more than the burst at request time.
             RateLimitLayer::new(store.clone())
-                .policy(Policy::new("bulk", quota("5/s")).cost_fn(|_| 6)),
+                .policy(Policy::new("bulk", quota("5/s")).with_cost_fn(|_| 6)),
         )
         .service(inner);
     let res = svc.oneshot(request()).await.unwrap();
@@ -365,7 +365,7 @@ async fn requests_without_a_peer_address() {
 
     let layer = |missing: Option<MissingKey>, failure: FailureMode| {
         let l = RateLimitLayer::new(MemoryStore::new())
-            .policy(Policy::new("api", quota("1/m")).failure_mode(failure));
+            .policy(Policy::new("api", quota("1/m")).with_failure_mode(failure));
         match missing {
             Some(m) => l.missing_key(m),
             None => l,
@@ -454,8 +454,8 @@ async fn shadow_mode_never_changes_a_response() {
             RateLimitLayer::new(store.clone())
                 .policy(
                     Policy::new("trial", quota("2/m"))
-                        .failure_mode(FailureMode::Closed)
-                        .cost_fn(|req| if req.uri().path() == "/big" { 5 } else { 1 }),
+                        .with_failure_mode(FailureMode::Closed)
+                        .with_cost_fn(|req| if req.uri().path() == "/big" { 5 } else { 1 }),
                 )
                 .missing_key(MissingKey::Reject)
                 .shadow(true),
@@ -618,7 +618,7 @@ fn the_builder_refuses_what_the_file_refuses() {
             "invalid policy name \"a b\"",
         ),
         (
-            &|| base().route("/a", Policy::new("a", quota("2/s")).cost(0)),
+            &|| base().route("/a", Policy::new("a", quota("2/s")).with_cost(0)),
             "cost 0 must be between 1 and the smallest burst (2)",
         ),
         (
@@ -626,7 +626,7 @@ fn the_builder_refuses_what_the_file_refuses() {
                 base().policy(
                     Policy::new("a", quota("2/s"))
                         .add_quota(quota("1/m"))
-                        .cost(2),
+                        .with_cost(2),
                 )
             },
             "cost 2 must be between 1 and the smallest burst (1)",
@@ -648,12 +648,15 @@ fn the_builder_refuses_what_the_file_refuses() {
             // have in common (1/s here) and merge their metrics.
             &|| {
                 base()
-                    .route("/a", Policy::new("p", quota("1/s")).scope(KeyScope::Policy))
+                    .route(
+                        "/a",
+                        Policy::new("p", quota("1/s")).with_scope(KeyScope::Policy),
+                    )
                     .route(
                         "/b",
                         Policy::new("p", quota("1/s"))
                             .add_quota(quota("5/m fixed-window"))
-                            .scope(KeyScope::Policy),
+                            .with_scope(KeyScope::Policy),
                     )
             },
             "policy name \"p\" is already used by a different policy",
@@ -677,7 +680,7 @@ async fn a_cost_function_cannot_make_a_request_free() {
     // A client-controlled cost that says 0: raised to 1, so the limit still holds.
     let svc = ServiceBuilder::new()
         .layer(RateLimitLayer::new(MemoryStore::new()).policy(
-            Policy::new("batch", quota("2/m")).cost_fn(|req| {
+            Policy::new("batch", quota("2/m")).with_cost_fn(|req| {
                 req.headers()
                     .get("x-batch-size")
                     .and_then(|v| v.to_str().ok()?.parse().ok())

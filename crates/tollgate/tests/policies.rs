@@ -24,7 +24,7 @@ fn request(peer: [u8; 4], uri: &str) -> Request<()> {
 async fn cost_comes_from_the_request() {
     let (_, inner) = counting();
     // ?rows=N costs N / 100 units, at least 1.
-    let policy = Policy::new("search", quota("10/h")).cost_fn(|req| {
+    let policy = Policy::new("search", quota("10/h")).with_cost_fn(|req| {
         req.uri()
             .query()
             .and_then(|q| q.strip_prefix("rows="))
@@ -66,7 +66,7 @@ async fn allowlisted_requests_skip_the_store_and_are_counted() {
 
     let store = FlakyStore::new(&ManualClock::new());
     let (calls, inner) = counting();
-    let policy = Policy::new("api", quota("1/h")).allowlist(Allowlist::new().user("robot"));
+    let policy = Policy::new("api", quota("1/h")).with_allowlist(Allowlist::new().user("robot"));
     let layer = RateLimitLayer::new(store.clone())
         .policy(policy)
         .allowlist(
@@ -141,7 +141,7 @@ async fn shadow_mode_decides_and_counts_but_never_refuses() {
     for (policy_shadow, layer_shadow) in [(true, false), (false, true)] {
         let name = format!("new-limit-{policy_shadow}");
         let (calls, inner) = counting();
-        let policy = Policy::new(name.clone(), quota("2/h")).shadow(policy_shadow);
+        let policy = Policy::new(name.clone(), quota("2/h")).with_shadow(policy_shadow);
         let svc = ServiceBuilder::new()
             .layer(
                 RateLimitLayer::new(tollgate::MemoryStore::new())

@@ -321,7 +321,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             route = %p.route,
             method = p.method.as_ref().map_or("any", http::Method::as_str),
             quotas = ?p.policy.quotas(),
-            failure = ?p.policy.failure(),
+            failure = ?p.policy.failure_mode(),
             shadow = p.policy.is_shadow(),
             "rate-limit policy"
         );

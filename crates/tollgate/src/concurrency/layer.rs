@@ -75,7 +75,7 @@ impl<St, K> ConcurrencyLimitLayer<St, K> {
         templates: impl IntoIterator<Item = T>,
         policy: ConcurrencyPolicy,
     ) -> Self {
-        let policy = policy.scope(KeyScope::Policy);
+        let policy = policy.with_scope(KeyScope::Policy);
         for template in templates {
             self.bindings
                 .bind(None, Some(template.into()), policy.clone());

@@ -106,27 +106,27 @@ impl ConcurrencyPolicy {
     }
 
     /// What to do when the store fails (default open).
-    pub fn failure_mode(mut self, failure: FailureMode) -> Self {
+    pub fn with_failure_mode(mut self, failure: FailureMode) -> Self {
         self.failure = failure;
         self
     }
 
     /// What the route part of the key is (default: the route template).
-    pub fn scope(mut self, scope: KeyScope) -> Self {
+    pub fn with_scope(mut self, scope: KeyScope) -> Self {
         self.scope = scope;
         self
     }
 
     /// The status of a refusal (default 429; 503 says "the service is busy" rather than "you
     /// sent too many").
-    pub fn status(mut self, status: StatusCode) -> Self {
+    pub fn with_status(mut self, status: StatusCode) -> Self {
         self.status = status;
         self
     }
 
     /// The `Retry-After` of a refusal (default 1 s): nobody knows when a request in flight will
     /// end, so this is a hint, rounded up to whole seconds.
-    pub fn retry_after(mut self, wait: Duration) -> Self {
+    pub fn with_retry_after(mut self, wait: Duration) -> Self {
         self.retry_after = wait;
         self
     }
@@ -142,7 +142,7 @@ impl ConcurrencyPolicy {
     }
 
     /// What happens when the store fails.
-    pub fn failure(&self) -> FailureMode {
+    pub fn failure_mode(&self) -> FailureMode {
         self.failure
     }
 }

@@ -152,7 +152,7 @@ impl Model {
                 .or_default()
                 .clone();
             let offset = window_offset(key, q);
-            verdicts.push(match q.algorithm_kind() {
+            verdicts.push(match q.algorithm() {
                 Algorithm::FixedWindow => fixed(q, &history, u64::from(cost), now_ns, offset),
                 Algorithm::SlidingWindow => sliding(q, &history, u64::from(cost), now_ns, offset),
                 _ => leaky_bucket(q, &history, u64::from(cost), now_ns),
@@ -198,7 +198,7 @@ fn units(n: u64) -> u32 {
 /// to drain enough.
 fn leaky_bucket(q: &Quota, h: &History, cost: u64, now: u64) -> Verdict {
     let t = emission_ns(q);
-    let capacity = t * u64::from(q.burst_size());
+    let capacity = t * u64::from(q.burst());
     let drained = h.bucket.saturating_sub(now.saturating_sub(h.touched));
     let poured = drained + cost * t;
     let allowed = poured <= capacity;

@@ -379,7 +379,7 @@ pub async fn against_model_within<S: Store>(
     };
     for seq in 0..sequences {
         let quotas = random_policy(&mut next);
-        let min_burst = quotas.iter().map(Quota::burst_size).min().unwrap_or(1);
+        let min_burst = quotas.iter().map(Quota::burst).min().unwrap_or(1);
         let policy = format!("{name}-model-{seq}");
         let mut model = super::model::Model::new();
         for i in 0..40 {

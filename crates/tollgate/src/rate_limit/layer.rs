@@ -101,7 +101,7 @@ impl<St, K> RateLimitLayer<St, K> {
         templates: impl IntoIterator<Item = T>,
         policy: Policy,
     ) -> Self {
-        let policy = policy.scope(KeyScope::Policy);
+        let policy = policy.with_scope(KeyScope::Policy);
         for template in templates {
             self.bindings
                 .bind(None, Some(template.into()), policy.clone());
@@ -168,7 +168,7 @@ impl<St, K> RateLimitLayer<St, K> {
         self.key(ClientAndUser::new(user))
     }
 
-    /// Shadow mode for every policy of the layer (see [`Policy::shadow`]): decide and count, but
+    /// Shadow mode for every policy of the layer (see [`Policy::with_shadow`]): decide and count, but
     /// never refuse.
     pub fn shadow(mut self, shadow: bool) -> Self {
         self.shadow = shadow;
@@ -325,7 +325,7 @@ impl CompiledPolicy {
         let min_burst = source
             .quotas
             .iter()
-            .map(Quota::burst_size)
+            .map(Quota::burst)
             .min()
             .unwrap_or(u32::MAX);
         CompiledPolicy {

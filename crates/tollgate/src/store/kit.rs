@@ -134,7 +134,7 @@ fn plausible(quota: &Quota, now: u64, s: State) -> Option<State> {
     }
     let limit = quota.limit();
     let w = quota.window_ms().saturating_mul(NS_PER_MS);
-    match quota.algorithm_kind() {
+    match quota.algorithm() {
         Algorithm::FixedWindow => (s.t - now <= w && s.a <= limit).then_some(s),
         Algorithm::SlidingWindow => {
             (s.t - now <= w.saturating_mul(2) && s.a <= limit && s.b <= limit).then_some(s)

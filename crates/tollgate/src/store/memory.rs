@@ -337,7 +337,7 @@ fn entry_key(base: u64, quota: &Quota) -> u64 {
 /// The emission interval of a GCRA quota in microseconds, rounded down to an `f32`; 0 for
 /// windows.
 fn interval_us(quota: &Quota) -> f32 {
-    match quota.algorithm_kind() {
+    match quota.algorithm() {
         crate::Algorithm::FixedWindow | crate::Algorithm::SlidingWindow => 0.0,
         _ => {
             let exact = quota.emission_interval().as_micros() as f64;
@@ -1001,7 +1001,7 @@ mod tests {
             .find(|(id, _, _)| *id == k)
             .map_or(early, |(_, q, _)| q);
         let d = s.decide(&key(k), quotas, 0).unwrap();
-        d.remaining() < quotas[0].burst_size()
+        d.remaining() < quotas[0].burst()
     }
 
     fn q(s: &str) -> Quota {

@@ -148,7 +148,7 @@ impl StoreError {
     ///
     /// [`StoreErrorKind::CostExceedsBurst`] when `cost` is above the smallest burst.
     pub fn check_cost(quotas: &[Quota], cost: u32) -> Result<(), StoreError> {
-        match quotas.iter().map(Quota::burst_size).min() {
+        match quotas.iter().map(Quota::burst).min() {
             Some(burst) if cost > burst => Err(StoreError::new(StoreErrorKind::CostExceedsBurst {
                 cost,
                 burst,
