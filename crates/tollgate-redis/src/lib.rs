@@ -41,6 +41,9 @@ pub use fred;
 mod breaker;
 mod builder;
 mod concurrency;
+#[cfg(feature = "config")]
+#[cfg_attr(docsrs, doc(cfg(feature = "config")))]
+mod config;
 mod deny;
 mod error;
 mod keys;
@@ -50,6 +53,8 @@ mod store;
 
 pub use builder::RedisStoreBuilder;
 pub use concurrency::{RedisConcurrencyStore, RedisPermit};
+#[cfg(feature = "config")]
+pub use config::RedisConfig;
 pub use error::{Error, redact};
 pub use store::RedisStore;
 

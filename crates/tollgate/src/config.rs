@@ -78,36 +78,50 @@ pub struct RoutePolicy {
 }
 
 /// The store a configuration asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum StoreConfig {
-    /// The in-process memory store.
+    /// The in-process memory store (`type = "memory"`, the default).
     Memory {
         /// Its maximum number of quota states.
         max_keys: Option<usize>,
     },
-    /// A Redis store (build it with `tollgate-redis`).
-    Redis(RedisConfig),
+    /// A store another crate provides, such as `type = "redis"`: its `[store]` section as
+    /// written, which that crate reads and validates (`tollgate_redis::RedisConfig`, feature
+    /// `config`). The core does not know the stores it does not depend on.
+    Other(StoreSection),
 }
 
-/// The settings of a Redis store, as read from a file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RedisConfig {
-    /// The server URL (`redis://`, `rediss://`, `redis-cluster://`, `redis-sentinel://`).
-    pub url: String,
-    /// Deadline of each decision.
-    pub timeout: Option<Duration>,
-    /// Key prefix.
-    pub prefix: Option<String>,
-    /// Decide locally while Redis cannot.
-    pub fallback: bool,
-    /// Consecutive failures that open the circuit.
-    pub breaker_threshold: Option<u32>,
-    /// How many refused keys each instance remembers (0: no deny cache).
-    pub deny_cache: Option<usize>,
-    /// The longest a remembered refusal is trusted.
-    pub deny_cache_ttl: Option<Duration>,
+/// The `[store]` section of a store another crate provides: its `type` and its settings, kept
+/// as written until that crate reads them with [`settings`](StoreSection::settings).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreSection {
+    kind: String,
+    settings: toml::Table,
+}
+
+impl StoreSection {
+    /// The section's `type` (`"redis"`).
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    /// Reads the section's settings (every field but `type`) into the store crate's own type,
+    /// usually a `#[serde(deny_unknown_fields)]` struct.
+    ///
+    /// # Errors
+    ///
+    /// When a field is unknown or of the wrong type; the message starts with `store`.
+    pub fn settings<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        toml::Value::Table(self.settings.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError(format!("store: {}", e.message().trim())))
+    }
+
+    /// Whether the section sets `field`.
+    pub fn has(&self, field: &str) -> bool {
+        self.settings.contains_key(field)
+    }
 }
 
 /// An invalid configuration. Its message names the field and the value.
@@ -115,8 +129,17 @@ pub struct RedisConfig {
 pub struct ConfigError(String);
 
 impl ConfigError {
-    fn at(path: impl fmt::Display, value: impl fmt::Debug, why: impl fmt::Display) -> Self {
+    /// An error in `value` of the field at `path`, for `why`: `store.timeout = "soon": expected a
+    /// duration like 100ms, 5s, 1m`. Store crates that read a [`StoreSection`] report with
+    /// this, so that every error of a file reads alike.
+    pub fn at(path: impl fmt::Display, value: impl fmt::Debug, why: impl fmt::Display) -> Self {
         ConfigError(format!("{path} = {value:?}: {why}"))
+    }
+
+    /// An error about the field at `path` as a whole (missing, or not allowed here):
+    /// `store.url: required for type = "redis"`.
+    pub fn field(path: impl fmt::Display, why: impl fmt::Display) -> Self {
+        ConfigError(format!("{path}: {why}"))
     }
 }
 
@@ -220,20 +243,20 @@ struct File {
     policies: Vec<PolicyFile>,
 }
 
+/// `[store]`: its type, and the rest as written (the memory store's are read here; other
+/// stores' by their own crates).
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 struct StoreFile {
     #[serde(rename = "type")]
     kind: String,
+    #[serde(flatten)]
+    settings: toml::Table,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MemoryFile {
     max_keys: Option<usize>,
-    url: Option<String>,
-    timeout: Option<String>,
-    prefix: Option<String>,
-    #[serde(default)]
-    fallback: bool,
-    breaker_threshold: Option<u32>,
-    deny_cache: Option<usize>,
-    deny_cache_ttl: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -279,7 +302,14 @@ enum OneOrMany {
     Many(Vec<String>),
 }
 
-fn duration(path: &str, s: &str) -> Result<Duration, ConfigError> {
+/// Reads a duration as the file writes them (`100ms`, `5s`, `1m`, at least 1 ns), reporting an
+/// error at `path`. Store crates read their durations with this, so every duration in a file
+/// reads alike.
+///
+/// # Errors
+///
+/// When `s` is not a duration, or is zero.
+pub fn duration(path: &str, s: &str) -> Result<Duration, ConfigError> {
     match crate::quota::parse_period(s.trim()) {
         Some(d) if !d.is_zero() => Ok(d),
         _ => Err(ConfigError::at(
@@ -382,74 +412,26 @@ impl TryFrom<File> for Config {
 }
 
 fn store(s: StoreFile) -> Result<StoreConfig, ConfigError> {
-    match s.kind.as_str() {
-        "memory" => {
-            for (field, set) in [
-                ("url", s.url.is_some()),
-                ("timeout", s.timeout.is_some()),
-                ("prefix", s.prefix.is_some()),
-                ("fallback", s.fallback),
-                ("breaker_threshold", s.breaker_threshold.is_some()),
-                ("deny_cache", s.deny_cache.is_some()),
-                ("deny_cache_ttl", s.deny_cache_ttl.is_some()),
-            ] {
-                if set {
-                    return Err(ConfigError(format!(
-                        "store.{field}: only applies to type = \"redis\""
-                    )));
-                }
-            }
-            if s.max_keys == Some(0) {
-                return Err(ConfigError::at("store.max_keys", 0, "must be at least 1"));
-            }
-            Ok(StoreConfig::Memory {
-                max_keys: s.max_keys,
-            })
-        }
-        "redis" => {
-            let Some(url) = s.url else {
-                return Err(ConfigError(
-                    "store.url: required for type = \"redis\"".into(),
-                ));
-            };
-            if s.max_keys.is_some() {
-                return Err(ConfigError(
-                    "store.max_keys: only applies to type = \"memory\"".into(),
-                ));
-            }
-            if s.breaker_threshold == Some(0) {
-                return Err(ConfigError::at(
-                    "store.breaker_threshold",
-                    0,
-                    "must be at least 1",
-                ));
-            }
-            let timeout = s
-                .timeout
-                .as_deref()
-                .map(|t| duration("store.timeout", t))
-                .transpose()?;
-            let deny_cache_ttl = s
-                .deny_cache_ttl
-                .as_deref()
-                .map(|t| duration("store.deny_cache_ttl", t))
-                .transpose()?;
-            Ok(StoreConfig::Redis(RedisConfig {
-                url,
-                timeout,
-                prefix: s.prefix,
-                fallback: s.fallback,
-                breaker_threshold: s.breaker_threshold,
-                deny_cache: s.deny_cache,
-                deny_cache_ttl,
-            }))
-        }
-        other => Err(ConfigError::at(
-            "store.type",
-            other,
-            "expected \"memory\" or \"redis\"",
-        )),
+    let section = StoreSection {
+        kind: s.kind,
+        settings: s.settings,
+    };
+    if section.kind != "memory" {
+        return Ok(StoreConfig::Other(section));
     }
+    if let Some(field) = section.settings.keys().find(|k| *k != "max_keys") {
+        return Err(ConfigError::field(
+            format!("store.{field}"),
+            "not a setting of type = \"memory\" (only max_keys is)",
+        ));
+    }
+    let file: MemoryFile = section.settings()?;
+    if file.max_keys == Some(0) {
+        return Err(ConfigError::at("store.max_keys", 0, "must be at least 1"));
+    }
+    Ok(StoreConfig::Memory {
+        max_keys: file.max_keys,
+    })
 }
 
 fn client_ip(c: &ClientIpFile) -> Result<ClientIp, ConfigError> {
@@ -705,18 +687,12 @@ mod tests {
         assert_eq!(c.headers, RateLimitHeaders::Both);
         assert_eq!(c.missing_key, MissingKey::Reject);
         assert_eq!(c.unavailable_retry_after, Duration::from_secs(10));
-        assert_eq!(
-            c.store,
-            StoreConfig::Redis(RedisConfig {
-                url: "redis://127.0.0.1:6379".into(),
-                timeout: Some(Duration::from_millis(50)),
-                prefix: Some("app:".into()),
-                fallback: true,
-                breaker_threshold: Some(3),
-                deny_cache: Some(500),
-                deny_cache_ttl: Some(Duration::from_secs(30)),
-            })
-        );
+        // The Redis section is kept as written, for tollgate-redis to read (its tests).
+        let StoreConfig::Other(store) = &c.store else {
+            panic!("{:?}", c.store)
+        };
+        assert_eq!(store.kind(), "redis");
+        assert!(store.has("url") && store.has("deny_cache_ttl") && !store.has("type"));
         assert_eq!(c.policies.len(), 3);
         let export = &c.policies[0];
         assert_eq!(export.method, Some(Method::GET));
@@ -823,16 +799,16 @@ mod tests {
                 "unavailable_retry_after = \"soon\": expected a duration",
             ),
             (
-                "[store]\ntype = \"etcd\"".into(),
-                "store.type = \"etcd\": expected \"memory\" or \"redis\"",
-            ),
-            (
-                "[store]\ntype = \"redis\"".into(),
-                "store.url: required for type = \"redis\"",
-            ),
-            (
                 "[store]\ntype = \"memory\"\nurl = \"redis://x\"".into(),
-                "store.url: only applies to type = \"redis\"",
+                "store.url: not a setting of type = \"memory\"",
+            ),
+            (
+                "[store]\ntype = \"memory\"\nmax_keys = \"many\"".into(),
+                "store: invalid type: string \"many\", expected usize",
+            ),
+            (
+                "[store]\nurl = \"redis://x\"".into(),
+                "missing field `type`",
             ),
             (
                 "[store]\ntype = \"memory\"\nmax_keys = 0".into(),

@@ -18,7 +18,7 @@ use tollgate::concurrency::{
 };
 use tollgate::config::StoreConfig;
 use tollgate::{ClientIp, ForwardedHeader, MemoryStore};
-use tollgate_redis::{RedisStore, redact};
+use tollgate_redis::{RedisConfig, redact};
 
 pub use tollgate::config::Config;
 
@@ -228,6 +228,16 @@ pub fn cli_main() -> std::process::ExitCode {
 /// When the configuration is invalid, the address cannot be bound, or serving fails.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let config = args.load_config()?;
+    // The Redis settings: the command line's `--redis` and its options, or the file's.
+    let redis = match &args.redis {
+        Some(url) => {
+            let mut r = RedisConfig::new(url.clone());
+            r.timeout = Some(Duration::from_millis(args.redis_timeout.max(1)));
+            r.fallback = args.redis_fallback;
+            Some(r)
+        }
+        None => RedisConfig::from_config(&config).context("invalid configuration")?,
+    };
     let metrics = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(tollgate::metrics::STORE_DURATION_SECONDS.to_owned()),
@@ -248,11 +258,6 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
     // Build the router after the recorder is installed: the layer registers its metrics then.
-    let redis = match (&args.redis, &config.store) {
-        (Some(url), _) => Some(RedisSettings::from_args(url, &args)),
-        (None, StoreConfig::Redis(r)) => Some(RedisSettings::from_file(r)),
-        (None, _) => None,
-    };
     let app = match redis {
         None => {
             tracing::info!("store: memory (limits are per instance)");
@@ -271,22 +276,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             app(&config, store, report, metrics)
         }
         Some(r) => {
-            let mut builder = RedisStore::builder(&r.url)?.timeout(r.timeout);
-            if let Some(prefix) = &r.prefix {
-                builder = builder.prefix(prefix.clone());
-            }
-            if let Some(n) = r.breaker_threshold {
-                builder = builder.breaker_threshold(n);
-            }
-            if r.fallback {
-                builder = builder.fallback(MemoryStore::new());
-            }
-            if let Some(n) = r.deny_cache {
-                builder = builder.deny_cache(n);
-            }
-            if let Some(ttl) = r.deny_cache_ttl {
-                builder = builder.deny_cache_ttl(ttl);
-            }
+            let builder = r.builder()?;
             let store = builder.build()?;
             // Start anyway when Redis is not there yet: requests fail open (or closed, or go to
             // the fallback) until it is, and the client keeps reconnecting.
@@ -348,43 +338,6 @@ pub struct Report<Cs> {
     pub upstream: Option<String>,
     /// How long the built-in report takes.
     pub delay: Duration,
-}
-
-/// The Redis settings in effect: the command line's `--redis` and its options, or the file's.
-struct RedisSettings {
-    url: String,
-    timeout: Duration,
-    prefix: Option<String>,
-    breaker_threshold: Option<u32>,
-    fallback: bool,
-    deny_cache: Option<usize>,
-    deny_cache_ttl: Option<Duration>,
-}
-
-impl RedisSettings {
-    fn from_args(url: &str, args: &Args) -> Self {
-        RedisSettings {
-            url: url.to_owned(),
-            timeout: Duration::from_millis(args.redis_timeout.max(1)),
-            prefix: None,
-            breaker_threshold: None,
-            fallback: args.redis_fallback,
-            deny_cache: None,
-            deny_cache_ttl: None,
-        }
-    }
-
-    fn from_file(r: &tollgate::config::RedisConfig) -> Self {
-        RedisSettings {
-            url: r.url.clone(),
-            timeout: r.timeout.unwrap_or(Duration::from_millis(100)),
-            prefix: r.prefix.clone(),
-            breaker_threshold: r.breaker_threshold,
-            fallback: r.fallback,
-            deny_cache: r.deny_cache,
-            deny_cache_ttl: r.deny_cache_ttl,
-        }
-    }
 }
 
 async fn shutdown() {
