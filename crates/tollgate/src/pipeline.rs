@@ -287,13 +287,13 @@ impl LogThrottle {
     /// `Some(n)` when a line may be written now, `n` being how many were held back since the
     /// last one; `None` when this one is held back.
     pub(crate) fn permit(&self) -> Option<u64> {
-        self.permit_at(u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX - 1))
+        self.permit_at(u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX))
     }
 
     fn permit_at(&self, now_ms: u64) -> Option<u64> {
-        let now = now_ms + 1;
+        let now = now_ms.saturating_add(1);
         let last = self.last_ms.load(Ordering::Relaxed);
-        if last != 0 && now < last + LOG_INTERVAL_MS {
+        if last != 0 && now < last.saturating_add(LOG_INTERVAL_MS) {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             return None;
         }

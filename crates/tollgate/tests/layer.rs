@@ -753,3 +753,39 @@ async fn a_missing_peer_address_is_said_loudly_once() {
     );
     assert!(said[0].contains("shares one budget"), "{}", said[0]);
 }
+
+/// A store outage under load writes a line when it starts, not one per request: the first
+/// failure of a policy logs `rate-limit-degraded` with its reason, and the failures after it
+/// within the interval (10 s; these requests take microseconds) are held back. The interval
+/// itself, and the count of lines held back, are tested on an injected clock in pipeline.rs.
+#[cfg(feature = "tracing")]
+#[tokio::test]
+async fn a_failing_store_is_logged_once_not_per_request() {
+    let logs = LogLines::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let store = FlakyStore::new(&ManualClock::new());
+    store.fail_with(Some(StoreErrorKind::Timeout));
+    let (_, inner) = counting();
+    let svc = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(store.clone()).policy(Policy::new("api", quota("100/m"))))
+        .service(inner);
+    for _ in 0..5 {
+        let res = svc.clone().oneshot(request()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "fails open");
+    }
+    assert_eq!(store.calls(), 5);
+    let said: Vec<String> = logs
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("rate-limit-degraded"))
+        .collect();
+    assert_eq!(said.len(), 1, "{said:#?}");
+    for part in ["WARN", "policy=api", "reason=\"timeout\"", "suppressed=0", "fail open"] {
+        assert!(said[0].contains(part), "{part} not in {}", said[0]);
+    }
+}
