@@ -40,6 +40,13 @@ pub(crate) const SCHEMES: [&str; 8] = [
     "valkeys",
 ];
 
+/// Whether a URL scheme asks for TLS: `rediss` and `valkeys`, alone or with `-cluster` or
+/// `-sentinel`.
+pub(crate) fn is_tls_scheme(scheme: &str) -> bool {
+    let base = scheme.split('-').next().unwrap_or(scheme);
+    base == "rediss" || base == "valkeys"
+}
+
 /// Settings of a [`RedisStore`].
 #[must_use]
 pub struct RedisStoreBuilder {

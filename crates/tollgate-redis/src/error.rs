@@ -74,6 +74,18 @@ pub enum Error {
         /// The URL, with any password replaced by `***`.
         url: String,
     },
+    /// A TLS URL (`rediss://`, `valkeys://` and their cluster and sentinel forms) with the
+    /// crate's `tls` feature turned off: fred would connect in plaintext and send the password
+    /// in the clear, so the store refuses to be built.
+    #[error(
+        "Redis URL {url:?} asks for TLS, but tollgate-redis was built without its `tls` \
+         feature: enable it (it is on by default: `tollgate-redis = {{ features = [\"tls\"] }}`) \
+         or use a redis:// URL"
+    )]
+    TlsDisabled {
+        /// The URL, with any password replaced by `***`.
+        url: String,
+    },
     /// The key prefix cannot work.
     #[error(
         "invalid key prefix {0:?}: use at most 64 bytes without braces, spaces or control characters"

@@ -107,6 +107,28 @@ mod tests {
     }
 
     #[test]
+    fn tls_urls_need_the_tls_feature() {
+        let tls: Vec<&str> = SCHEMES.into_iter().filter(|s| is_tls_scheme(s)).collect();
+        assert_eq!(
+            tls,
+            ["rediss", "rediss-cluster", "rediss-sentinel", "valkeys"]
+        );
+        let built = RedisStore::builder("rediss://:pw@127.0.0.1:6380");
+        if cfg!(feature = "tls") {
+            assert!(built.is_ok(), "{built:?}");
+            assert!(RedisStore::builder("valkeys://127.0.0.1:6380").is_ok());
+        } else {
+            let err = built.unwrap_err();
+            assert!(matches!(err, Error::TlsDisabled { .. }), "{err:?}");
+            let said = err.to_string();
+            assert!(said.contains("`tls` feature"), "{said}");
+            assert!(!said.contains("pw"), "{said}");
+        }
+        // Plain URLs never need it.
+        assert!(RedisStore::builder("redis://127.0.0.1:6379").is_ok());
+    }
+
+    #[test]
     fn passwords_are_redacted() {
         assert_eq!(redact("redis://:secret@h:6379/0"), "redis://:***@h:6379/0");
         assert_eq!(redact("rediss://u:secret@h:6379"), "rediss://u:***@h:6379");

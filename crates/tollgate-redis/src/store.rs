@@ -146,6 +146,9 @@ impl RedisStore {
         if !SCHEMES.contains(&scheme) {
             return Err(Error::Scheme { url: redact(url) });
         }
+        if is_tls_scheme(scheme) && !cfg!(feature = "tls") {
+            return Err(Error::TlsDisabled { url: redact(url) });
+        }
         let config = Config::from_url(url).map_err(|source| Error::Url {
             url: redact(url),
             source,
