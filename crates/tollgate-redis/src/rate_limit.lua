@@ -14,9 +14,10 @@
 --
 -- States: GCRA stores the theoretical arrival time (TAT, us); a fixed window "end_ms count";
 -- a sliding window "end_ms current previous" (the end of the current window). A value this
--- script could not have written (not those shapes, a window that ends more than a window from
--- now, a count above the limit, a key of another type) counts as absent, so it is overwritten,
--- with an expiry, by the next allowed request.
+-- script could not have written (not those shapes, a window that ends after the next one, a
+-- count above the limit, a key of another type) counts as absent, so it is overwritten, with an
+-- expiry, by the next allowed request. A state of the next window (the clock stepped back)
+-- still counts, in its own window: docs/algorithms.md, "When the clock steps back".
 --
 -- Returns a flat array of integers: allowed (1 or 0), now (us), then for each quota
 --   allowed, remaining, reset_after_us, retry_after_us
@@ -121,17 +122,19 @@ for i = 1, n do
     local w, limit, offset = p1, p2, p3
     local start_ms = window_start(w, offset)
     local end_ms = start_ms + w
-    local until_end = (end_ms - now_ms) * 1000
     local count = 0
     if raw then
       local s_end, s_count = string.match(raw, '^(%d+) (%d+)$')
       s_end, s_count = int(s_end, 15), int(s_count, 10)
-      -- A stored window that has not ended is the current one (or, if the clock moved back by
-      -- less than a window, a later one: counting it is the conservative choice).
+      -- A stored window that has not ended is the current one, or (after the server's clock
+      -- stepped back) the next one: its count stands and the request is decided in it. One
+      -- further ahead counts as absent. As algorithm.rs.
       if s_end and s_count and s_end > now_ms and s_end <= end_ms + w and s_count <= limit then
         count = s_count
+        if s_end > end_ms then end_ms = end_ms + w end
       end
     end
+    local until_end = (end_ms - now_ms) * 1000
     local after = count + cost
     e.allowed = after <= limit
     local reset_spent, reset_unspent = 0, 0
@@ -150,7 +153,6 @@ for i = 1, n do
     local w, limit, offset = p1, p2, p3
     local start_ms = window_start(w, offset)
     local end_ms = start_ms + w
-    local elapsed = now_ms - start_ms
     local curr, prev = 0, 0
     if raw then
       local s_end, s_curr, s_prev = string.match(raw, '^(%d+) (%d+) (%d+)$')
@@ -158,12 +160,19 @@ for i = 1, n do
       if s_end and s_curr and s_prev and s_curr <= limit and s_prev <= limit
           and s_end <= end_ms + w then
         if s_end >= end_ms then
+          -- The current window, or (after the clock stepped back) the next one: then the
+          -- request is decided at the start of that window. As algorithm.rs.
           curr, prev = s_curr, s_prev
+          if s_end > end_ms then
+            start_ms = end_ms
+            end_ms = end_ms + w
+          end
         elseif s_end == end_ms - w then
           curr, prev = 0, s_curr
         end
       end
     end
+    local elapsed = math.max(now_ms, start_ms) - start_ms
     local lw = limit * w
     -- The estimate, scaled by the window length to stay in integers.
     local est = prev * (w - elapsed) + curr * w
@@ -177,14 +186,14 @@ for i = 1, n do
     if not e.allowed then
       if curr + cost <= limit then
         local room = (limit - curr - cost) * w
-        local d = (w - elapsed) - math.floor(room / math.max(prev, 1))
+        local d = (end_ms - now_ms) - math.floor(room / math.max(prev, 1))
         if d < 1 then d = 1 end
         retry = d * 1000
       else
         local room = math.max(limit - cost, 0) * w
         local t = w - math.floor(room / math.max(curr, 1))
         if t < 0 then t = 0 end
-        retry = ((w - elapsed) + t) * 1000
+        retry = ((end_ms - now_ms) + t) * 1000
       end
     end
     e.spent = { math.floor(math.max(lw - est - cost * w, 0) / w), reset(curr + cost), 0 }

@@ -89,14 +89,18 @@ fn fixed(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_ms
     let now = i64::try_from(now_ns / NS_PER_MS).unwrap_or(i64::MAX);
     // The offset is below the window by construction (`window_offset`).
     let start = window_start(now, w, i64::try_from(offset_ms).unwrap_or(0));
-    let end = start + w;
-    let until_end = ms_to_ns(end - now);
-    // A stored window that has not ended is the current one (or, if the clock moved back, a
-    // later one: counting it is the conservative choice).
-    let count = match stored {
-        Some(s) if s.t > ms_to_ns(now) => s.a,
-        _ => 0,
+    // A stored window that has not ended is the current one. After a shared clock stepped
+    // back it may be the next one: its count still stands, and the request is decided in that
+    // window, which ends when the count is gone. A window further ahead than the next one
+    // counts as absent (docs/algorithms.md, "When the clock steps back").
+    let (count, end) = match stored {
+        Some(s) if s.t > ms_to_ns(now) && s.t <= ms_to_ns(start + 2 * w) => {
+            let later = s.t > ms_to_ns(start + w);
+            (s.a, start + w + if later { w } else { 0 })
+        }
+        _ => (0, start + w),
     };
+    let until_end = ms_to_ns(end - now);
     let allowed = u64::from(count) + u64::from(cost) <= u64::from(limit);
     let after = count.saturating_add(cost);
     let unspent = QuotaState::from_ns(
@@ -135,13 +139,20 @@ fn sliding(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_
     let limit = u128::from(quota.limit());
     let now = i64::try_from(now_ns / NS_PER_MS).unwrap_or(i64::MAX);
     // The offset is below the window by construction (`window_offset`).
-    let start = window_start(now, w, i64::try_from(offset_ms).unwrap_or(0));
-    let end = start + w;
-    let elapsed = now - start;
+    let mut start = window_start(now, w, i64::try_from(offset_ms).unwrap_or(0));
     let (curr, prev) = match stored {
         Some(s) => {
             let stored_end = i64::try_from(s.t / NS_PER_MS).unwrap_or(i64::MAX) - w;
-            if stored_end >= end {
+            let end = start + w;
+            if stored_end > end + w {
+                // Further ahead than the next window: not a state the clock can explain.
+                (0, 0)
+            } else if stored_end >= end {
+                // The current window, or (after a shared clock stepped back) the next one:
+                // then the request is decided at the start of that window.
+                if stored_end > end {
+                    start = end;
+                }
                 (s.a, s.b)
             } else if stored_end == end - w {
                 (0, s.a)
@@ -151,6 +162,9 @@ fn sliding(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_
         }
         None => (0, 0),
     };
+    let end = start + w;
+    // Into the window the request is decided in (0 for a later window not yet begun).
+    let elapsed = now.max(start) - start;
     let (wu, cu, pu, cost_u) = (
         u128::try_from(w).unwrap_or(0),
         u128::from(curr),
@@ -175,13 +189,13 @@ fn sliding(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_
     } else if cu + cost_u <= limit {
         // Within this window, once enough of the previous window has slid out.
         let room = (limit - cu - cost_u) * wu;
-        let d = i128::from(w - elapsed) - i128::try_from(room / pu.max(1)).unwrap_or(i128::MAX);
+        let d = i128::from(end - now) - i128::try_from(room / pu.max(1)).unwrap_or(i128::MAX);
         ms_to_ns(i64::try_from(d.max(1)).unwrap_or(i64::MAX))
     } else {
         // In the next window, once enough of this one has slid out.
         let room = limit.saturating_sub(cost_u) * wu;
         let t = wu.saturating_sub(room / cu.max(1));
-        ms_to_ns((w - elapsed).saturating_add(i64::try_from(t).unwrap_or(i64::MAX)))
+        ms_to_ns((end - now).saturating_add(i64::try_from(t).unwrap_or(i64::MAX)))
     };
     let unspent = QuotaState::from_ns(
         *quota,

@@ -69,6 +69,8 @@ impl Clock for MonotonicClock {
 /// let shared = clock.clone();
 /// clock.advance(Duration::from_millis(1500));
 /// assert_eq!(shared.now_ns(), 1_500_000_000);
+/// clock.rewind(Duration::from_secs(2));
+/// assert_eq!(shared.now_ns(), 0);
 /// ```
 #[derive(Clone, Default)]
 pub struct ManualClock {
@@ -85,6 +87,19 @@ impl ManualClock {
     pub fn advance(&self, by: Duration) {
         let by = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
         self.now.fetch_add(by, Ordering::SeqCst);
+    }
+
+    /// Moves the clock back (not below its origin): for testing what a store does when a
+    /// clock that instances share (a Redis server's after a failover, a database's) steps
+    /// back. [`MonotonicClock`] never does.
+    pub fn rewind(&self, by: Duration) {
+        let by = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+        // The closure always returns Some, so the update cannot fail.
+        let _ = self
+            .now
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |now| {
+                Some(now.saturating_sub(by))
+            });
     }
 
     /// The current time since the origin.

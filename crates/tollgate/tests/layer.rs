@@ -785,7 +785,13 @@ async fn a_failing_store_is_logged_once_not_per_request() {
         .filter(|l| l.contains("rate-limit-degraded"))
         .collect();
     assert_eq!(said.len(), 1, "{said:#?}");
-    for part in ["WARN", "policy=api", "reason=\"timeout\"", "suppressed=0", "fail open"] {
+    for part in [
+        "WARN",
+        "policy=api",
+        "reason=\"timeout\"",
+        "suppressed=0",
+        "fail open",
+    ] {
         assert!(said[0].contains(part), "{part} not in {}", said[0]);
     }
 }

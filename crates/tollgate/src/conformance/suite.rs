@@ -28,8 +28,9 @@ pub enum Expect {
 /// One request of a case.
 #[derive(Debug, Clone, Copy)]
 pub struct Step {
-    /// Milliseconds to advance the clock before this request.
-    pub advance_ms: u64,
+    /// Milliseconds to move the clock before this request: forward, or back when negative
+    /// (a shared clock that stepped back).
+    pub advance_ms: i64,
     /// Which client (user part of the key).
     pub client: &'static str,
     /// The request's cost.
@@ -38,7 +39,7 @@ pub struct Step {
     pub expect: Expect,
 }
 
-const fn step(advance_ms: u64, client: &'static str, cost: u32, expect: Expect) -> Step {
+const fn step(advance_ms: i64, client: &'static str, cost: u32, expect: Expect) -> Step {
     Step {
         advance_ms,
         client,
@@ -186,6 +187,46 @@ pub fn cases() -> Vec<Case> {
             ],
             align: true,
         },
+        Case {
+            // docs/algorithms.md, "When the clock steps back": a fixed window written before
+            // the clock stepped back still counts, in its own window, and the wait told is
+            // true; a state more than one window ahead is forgotten.
+            name: "clock-steps-back-fixed-window",
+            quotas: &["3/10s fixed-window"],
+            steps: vec![
+                // In the window [10 s, 20 s), all three spent.
+                step(12_000, "a", 1, Allowed(&[2])),
+                step(0, "a", 1, Allowed(&[1])),
+                step(0, "a", 1, Allowed(&[0])),
+                // Back to 7 s: the spent window still stands; it ends at 20 s, 13 s from now.
+                step(-5_000, "a", 1, Limited(13_000)),
+                step(12_999, "a", 1, Limited(1)),
+                step(1, "a", 1, Allowed(&[2])),
+                // At 20 s, in [20 s, 30 s): all three spent again. Back to 5 s: that window is
+                // more than one window ahead, and counts as absent.
+                step(0, "a", 1, Allowed(&[1])),
+                step(0, "a", 1, Allowed(&[0])),
+                step(-15_000, "a", 1, Allowed(&[2])),
+            ],
+            align: true,
+        },
+        Case {
+            name: "clock-steps-back-sliding-window",
+            quotas: &["4/10s sliding-window"],
+            steps: vec![
+                // At 12 s, in [10 s, 20 s), all four spent.
+                step(12_000, "a", 4, Allowed(&[0])),
+                // Back to 7 s: decided as at 10 s, the start of the spent window. One unit
+                // comes back when 4 x (10 - e)/10 <= 3 in the window after it: at 22.5 s.
+                step(-5_000, "a", 1, Limited(15_500)),
+                step(15_499, "a", 1, Limited(1)),
+                step(1, "a", 1, Allowed(&[0])),
+                // Back to 2.5 s: the state (its window ends at 30 s) is further ahead than
+                // the next window, and counts as absent.
+                step(-20_000, "a", 1, Allowed(&[3])),
+            ],
+            align: true,
+        },
     ]
 }
 
@@ -213,7 +254,12 @@ pub async fn run_cases<S: Store>(store: &S, clock: &ManualClock, name: &str) {
             clock.advance(Duration::from_millis((w - (now_ms + offset) % w) % w));
         }
         for (i, step) in case.steps.iter().enumerate() {
-            clock.advance(Duration::from_millis(step.advance_ms));
+            let by = Duration::from_millis(step.advance_ms.unsigned_abs());
+            if step.advance_ms < 0 {
+                clock.rewind(by);
+            } else {
+                clock.advance(by);
+            }
             let key = Key::new(&policy, "/conformance", None, Some(step.client));
             let got = store.check(&key, &quotas, step.cost).await;
             let at = format!("case {} step {i} ({step:?})", case.name);

@@ -14,8 +14,6 @@ use crate::{Algorithm, Decision, Key, Quota};
 
 use super::StoreError;
 
-const NS_PER_MS: u64 = 1_000_000;
-
 /// The state of one quota of one key, as a store keeps it between requests: three integers
 /// whose meaning depends on the algorithm (docs/stores.md). Store them as they are; only
 /// [`decide`] interprets them.
@@ -58,7 +56,7 @@ pub struct Decided {
 /// to pass; a refusal writes nothing.
 ///
 /// A state that [`decide`] could not have written counts as absent (a window count above the
-/// limit, a window that ends more than a window from now), except a GCRA state too far ahead,
+/// limit, a window that ends after the next one), except a GCRA state too far ahead,
 /// which counts as a full burst used and is written back so repaired (even by a refusal; the
 /// only write a refusal makes): garbage never grants more than a fresh key, never fails the
 /// request, and never locks a client out past the wait it was told.
@@ -133,12 +131,11 @@ fn plausible(quota: &Quota, now: u64, s: State) -> Option<State> {
         return None;
     }
     let limit = quota.limit();
-    let w = quota.window_ms().saturating_mul(NS_PER_MS);
+    // How far ahead a window may end is the algorithms' own rule (a window past the next one
+    // counts as absent), so that every store, and the Redis script, decides alike.
     match quota.algorithm() {
-        Algorithm::FixedWindow => (s.t - now <= w && s.a <= limit).then_some(s),
-        Algorithm::SlidingWindow => {
-            (s.t - now <= w.saturating_mul(2) && s.a <= limit && s.b <= limit).then_some(s)
-        }
+        Algorithm::FixedWindow => (s.a <= limit).then_some(s),
+        Algorithm::SlidingWindow => (s.a <= limit && s.b <= limit).then_some(s),
         _ => Some(State {
             t: s.t.min(now.saturating_add(quota.burst_span_ns())),
             a: 0,
@@ -153,6 +150,8 @@ mod tests {
     use crate::MemoryStore;
     use crate::clock::ManualClock;
     use std::time::Duration;
+
+    const NS_PER_MS: u64 = 1_000_000;
 
     fn q(s: &str) -> Quota {
         s.parse().unwrap()
