@@ -24,8 +24,9 @@ mod routes;
 pub mod store;
 
 pub use client_ip::{ClientIp, ClientIpWarning, ForwardedHeader};
+pub use concurrency::{ConcurrencyLimitLayer, ConcurrencyPolicy, MemoryConcurrencyStore};
 pub use decision::{Decision, QuotaState};
-pub use key::{Key, KeyExtractor, MissingKey};
+pub use key::{Identity, Key, KeyExtractor, MissingKey};
 pub use policy::{Allowlist, FailureMode, KeyScope, Policy, PolicyError, RequestParts};
 pub use quota::{Algorithm, Quota, QuotaError};
 pub use rate_limit::{RateLimit, RateLimitLayer};
