@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
-use tollgate::{ClientIp, ForwardedHeader};
+use tollgate::{ClientIpSource, ForwardedHeader};
 
 /// The client the proxies saw, and the proxy that appended it.
 const CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7));
@@ -30,13 +30,13 @@ fuzz_target!(|data: &[u8]| {
         ForwardedHeader::Forwarded,
         ForwardedHeader::Single(HeaderName::from_static("x-real-ip")),
     ] {
-        let by_range = ClientIp::peer().trust_proxies(ranges).header(header.clone());
+        let by_range = ClientIpSource::peer().trust_proxies(ranges).header(header.clone());
         let _ = by_range.resolve(TRUSTED, &headers);
         assert_eq!(by_range.resolve(UNTRUSTED, &headers), UNTRUSTED);
-        let by_hops = ClientIp::peer().trust_hops(2).header(header);
+        let by_hops = ClientIpSource::peer().trust_hops(2).header(header);
         let _ = by_hops.resolve(TRUSTED, &headers);
     }
-    assert_eq!(ClientIp::peer().resolve(UNTRUSTED, &headers), UNTRUSTED);
+    assert_eq!(ClientIpSource::peer().resolve(UNTRUSTED, &headers), UNTRUSTED);
 
     // 2. The whole input is what the client wrote; a trusted proxy then appended the client it
     //    saw, on the same line (nginx's $proxy_add_x_forwarded_for) or on a line of its own.
@@ -48,8 +48,8 @@ fuzz_target!(|data: &[u8]| {
             "for=198.51.100.7;proto=https, for=\"10.0.0.2:443\"",
         ),
     ] {
-        let by_range = ClientIp::peer().trust_proxies(ranges).header(header.clone());
-        let by_hops = ClientIp::peer().trust_hops(2).header(header);
+        let by_range = ClientIpSource::peer().trust_proxies(ranges).header(header.clone());
+        let by_hops = ClientIpSource::peer().trust_hops(2).header(header);
         let merged = [data, b", ", appended.as_bytes()].concat();
         let mut one_line = HeaderMap::new();
         if let Ok(v) = HeaderValue::from_bytes(&merged) {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use governor::{DefaultKeyedRateLimiter, RateLimiter};
 use http::{HeaderMap, Request, Response};
-use tollgate::{ClientIp, Key, MemoryStore, Policy, Quota, RateLimitLayer};
+use tollgate::{ClientIpSource, Key, MemoryStore, Policy, Quota, RateLimitLayer};
 use tower::{ServiceBuilder, ServiceExt};
 
 fn ips(n: usize) -> Vec<IpAddr> {
@@ -182,8 +182,8 @@ fn key_extraction(c: &mut Criterion) {
         "x-forwarded-for",
         "6.6.6.6, 198.51.100.7, 10.0.0.9".parse().unwrap(),
     );
-    let direct = ClientIp::peer();
-    let proxied = ClientIp::peer().trust_proxies(["10.0.0.0/8".parse().unwrap()]);
+    let direct = ClientIpSource::peer();
+    let proxied = ClientIpSource::peer().trust_proxies(["10.0.0.0/8".parse().unwrap()]);
     group.bench_function("peer", |b| {
         b.iter(|| black_box(direct.resolve(black_box(peer), &HeaderMap::new())));
     });
@@ -201,7 +201,7 @@ fn key_extraction(c: &mut Criterion) {
     group.bench_function("x_forwarded_for_400kb_spoofed", |b| {
         b.iter(|| black_box(proxied.resolve(black_box(peer), &huge)));
     });
-    let forwarded = ClientIp::peer()
+    let forwarded = ClientIpSource::peer()
         .trust_proxies(["10.0.0.0/8".parse().unwrap()])
         .header(tollgate::ForwardedHeader::Forwarded);
     let mut huge_fwd = HeaderMap::new();

@@ -8,14 +8,14 @@
 //! from the right, where trusted proxies appended what they saw. See `docs/client-ip.md`.
 //!
 //! ```
-//! use tollgate::ClientIp;
+//! use tollgate::ClientIpSource;
 //!
 //! // Behind a load balancer in 10.0.0.0/8: read X-Forwarded-For from it, and only from it.
-//! let behind_lb = ClientIp::peer().trust_proxies(["10.0.0.0/8".parse().unwrap()]);
+//! let behind_lb = ClientIpSource::peer().trust_proxies(["10.0.0.0/8".parse().unwrap()]);
 //!
 //! // Behind Cloudflare: it overwrites CF-Connecting-IP, and the peer must be Cloudflare.
 //! # let cloudflare_ranges: Vec<ipnet::IpNet> = vec!["173.245.48.0/20".parse().unwrap()];
-//! let behind_cdn = ClientIp::peer()
+//! let behind_cdn = ClientIpSource::peer()
 //!     .trust_proxies(cloudflare_ranges)
 //!     .header(tollgate::ForwardedHeader::Single(http::HeaderName::from_static("cf-connecting-ip")));
 //! # let _ = (behind_lb, behind_cdn);
@@ -62,7 +62,7 @@ impl std::str::FromStr for ForwardedHeader {
 }
 
 /// A client-IP setting that lets clients choose their key, or that does nothing: see
-/// [`ClientIp::warnings`].
+/// [`ClientIpSource::warnings`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClientIpWarning {
@@ -143,23 +143,23 @@ impl std::error::Error for PrefixError {}
 /// A malformed header never panics and never lets the client choose its key: a bad entry at
 /// the client's position makes the nearest trusted proxy the key.
 #[derive(Debug, Clone)]
-pub struct ClientIp {
+pub struct ClientIpSource {
     trust: Trust,
     header: ForwardedHeader,
     ipv6_prefix: u8,
     warned_untrusted_header: Arc<AtomicBool>,
 }
 
-impl Default for ClientIp {
+impl Default for ClientIpSource {
     fn default() -> Self {
-        ClientIp::peer()
+        ClientIpSource::peer()
     }
 }
 
-impl ClientIp {
+impl ClientIpSource {
     /// The socket peer, and nothing a client can write.
     pub fn peer() -> Self {
-        ClientIp {
+        ClientIpSource {
             trust: Trust::Nobody,
             header: ForwardedHeader::XForwardedFor,
             ipv6_prefix: 64,
@@ -308,7 +308,7 @@ impl ClientIp {
         }
     }
 
-    /// One warning per `ClientIp` when forwarding headers arrive while no proxy is trusted:
+    /// One warning per `ClientIpSource` when forwarding headers arrive while no proxy is trusted:
     /// either the service is behind a proxy that is not configured (every client then shares
     /// the proxy's key), or clients are trying to spoof.
     fn warn_if_forwarded(&self, headers: &HeaderMap) {
@@ -321,7 +321,7 @@ impl ClientIp {
             tracing::warn!(
                 "rate-limit-misconfigured: a request carries X-Forwarded-For or Forwarded but no \
                  proxy is trusted, so clients are keyed on the socket peer. Behind a proxy, every \
-                 client then shares the proxy's budget: name it with ClientIp::trust_proxies \
+                 client then shares the proxy's budget: name it with ClientIpSource::trust_proxies \
                  (demo: --trusted-proxy CIDR). If there is no proxy, ignore this: the header is \
                  not trusted. (Logged once.)"
             );
@@ -861,7 +861,7 @@ mod tests {
     #[test]
     fn x_forwarded_for_table() {
         for &(ranges, peer, xff, want) in XFF_CASES {
-            let c = ClientIp::peer().trust_proxies(ranges.iter().map(|r| net(r)));
+            let c = ClientIpSource::peer().trust_proxies(ranges.iter().map(|r| net(r)));
             let h = if xff.is_empty() {
                 HeaderMap::new()
             } else {
@@ -877,7 +877,7 @@ mod tests {
 
     #[test]
     fn forwarded_header_table() {
-        let c = ClientIp::peer()
+        let c = ClientIpSource::peer()
             .trust_proxies([net("10.0.0.0/8")])
             .header(ForwardedHeader::Forwarded);
         let cases = [
@@ -900,8 +900,8 @@ mod tests {
 
     #[test]
     fn hop_counts() {
-        let one = ClientIp::peer().trust_hops(1);
-        let two = ClientIp::peer().trust_hops(2);
+        let one = ClientIpSource::peer().trust_hops(1);
+        let two = ClientIpSource::peer().trust_hops(2);
         let h = headers(&[("x-forwarded-for", "6.6.6.6, 198.51.100.1, 203.0.113.9")]);
         assert_eq!(one.resolve(ip("10.0.0.2"), &h), ip("203.0.113.9"));
         assert_eq!(two.resolve(ip("10.0.0.2"), &h), ip("198.51.100.1"));
@@ -913,7 +913,9 @@ mod tests {
             ip("10.0.0.2")
         );
         assert_eq!(
-            ClientIp::peer().trust_hops(0).resolve(ip("10.0.0.2"), &h),
+            ClientIpSource::peer()
+                .trust_hops(0)
+                .resolve(ip("10.0.0.2"), &h),
             ip("10.0.0.2")
         );
     }
@@ -921,7 +923,7 @@ mod tests {
     #[test]
     fn single_ip_headers_only_when_named_and_from_a_trusted_peer() {
         let real_ip = HeaderName::from_static("x-real-ip");
-        let c = ClientIp::peer()
+        let c = ClientIpSource::peer()
             .trust_proxies([net("10.0.0.0/8")])
             .header(ForwardedHeader::Single(real_ip));
         let h = headers(&[("x-real-ip", "6.6.6.6"), ("x-real-ip", "198.51.100.1")]);
@@ -930,26 +932,29 @@ mod tests {
         let bad = headers(&[("x-real-ip", "nope")]);
         assert_eq!(c.resolve(ip("10.0.0.2"), &bad), ip("10.0.0.2"));
         // Not named: never read.
-        let plain = ClientIp::peer().trust_proxies([net("10.0.0.0/8")]);
+        let plain = ClientIpSource::peer().trust_proxies([net("10.0.0.0/8")]);
         let h = headers(&[("x-real-ip", "198.51.100.1")]);
         assert_eq!(plain.resolve(ip("10.0.0.2"), &h), ip("10.0.0.2"));
     }
 
     #[test]
     fn ipv6_is_keyed_on_its_prefix_and_mapped_ipv4_as_ipv4() {
-        let c = ClientIp::peer();
+        let c = ClientIpSource::peer();
         assert_eq!(c.mask(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
         assert_eq!(c.mask(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
         // Not mapped, even though it is written with a dotted quad.
         assert_eq!(c.mask(ip("2001:db8::1.2.3.4")), ip("2001:db8::"));
-        let c56 = ClientIp::peer().ipv6_prefix(56).unwrap();
+        let c56 = ClientIpSource::peer().ipv6_prefix(56).unwrap();
         assert_eq!(c56.mask(ip("2001:db8:1:2ff::1")), ip("2001:db8:1:200::"));
-        let c128 = ClientIp::peer().ipv6_prefix(128).unwrap();
+        let c128 = ClientIpSource::peer().ipv6_prefix(128).unwrap();
         assert_eq!(c128.mask(ip("2001:db8::1")), ip("2001:db8::1"));
-        assert!(ClientIp::peer().ipv6_prefix(0).is_err());
-        assert!(ClientIp::peer().ipv6_prefix(129).is_err());
+        assert!(ClientIpSource::peer().ipv6_prefix(0).is_err());
+        assert!(ClientIpSource::peer().ipv6_prefix(129).is_err());
         assert_eq!(
-            ClientIp::peer().ipv6_prefix(0).unwrap_err().to_string(),
+            ClientIpSource::peer()
+                .ipv6_prefix(0)
+                .unwrap_err()
+                .to_string(),
             "IPv6 prefix length 0 is out of range: use 1 to 128 (64 keys one customer network)"
         );
     }
@@ -958,18 +963,27 @@ mod tests {
     fn the_peer_comes_from_connect_info_mock_connect_info_or_a_socket_addr() {
         let mapped: SocketAddr = "[::ffff:192.0.2.1]:4000".parse().unwrap();
         let mut req = Request::new(());
-        assert_eq!(ClientIp::peer().client_ip(&req), None);
+        assert_eq!(ClientIpSource::peer().client_ip(&req), None);
         req.extensions_mut()
             .insert(axum::extract::ConnectInfo(mapped));
-        assert_eq!(ClientIp::peer().client_ip(&req), Some(ip("192.0.2.1")));
+        assert_eq!(
+            ClientIpSource::peer().client_ip(&req),
+            Some(ip("192.0.2.1"))
+        );
         let mut req = Request::new(());
         req.extensions_mut()
             .insert(axum::extract::connect_info::MockConnectInfo(mapped));
-        assert_eq!(ClientIp::peer().client_ip(&req), Some(ip("192.0.2.1")));
+        assert_eq!(
+            ClientIpSource::peer().client_ip(&req),
+            Some(ip("192.0.2.1"))
+        );
         let mut req = Request::new(());
         req.extensions_mut()
             .insert(SocketAddr::from(([192, 0, 2, 1], 1)));
-        assert_eq!(ClientIp::peer().client_ip(&req), Some(ip("192.0.2.1")));
+        assert_eq!(
+            ClientIpSource::peer().client_ip(&req),
+            Some(ip("192.0.2.1"))
+        );
     }
 
     #[test]
@@ -982,7 +996,7 @@ mod tests {
             .unwrap();
         req.extensions_mut()
             .insert(SocketAddr::from(([192, 0, 2, 1], 1)));
-        let c = ClientIp::peer();
+        let c = ClientIpSource::peer();
         assert_eq!(c.client_ip(&req), Some(ip("192.0.2.1")));
         // And it warned (once) that a forwarding header arrived with no proxy trusted.
         assert!(c.warned_untrusted_header.load(Ordering::Relaxed));
@@ -994,7 +1008,7 @@ mod tests {
             .header("x-forwarded-for", "2001:db8:aa:bb:1::1")
             .body(())
             .unwrap();
-        let c = ClientIp::peer().trust_proxies([net("127.0.0.0/8")]);
+        let c = ClientIpSource::peer().trust_proxies([net("127.0.0.0/8")]);
         assert_eq!(c.client_ip(&req), None);
         req.extensions_mut()
             .insert(SocketAddr::from(([127, 0, 0, 1], 1)));
@@ -1003,39 +1017,39 @@ mod tests {
 
     #[test]
     fn permissive_or_useless_settings_are_warned_about() {
-        assert_eq!(ClientIp::peer().warnings(), []);
+        assert_eq!(ClientIpSource::peer().warnings(), []);
         assert_eq!(
-            ClientIp::peer()
+            ClientIpSource::peer()
                 .trust_proxies([net("10.0.0.0/8")])
                 .warnings(),
             []
         );
-        let everyone = ClientIp::peer().trust_proxies([net("10.0.0.0/8"), net("0.0.0.0/0")]);
+        let everyone = ClientIpSource::peer().trust_proxies([net("10.0.0.0/8"), net("0.0.0.0/0")]);
         assert_eq!(
             everyone.warnings(),
             [ClientIpWarning::TrustsEveryone(net("0.0.0.0/0"))]
         );
-        let v6 = ClientIp::peer().trust_proxies([net("::/0")]);
+        let v6 = ClientIpSource::peer().trust_proxies([net("::/0")]);
         assert!(
             v6.warnings()[0]
                 .to_string()
                 .contains("covers every address")
         );
         let real_ip = HeaderName::from_static("x-real-ip");
-        let hops = ClientIp::peer()
+        let hops = ClientIpSource::peer()
             .trust_hops(1)
             .header(ForwardedHeader::Single(real_ip.clone()));
         assert_eq!(
             hops.warnings(),
             [ClientIpWarning::HopsWithSingleHeader(real_ip.clone())]
         );
-        let unread = ClientIp::peer().header(ForwardedHeader::Single(real_ip));
+        let unread = ClientIpSource::peer().header(ForwardedHeader::Single(real_ip));
         assert_eq!(
             unread.warnings(),
             [ClientIpWarning::HeaderWithoutTrust("x-real-ip".into())]
         );
         assert_eq!(
-            ClientIp::peer()
+            ClientIpSource::peer()
                 .header(ForwardedHeader::Forwarded)
                 .warnings()
                 .len(),
@@ -1075,7 +1089,7 @@ mod tests {
         // The client sent `Forwarded: for=9.9.9.9;x="`; its proxy appended its own element on
         // the same line. Read left to right, the quote would swallow the proxy's element and
         // the client would choose its key.
-        let c = ClientIp::peer()
+        let c = ClientIpSource::peer()
             .trust_proxies([net("10.0.0.0/8")])
             .header(ForwardedHeader::Forwarded);
         for line in [
@@ -1163,14 +1177,14 @@ mod tests {
     #[cfg(feature = "tracing")]
     fn forwarding_headers_without_a_trusted_proxy_are_said_once_each_kind() {
         for name in ["x-forwarded-for", "forwarded"] {
-            let c = ClientIp::peer();
+            let c = ClientIpSource::peer();
             let h = headers(&[(name, "for=203.0.113.9")]);
             let lines = logged(|| {
                 for _ in 0..5 {
                     assert_eq!(c.resolve(ip("192.0.2.1"), &h), ip("192.0.2.1"));
                 }
                 // No header, no warning.
-                let _ = ClientIp::peer().resolve(ip("192.0.2.1"), &HeaderMap::new());
+                let _ = ClientIpSource::peer().resolve(ip("192.0.2.1"), &HeaderMap::new());
             });
             let warned: Vec<&String> = lines
                 .iter()
@@ -1185,10 +1199,10 @@ mod tests {
     #[cfg(feature = "tracing")]
     fn permissive_settings_are_logged_when_a_layer_uses_them() {
         let lines = logged(|| {
-            ClientIp::peer()
+            ClientIpSource::peer()
                 .trust_proxies([net("0.0.0.0/0")])
                 .log_warnings("rate limiter");
-            ClientIp::peer().log_warnings("rate limiter");
+            ClientIpSource::peer().log_warnings("rate limiter");
         });
         let warned: Vec<&String> = lines
             .iter()
@@ -1202,7 +1216,7 @@ mod tests {
     fn a_byte_that_is_not_ascii_spoils_only_its_own_entry() {
         // nginx's $proxy_add_x_forwarded_for joins the client's value and the address it saw on
         // one line; hyper accepts bytes 0x80-0xFF.
-        let xff = ClientIp::peer().trust_proxies([net("10.0.0.0/8")]);
+        let xff = ClientIpSource::peer().trust_proxies([net("10.0.0.0/8")]);
         let h = header_bytes(&[("x-forwarded-for", b"\xff, 198.51.100.1")]);
         assert_eq!(xff.resolve(ip("10.0.0.2"), &h), ip("198.51.100.1"));
         let h = header_bytes(&[("x-forwarded-for", b"1.1.1.1\xe9, 198.51.100.1, 10.0.0.7")]);
@@ -1217,7 +1231,7 @@ mod tests {
 
     #[test]
     fn a_chain_of_trusted_hops_is_read_to_max_hops_at_most() {
-        let c = ClientIp::peer().trust_proxies([net("10.0.0.0/8")]);
+        let c = ClientIpSource::peer().trust_proxies([net("10.0.0.0/8")]);
         let mut entries: Vec<String> = (0..MAX_HOPS + 10)
             .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
             .collect();
@@ -1303,9 +1317,9 @@ mod tests {
                 h.append(HeaderName::from_static(name), HeaderValue::from_bytes(line).unwrap());
             }
             let header = if forwarded { ForwardedHeader::Forwarded } else { ForwardedHeader::XForwardedFor };
-            let by_range = ClientIp::peer().trust_proxies([trusted_v4, trusted_v6]).header(header.clone());
+            let by_range = ClientIpSource::peer().trust_proxies([trusted_v4, trusted_v6]).header(header.clone());
             prop_assert_eq!(by_range.resolve(ip("10.9.9.9"), &h), client);
-            let by_hops = ClientIp::peer().trust_hops(1 + proxies.len()).header(header);
+            let by_hops = ClientIpSource::peer().trust_hops(1 + proxies.len()).header(header);
             prop_assert_eq!(by_hops.resolve(ip("10.9.9.9"), &h), client);
         }
     }
@@ -1344,10 +1358,10 @@ mod tests {
                 }
             }
             let configs = [
-                ClientIp::peer(),
-                ClientIp::peer().trust_proxies([net("10.0.0.0/8")]),
-                ClientIp::peer().trust_proxies([net("10.0.0.0/8")]).header(ForwardedHeader::Forwarded),
-                ClientIp::peer().trust_proxies([net("10.0.0.0/8")])
+                ClientIpSource::peer(),
+                ClientIpSource::peer().trust_proxies([net("10.0.0.0/8")]),
+                ClientIpSource::peer().trust_proxies([net("10.0.0.0/8")]).header(ForwardedHeader::Forwarded),
+                ClientIpSource::peer().trust_proxies([net("10.0.0.0/8")])
                     .header(ForwardedHeader::Single(HeaderName::from_static("x-real-ip"))),
             ];
             prop_assume!(!net("10.0.0.0/8").contains(&peer));
@@ -1370,7 +1384,7 @@ mod tests {
             entries.push(client.to_string());
             entries.extend(proxies.iter().map(|p| format!("10.0.0.{p}")));
             let h = headers_lossy(&entries.join(", "));
-            let c = ClientIp::peer().trust_proxies([net("10.0.0.0/8")]);
+            let c = ClientIpSource::peer().trust_proxies([net("10.0.0.0/8")]);
             prop_assert_eq!(c.resolve(ip("10.9.9.9"), &h), client);
         }
 

@@ -38,8 +38,8 @@ use serde::Deserialize;
 
 use crate::policy::check_binding;
 use crate::{
-    Algorithm, Allowlist, ClientIp, FailureMode, ForwardedHeader, KeyScope, MissingKey, Policy,
-    PolicyError, Quota, RateLimitHeaders, RateLimitLayer,
+    Algorithm, Allowlist, ClientIpSource, FailureMode, ForwardedHeader, KeyScope, MissingKey,
+    Policy, PolicyError, Quota, RateLimitHeaders, RateLimitLayer,
 };
 
 /// A validated configuration.
@@ -58,7 +58,7 @@ pub struct Config {
     /// Which store to use; the application builds it (the Redis store lives in its own crate).
     pub store: StoreConfig,
     /// Where the client address comes from.
-    pub client_ip: ClientIp,
+    pub client_ip_source: ClientIpSource,
     /// Requests no policy limits.
     pub allowlist: Allowlist,
     /// The policies, each bound to a route template (and optionally a method).
@@ -214,7 +214,7 @@ impl Config {
             .shadow(self.shadow)
             .missing_key(self.missing_key)
             .unavailable_retry_after(self.unavailable_retry_after)
-            .client_ip(self.client_ip.clone())
+            .client_ip_source(self.client_ip_source.clone())
             .allowlist(self.allowlist.clone());
         for p in &self.policies {
             layer = match &p.method {
@@ -372,7 +372,7 @@ impl TryFrom<File> for Config {
             Some(s) => store(s)?,
         };
         let client_ip = match file.client_ip {
-            None => ClientIp::peer(),
+            None => ClientIpSource::peer(),
             Some(c) => client_ip(&c)?,
         };
         let allowlist = allowlist("allowlist", file.allowlist.unwrap_or_default())?;
@@ -404,7 +404,7 @@ impl TryFrom<File> for Config {
             missing_key,
             unavailable_retry_after,
             store,
-            client_ip,
+            client_ip_source: client_ip,
             allowlist,
             policies,
         })
@@ -434,7 +434,7 @@ fn store(s: StoreFile) -> Result<StoreConfig, ConfigError> {
     })
 }
 
-fn client_ip(c: &ClientIpFile) -> Result<ClientIp, ConfigError> {
+fn client_ip(c: &ClientIpFile) -> Result<ClientIpSource, ConfigError> {
     let mut ranges = Vec::new();
     for (i, r) in c.trusted_proxies.iter().enumerate() {
         ranges.push(r.parse::<IpNet>().map_err(|e| {
@@ -466,7 +466,7 @@ fn client_ip(c: &ClientIpFile) -> Result<ClientIp, ConfigError> {
             .parse::<ForwardedHeader>()
             .map_err(|_| ConfigError::at("client_ip.header", name, "not a header name"))?,
     };
-    let mut ip = ClientIp::peer().trust_proxies(ranges).header(header);
+    let mut ip = ClientIpSource::peer().trust_proxies(ranges).header(header);
     if let Some(hops) = c.trusted_hops {
         ip = ip.trust_hops(hops);
     }
@@ -704,7 +704,7 @@ mod tests {
         let mut h = http::HeaderMap::new();
         h.insert("forwarded", "for=198.51.100.4".parse().unwrap());
         assert_eq!(
-            c.client_ip.resolve(ip, &h),
+            c.client_ip_source.resolve(ip, &h),
             "198.51.100.4".parse::<std::net::IpAddr>().unwrap()
         );
     }

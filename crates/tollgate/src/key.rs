@@ -11,7 +11,7 @@
 //!
 //! | extractor | one budget per | missing when |
 //! |---|---|---|
-//! | [`ClientAddress`] (the default) | client address ([`ClientIp`](crate::ClientIp)) | the server gave no peer address |
+//! | [`ClientAddress`] (the default) | client address ([`ClientIpSource`](crate::ClientIpSource)) | the server gave no peer address |
 //! | [`ClientAndUser`] (`.user_key(..)`) | address, and user when there is one | as above |
 //! | [`FromExtension`] | identity an auth layer put in the extensions (API key, user id), whatever the address | the extension is absent |
 //! | [`TrustedHeader`] | value of a header a trusted gateway sets (a tenant) | the header is absent, empty, repeated or not visible ASCII |
@@ -456,7 +456,7 @@ where
 
 /// Who a request spends budget as: a client address, a user (an API key, a tenant), both, or
 /// neither (one budget for everybody). What a [`KeyExtractor`] gives; the layer adds the policy
-/// and the route, masks the address (see [`ClientIp::ipv6_prefix`](crate::ClientIp)) and bounds
+/// and the route, masks the address (see [`ClientIpSource::ipv6_prefix`](crate::ClientIpSource)) and bounds
 /// the user part ([`MAX_USER_LEN`]).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Identity<'a> {

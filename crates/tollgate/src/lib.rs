@@ -23,7 +23,7 @@ mod response;
 mod routes;
 pub mod store;
 
-pub use client_ip::{ClientIp, ClientIpWarning, ForwardedHeader};
+pub use client_ip::{ClientIpSource, ClientIpWarning, ForwardedHeader};
 pub use concurrency::{ConcurrencyLimitLayer, ConcurrencyPolicy, MemoryConcurrencyStore};
 pub use decision::{Decision, QuotaState};
 pub use key::{Identity, Key, KeyExtractor, MissingKey};

@@ -17,7 +17,9 @@ use crate::key::{Identity, Key, KeyExtractor, MissingKey, MissingKeyWarning, Unk
 use crate::metrics::{Outcome, PolicyCounters};
 use crate::response::{set_retry_after, status_line, text_response};
 use crate::routes::RouteTable;
-use crate::{Allowlist, ClientIp, FailureMode, KeyScope, PolicyError, RequestParts, StoreError};
+use crate::{
+    Allowlist, ClientIpSource, FailureMode, KeyScope, PolicyError, RequestParts, StoreError,
+};
 
 /// What both layers know of a compiled policy.
 pub(crate) struct Common {
@@ -112,7 +114,7 @@ pub(crate) struct Classifier<P, K> {
     /// "rate limiter" or "concurrency limiter", for logs.
     layer: &'static str,
     routes: RouteTable<P>,
-    client_ip: ClientIp,
+    client_ip: ClientIpSource,
     key: K,
     missing_key: MissingKey,
     missing_key_warning: MissingKeyWarning,
@@ -122,7 +124,7 @@ impl<P: Compiled, K: KeyExtractor> Classifier<P, K> {
     pub(crate) fn new(
         layer: &'static str,
         routes: RouteTable<P>,
-        client_ip: ClientIp,
+        client_ip: ClientIpSource,
         key: K,
         missing_key: MissingKey,
     ) -> Self {

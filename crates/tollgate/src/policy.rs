@@ -13,7 +13,7 @@ use crate::Quota;
 
 /// The one view of a request that key extractors, cost functions and allowlist predicates
 /// see: its method, URI, headers and extensions, the client address the layer resolved (with
-/// its trusted proxies, see [`ClientIp`](crate::ClientIp)) and the route template axum matched.
+/// its trusted proxies, see [`ClientIpSource`](crate::ClientIpSource)) and the route template axum matched.
 #[derive(Debug, Clone, Copy)]
 pub struct RequestParts<'a> {
     method: &'a Method,

@@ -17,7 +17,7 @@ use tollgate::concurrency::{
     ConcurrencyLimitLayer, ConcurrencyPolicy, ConcurrencyStore, MemoryConcurrencyStore,
 };
 use tollgate::config::StoreConfig;
-use tollgate::{ClientIp, ForwardedHeader, MemoryStore};
+use tollgate::{ClientIpSource, ForwardedHeader, MemoryStore};
 use tollgate_redis::{RedisConfig, redact};
 
 pub use tollgate::config::Config;
@@ -95,7 +95,10 @@ impl Args {
     /// # Errors
     ///
     /// When the prefix length or header name is invalid.
-    pub fn apply_client_ip_flags(&self, mut client_ip: ClientIp) -> anyhow::Result<ClientIp> {
+    pub fn apply_client_ip_flags(
+        &self,
+        mut client_ip: ClientIpSource,
+    ) -> anyhow::Result<ClientIpSource> {
         if !self.trusted_proxies.is_empty() {
             client_ip = client_ip.trust_proxies(self.trusted_proxies.iter().copied());
         }
@@ -127,7 +130,7 @@ impl Args {
         config
             .check_routes(ROUTES)
             .context("invalid configuration")?;
-        config.client_ip = self.apply_client_ip_flags(config.client_ip)?;
+        config.client_ip_source = self.apply_client_ip_flags(config.client_ip_source)?;
         Ok(config)
     }
 }
@@ -148,7 +151,7 @@ where
 {
     let concurrency = ConcurrencyLimitLayer::new(report.store)
         .policy(ConcurrencyPolicy::new("report", report.limit))
-        .client_ip(config.client_ip.clone())
+        .client_ip_source(config.client_ip_source.clone())
         .missing_key(config.missing_key);
     let upstream = report.upstream.map(|url| {
         let client = reqwest::Client::builder()
@@ -316,7 +319,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             "rate-limit policy"
         );
     }
-    tracing::info!(client_ip = ?config.client_ip, "client ip settings");
+    tracing::info!(client_ip = ?config.client_ip_source, "client ip settings");
     tracing::info!("listening on {addr}");
     axum::serve(
         listener,

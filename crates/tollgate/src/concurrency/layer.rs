@@ -12,7 +12,7 @@ use crate::KeyScope;
 use crate::key::{ClientAddress, ClientAndUser, KeyExtractor, MissingKey};
 use crate::metrics::PolicyCounters;
 use crate::pipeline::{Bindings, Classifier, Common, LogThrottle};
-use crate::{Allowlist, ClientIp, RequestParts};
+use crate::{Allowlist, ClientIpSource, RequestParts};
 
 /// Applies [`ConcurrencyLimit`] to a service. Requests no policy applies to pass untouched.
 ///
@@ -23,7 +23,7 @@ use crate::{Allowlist, ClientIp, RequestParts};
 pub struct ConcurrencyLimitLayer<St, K = ClientAddress> {
     store: St,
     key: K,
-    client_ip: ClientIp,
+    client_ip: ClientIpSource,
     missing_key: MissingKey,
     allowlist: Allowlist,
     bindings: Bindings<ConcurrencyPolicy>,
@@ -36,7 +36,7 @@ impl<St> ConcurrencyLimitLayer<St, ClientAddress> {
         ConcurrencyLimitLayer {
             store,
             key: ClientAddress,
-            client_ip: ClientIp::peer(),
+            client_ip: ClientIpSource::peer(),
             missing_key: MissingKey::default(),
             allowlist: Allowlist::new(),
             bindings: Bindings::default(),
@@ -117,8 +117,8 @@ impl<St, K> ConcurrencyLimitLayer<St, K> {
     }
 
     /// Where the client IP comes from (default: the socket peer).
-    pub fn client_ip(mut self, client_ip: ClientIp) -> Self {
-        self.client_ip = client_ip;
+    pub fn client_ip_source(mut self, source: ClientIpSource) -> Self {
+        self.client_ip = source;
         self.compiled = OnceLock::new();
         self
     }

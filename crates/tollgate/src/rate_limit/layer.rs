@@ -15,7 +15,7 @@ use crate::key::{ClientAddress, ClientAndUser, KeyExtractor, MissingKey};
 use crate::metrics::PolicyCounters;
 use crate::pipeline::{Bindable, Bindings, Classifier, Common, Compiled, LogThrottle};
 use crate::response::{LimitedResponseFn, PolicyHeaders, RateLimitHeaders, default_limited};
-use crate::{Allowlist, ClientIp, Decision, Policy, PolicyError, Quota, RequestParts};
+use crate::{Allowlist, ClientIpSource, Decision, Policy, PolicyError, Quota, RequestParts};
 
 /// Applies [`RateLimit`] to a service: a tower [`Layer`] for axum's `.layer()` and
 /// `.route_layer()`, or a [`tower::ServiceBuilder`](https://docs.rs/tower).
@@ -27,7 +27,7 @@ use crate::{Allowlist, ClientIp, Decision, Policy, PolicyError, Quota, RequestPa
 pub struct RateLimitLayer<St, K = ClientAddress> {
     store: St,
     key: K,
-    client_ip: ClientIp,
+    client_ip: ClientIpSource,
     bindings: Bindings<Policy>,
     headers: RateLimitHeaders,
     missing_key: MissingKey,
@@ -45,7 +45,7 @@ impl<St> RateLimitLayer<St, ClientAddress> {
         RateLimitLayer {
             store,
             key: ClientAddress,
-            client_ip: ClientIp::peer(),
+            client_ip: ClientIpSource::peer(),
             bindings: Bindings::default(),
             headers: RateLimitHeaders::default(),
             missing_key: MissingKey::default(),
@@ -184,8 +184,8 @@ impl<St, K> RateLimitLayer<St, K> {
     }
 
     /// Sets where the client IP comes from (default: the socket peer).
-    pub fn client_ip(mut self, client_ip: ClientIp) -> Self {
-        self.client_ip = client_ip;
+    pub fn client_ip_source(mut self, source: ClientIpSource) -> Self {
+        self.client_ip = source;
         self.compiled = OnceLock::new();
         self
     }
