@@ -13,11 +13,57 @@ use crate::{Decision, Quota};
 /// Which rate-limit header fields the layer adds to responses (allowed and limited alike).
 ///
 /// `Retry-After` is always sent on 429 and 503 responses, whatever this says.
+///
+/// # Examples
+///
+/// What a client of the demo's `GET /hello` (5 per 10 s) is told, on its first request and on
+/// the sixth, which is refused:
+///
+/// ```
+/// use std::convert::Infallible;
+/// use std::net::SocketAddr;
+/// use std::time::Duration;
+/// use bytes::Bytes;
+/// use http::{Request, Response, StatusCode};
+/// use http_body_util::Full;
+/// use tollgate::clock::ManualClock;
+/// use tollgate::{MemoryStore, Policy, Quota, RateLimitHeaders, RateLimitLayer};
+/// use tower::{ServiceBuilder, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::with_clock(ManualClock::new());
+/// let hello = Policy::new("hello", Quota::new(5, Duration::from_secs(10))?);
+/// let svc = ServiceBuilder::new()
+///     .layer(RateLimitLayer::new(store).policy(hello).headers(RateLimitHeaders::Both))
+///     .service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(Full::<Bytes>::default())) });
+/// let request = || {
+///     let mut req = Request::new(());
+///     req.extensions_mut().insert(SocketAddr::from(([192, 0, 2, 1], 4000)));
+///     req
+/// };
+///
+/// let first = svc.clone().oneshot(request()).await?;
+/// assert_eq!(first.headers()["ratelimit-policy"], r#""hello";q=5;w=10"#);
+/// assert_eq!(first.headers()["ratelimit"], r#""hello";r=4;t=2"#);
+/// assert_eq!(first.headers()["x-ratelimit-limit"], "5");
+/// assert_eq!(first.headers()["x-ratelimit-remaining"], "4");
+///
+/// for _ in 0..4 {
+///     svc.clone().oneshot(request()).await?;
+/// }
+/// let sixth = svc.oneshot(request()).await?;
+/// assert_eq!(sixth.status(), StatusCode::TOO_MANY_REQUESTS);
+/// assert_eq!(sixth.headers()["retry-after"], "2");
+/// assert_eq!(sixth.headers()["ratelimit"], r#""hello";r=0;t=2"#);
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum RateLimitHeaders {
     /// `RateLimit-Policy` and `RateLimit` as in draft-ietf-httpapi-ratelimit-headers-10:
-    /// `RateLimit-Policy: "hello";q=5;w=10` and `RateLimit: "hello";r=4;t=10`. The default.
+    /// `RateLimit-Policy: "hello";q=5;w=10` and `RateLimit: "hello";r=4;t=2` (see the example
+    /// above). The default.
     #[default]
     Ietf,
     /// `X-RateLimit-Limit`, `X-RateLimit-Remaining` and `X-RateLimit-Reset` (Unix time in
