@@ -546,19 +546,19 @@ fn parse_element(b: &[u8]) -> Result<Option<Hop>, Malformed> {
         i += 1;
         let value_start = i;
         let mut escaped = false;
-        // A quoted string: up to the next unescaped `"`; a `\` takes the byte after it.
-        // (A header value holds no control bytes, so every other byte is quoted text.)
+        // A quoted string: up to the next unescaped `"`; a `\` takes the byte after it (a `\`
+        // that ends the value takes nothing, and the string is unclosed). A header value holds
+        // no control bytes, so every other byte is quoted text.
         let value = if b.get(i) == Some(&b'"') {
             i += 1;
             loop {
                 match b.get(i) {
                     None => return Err(Malformed),
                     Some(b'"') => break,
-                    Some(b'\\') if i + 1 < b.len() => {
+                    Some(b'\\') => {
                         escaped = true;
                         i += 2;
                     }
-                    Some(b'\\') => return Err(Malformed),
                     Some(_) => i += 1,
                 }
             }
