@@ -162,3 +162,22 @@ fn the_checks_see_what_they_look_for() {
     assert!(public_types().contains("ManualClock"));
     assert!(root_exports().contains("RateLimitLayer"));
 }
+
+/// docs/benchmarks.md's measured figures are what scripts/bench-report derives from the raw
+/// outputs kept in docs/bench/: a figure typed or changed by hand fails this.
+#[test]
+fn the_benchmark_figures_are_derived_by_the_script() {
+    let out = std::process::Command::new("python3")
+        .arg(root().join("scripts/bench-report"))
+        .arg(root().join("docs/bench"))
+        .arg("--check")
+        .current_dir(root())
+        .output()
+        .expect("python3 runs scripts/bench-report (install python3)");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
