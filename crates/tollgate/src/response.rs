@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 
-use crate::{Decision, Quota};
+use crate::{Decision, Quota, QuotaState};
 
 /// Which rate-limit header fields the layer adds to responses (allowed and limited alike).
 ///
@@ -141,8 +141,45 @@ pub(crate) fn set_retry_after(headers: &mut HeaderMap, wait: Duration) {
 pub(crate) struct PolicyHeaders {
     /// `RateLimit-Policy`, the same on every response.
     policy: HeaderValue,
-    /// The sf-string item name of each quota, quoted.
-    items: Vec<String>,
+    /// Each quota's item of `RateLimit` up to its first number: `"<name>";r=`.
+    prefixes: Vec<Box<[u8]>>,
+    /// The most bytes a `RateLimit` value of this policy can take.
+    capacity: usize,
+}
+
+/// The rate-limit header values of one decision. The layer computes them before it calls the
+/// inner service, so the decision itself can move into the request's extensions without a
+/// copy kept for the response.
+#[derive(Debug, Default)]
+pub(crate) struct HeaderValues {
+    ietf: Option<(HeaderValue, HeaderValue)>,
+    legacy: Option<[HeaderValue; 3]>,
+}
+
+impl HeaderValues {
+    /// Adds the values to a response's headers.
+    pub(crate) fn write(self, headers: &mut HeaderMap) {
+        if let Some((policy, ratelimit)) = self.ietf {
+            headers.append(RATELIMIT_POLICY.clone(), policy);
+            headers.append(RATELIMIT.clone(), ratelimit);
+        }
+        if let Some([limit, remaining, reset]) = self.legacy {
+            headers.insert(X_LIMIT.clone(), limit);
+            headers.insert(X_REMAINING.clone(), remaining);
+            headers.insert(X_RESET.clone(), reset);
+        }
+    }
+}
+
+/// The `t` of a quota's state: when a refused quota can be retried, as `Retry-After` says (the
+/// draft asks that `Retry-After` never point before `t`); for the others, when they are full
+/// again.
+fn t_of(state: &QuotaState) -> u64 {
+    if state.is_allowed() {
+        ceil_secs(state.reset_after())
+    } else {
+        retry_after_secs(state.retry_after())
+    }
 }
 
 impl PolicyHeaders {
@@ -165,7 +202,51 @@ impl PolicyHeaders {
         }
         let policy = HeaderValue::try_from(policy)
             .unwrap_or_else(|_| HeaderValue::from_static("\"policy\";q=1;w=1"));
-        PolicyHeaders { policy, items }
+        let prefixes: Vec<Box<[u8]>> = items
+            .iter()
+            .map(|item| format!("{item};r=").into_bytes().into_boxed_slice())
+            .collect();
+        // Each item: its prefix, `r` (a u32), ";t=", `t` (a u64), and ", " between items.
+        let capacity = prefixes.iter().map(|p| p.len() + 10 + 3 + 20 + 2).sum();
+        PolicyHeaders {
+            policy,
+            prefixes,
+            capacity,
+        }
+    }
+
+    /// The header values for `decision` (`Retry-After` is the caller's, on a refusal).
+    pub(crate) fn values(&self, mode: RateLimitHeaders, decision: &Decision) -> HeaderValues {
+        let mut values = HeaderValues::default();
+        if mode.ietf() {
+            let mut value = Vec::with_capacity(self.capacity);
+            let mut number = itoa::Buffer::new();
+            for (prefix, state) in self.prefixes.iter().zip(decision.states()) {
+                if !value.is_empty() {
+                    value.extend_from_slice(b", ");
+                }
+                value.extend_from_slice(prefix);
+                value.extend_from_slice(number.format(state.remaining()).as_bytes());
+                value.extend_from_slice(b";t=");
+                value.extend_from_slice(number.format(t_of(state)).as_bytes());
+            }
+            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+                values.ietf = Some((self.policy.clone(), v));
+            }
+        }
+        if mode.legacy()
+            && let Some(binding) = decision.binding()
+        {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            values.legacy = Some([
+                HeaderValue::from(binding.quota().limit()),
+                HeaderValue::from(binding.remaining()),
+                HeaderValue::from(now + t_of(binding)),
+            ]);
+        }
+        values
     }
 
     /// Adds the headers for `decision` (the layer has already set `Retry-After` when limited).
@@ -175,42 +256,7 @@ impl PolicyHeaders {
         decision: &Decision,
         headers: &mut HeaderMap,
     ) {
-        if mode.ietf() {
-            headers.append(RATELIMIT_POLICY.clone(), self.policy.clone());
-            let mut value = String::with_capacity(32 * self.items.len());
-            for (item, state) in self.items.iter().zip(decision.states()) {
-                if !value.is_empty() {
-                    value.push_str(", ");
-                }
-                // A refused quota says when the request can be retried, as Retry-After does (the
-                // draft asks that Retry-After never point before `t`); the others say when they
-                // are full again.
-                let t = if state.is_allowed() {
-                    ceil_secs(state.reset_after())
-                } else {
-                    retry_after_secs(state.retry_after())
-                };
-                let _ = write!(value, "{item};r={};t={t}", state.remaining());
-            }
-            if let Ok(v) = HeaderValue::try_from(value) {
-                headers.append(RATELIMIT.clone(), v);
-            }
-        }
-        if mode.legacy()
-            && let Some(binding) = decision.binding()
-        {
-            let wait = if binding.is_allowed() {
-                ceil_secs(binding.reset_after())
-            } else {
-                retry_after_secs(binding.retry_after())
-            };
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            headers.insert(X_LIMIT.clone(), HeaderValue::from(binding.quota().limit()));
-            headers.insert(X_REMAINING.clone(), HeaderValue::from(binding.remaining()));
-            headers.insert(X_RESET.clone(), HeaderValue::from(now + wait));
-        }
+        self.values(mode, decision).write(headers);
     }
 }
 
@@ -248,7 +294,6 @@ fn sf_string(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::QuotaState;
 
     #[test]
     fn retry_after_is_whole_seconds_rounded_up_and_at_least_one() {

@@ -14,7 +14,7 @@ use tower_service::Service;
 
 use super::layer::CompiledPolicy;
 use crate::metrics::Outcome;
-use crate::response::{set_retry_after, text_response};
+use crate::response::{HeaderValues, set_retry_after, text_response};
 use crate::{Decision, StoreError, StoreErrorKind};
 
 pin_project! {
@@ -45,8 +45,8 @@ pin_project! {
         Calling {
             #[pin]
             fut: S::Future,
-            // The decision to report in headers, with its policy.
-            report: Option<(Arc<CompiledPolicy>, Decision)>,
+            // The rate-limit headers to add to the response.
+            report: Option<HeaderValues>,
         },
         Respond {
             res: Option<S::Response>,
@@ -136,9 +136,9 @@ where
                             }
                             // A shadow policy is not enforced: it tells clients nothing.
                             let report = (policy.respond.headers.any() && !policy.common.shadow)
-                                .then(|| decision.clone());
+                                .then(|| policy.headers.values(policy.respond.headers, &decision));
                             req.extensions_mut().insert(decision);
-                            report.map(|d| (Arc::clone(policy), d))
+                            report
                         }
                         Ok(decision) => {
                             if let Some(reason) = decision.fallback_reason() {
@@ -170,10 +170,8 @@ where
                 }
                 StateProj::Calling { fut, report } => {
                     let mut res = ready!(fut.poll(cx))?;
-                    if let Some((policy, decision)) = report.take() {
-                        policy
-                            .headers
-                            .apply(policy.respond.headers, &decision, res.headers_mut());
+                    if let Some(values) = report.take() {
+                        values.write(res.headers_mut());
                     }
                     return Poll::Ready(Ok(res));
                 }

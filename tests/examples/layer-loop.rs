@@ -1,0 +1,76 @@
+//! A tight loop of requests through the rate-limit layer on the allowed path, for profilers:
+//! `valgrind --tool=callgrind` counts its instructions exactly, whatever else the machine is
+//! doing, so a change to the request path can be measured before and after on a busy machine.
+//!
+//! `cargo build --release -p tollgate-tests --example layer-loop`, then
+//! `valgrind --tool=callgrind target/release/examples/layer-loop [ITERATIONS] [headers|none|bare]`
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::hint::black_box;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use tollgate::{MemoryStore, Policy, Quota, RateLimitHeaders, RateLimitLayer};
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+/// Polls a future that is ready without waiting (every future here is).
+fn now<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => unreachable!("the services here are ready at once"),
+    }
+}
+
+fn request() -> Request<()> {
+    let mut req = Request::new(());
+    req.extensions_mut()
+        .insert(SocketAddr::from(([192, 0, 2, 1], 4000)));
+    req
+}
+
+fn run<S>(svc: &S, iterations: u32) -> usize
+where
+    S: Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone,
+{
+    (0..iterations)
+        .filter(|_| black_box(now(svc.clone().oneshot(request()))).is_ok_and(|r| r.status() == 200))
+        .count()
+}
+
+fn main() {
+    let iterations: u32 = std::env::args()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_000_000);
+    let mode = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| "headers".to_owned());
+    let handler = |_req: Request<()>| {
+        std::future::ready(Ok::<_, Infallible>(Response::new(Full::<Bytes>::default())))
+    };
+    let quota = Quota::per_second(1_000_000).expect("quota");
+    let headers = match mode.as_str() {
+        "bare" => {
+            let ok = run(&ServiceBuilder::new().service_fn(handler), iterations);
+            println!("{ok} of {iterations} answered 200 (no limiter)");
+            return;
+        }
+        "none" => RateLimitHeaders::None,
+        _ => RateLimitHeaders::Ietf,
+    };
+    let svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(MemoryStore::new())
+                .policy(Policy::new("api", quota))
+                .headers(headers),
+        )
+        .service_fn(handler);
+    let ok = run(&svc, iterations);
+    println!("{ok} of {iterations} allowed ({mode})");
+}
