@@ -88,8 +88,9 @@ impl QuotaState {
 /// A store's answer for one request: allowed or limited, with the state of every quota of the
 /// policy.
 ///
-/// The layer puts the decision in the request's extensions before calling the inner service,
-/// so handlers can read it:
+/// With [`RateLimitLayer::decision_extension`](crate::RateLimitLayer::decision_extension), the
+/// layer puts the decision in the request's extensions before calling the inner service, so
+/// handlers can read it:
 ///
 /// ```
 /// use axum::Extension;

@@ -237,7 +237,8 @@ async fn handlers_read_the_decision() {
         )
         .layer(
             RateLimitLayer::new(MemoryStore::new())
-                .route("/quota", Policy::new("q", quota("10/m"))),
+                .route("/quota", Policy::new("q", quota("10/m")))
+                .decision_extension(true),
         );
     let res = app
         .oneshot(req(Method::GET, "/quota", [198, 51, 100, 8]))

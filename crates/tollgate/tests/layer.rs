@@ -126,18 +126,27 @@ fn tokio_test_pending<T: Service<Request<()>>>(svc: &mut tower_test::mock::Spawn
 }
 
 #[tokio::test]
-async fn decision_is_available_to_the_handler() {
-    let svc = ServiceBuilder::new()
-        .layer(RateLimitLayer::new(MemoryStore::new()).policy(Policy::new("api", quota("5/m"))))
-        .service_fn(|req: Request<()>| async move {
-            let d = req.extensions().get::<Decision>().cloned().unwrap();
-            let body = format!("{} of {}", d.remaining(), d.limit());
-            Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(body)))
-        });
-    let res = svc.oneshot(request()).await.unwrap();
+async fn decision_is_available_to_the_handler_when_asked_for() {
+    let handler = |req: Request<()>| async move {
+        let body = match req.extensions().get::<Decision>() {
+            Some(d) => format!("{} of {}", d.remaining(), d.limit()),
+            None => "no decision".to_owned(),
+        };
+        Ok::<_, Infallible>(Response::new(Full::<Bytes>::from(body)))
+    };
+    let body = |layer: RateLimitLayer<MemoryStore>| async move {
+        let svc = ServiceBuilder::new()
+            .layer(layer.policy(Policy::new("api", quota("5/m"))))
+            .service_fn(handler);
+        let res = svc.oneshot(request()).await.unwrap();
+        res.into_body().collect().await.unwrap().to_bytes()
+    };
+    let asked = RateLimitLayer::new(MemoryStore::new()).decision_extension(true);
+    assert_eq!(body(asked).await, "4 of 5");
+    // Not asked for: no work spent on an extension nothing reads.
     assert_eq!(
-        res.into_body().collect().await.unwrap().to_bytes(),
-        "4 of 5"
+        body(RateLimitLayer::new(MemoryStore::new())).await,
+        "no decision"
     );
 }
 

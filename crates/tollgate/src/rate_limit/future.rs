@@ -137,7 +137,9 @@ where
                             // A shadow policy is not enforced: it tells clients nothing.
                             let report = (policy.respond.headers.any() && !policy.common.shadow)
                                 .then(|| policy.headers.values(policy.respond.headers, &decision));
-                            req.extensions_mut().insert(decision);
+                            if policy.respond.decision_extension {
+                                req.extensions_mut().insert(decision);
+                            }
                             report
                         }
                         Ok(decision) => {
