@@ -153,7 +153,9 @@ pub(crate) struct PolicyHeaders {
 #[derive(Debug, Default)]
 pub(crate) struct HeaderValues {
     ietf: Option<(HeaderValue, HeaderValue)>,
-    legacy: Option<[HeaderValue; 3]>,
+    /// The binding quota's limit, remaining units and reset (Unix seconds): numbers, not
+    /// header values, so that the request future that carries them stays small.
+    legacy: Option<(u32, u32, u64)>,
 }
 
 impl HeaderValues {
@@ -163,10 +165,10 @@ impl HeaderValues {
             headers.append(RATELIMIT_POLICY.clone(), policy);
             headers.append(RATELIMIT.clone(), ratelimit);
         }
-        if let Some([limit, remaining, reset]) = self.legacy {
-            headers.insert(X_LIMIT.clone(), limit);
-            headers.insert(X_REMAINING.clone(), remaining);
-            headers.insert(X_RESET.clone(), reset);
+        if let Some((limit, remaining, reset)) = self.legacy {
+            headers.insert(X_LIMIT.clone(), HeaderValue::from(limit));
+            headers.insert(X_REMAINING.clone(), HeaderValue::from(remaining));
+            headers.insert(X_RESET.clone(), HeaderValue::from(reset));
         }
     }
 }
@@ -240,11 +242,11 @@ impl PolicyHeaders {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            values.legacy = Some([
-                HeaderValue::from(binding.quota().limit()),
-                HeaderValue::from(binding.remaining()),
-                HeaderValue::from(now + t_of(binding)),
-            ]);
+            values.legacy = Some((
+                binding.quota().limit(),
+                binding.remaining(),
+                now + t_of(binding),
+            ));
         }
         values
     }
