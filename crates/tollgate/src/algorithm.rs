@@ -38,6 +38,15 @@ pub(crate) struct Eval {
 }
 
 impl Eval {
+    /// A quota that refuses: nothing to write, and spent or not, it reports `state`.
+    pub(crate) fn refused(state: QuotaState) -> Eval {
+        Eval {
+            write: None,
+            spent: state,
+            unspent: state,
+        }
+    }
+
     /// Whether this quota alone allows the request.
     pub(crate) fn allowed(&self) -> bool {
         self.unspent.allowed
@@ -111,11 +120,7 @@ fn fixed(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_ms
         if allowed { 0 } else { until_end },
     );
     if !allowed {
-        return Eval {
-            write: None,
-            spent: unspent,
-            unspent,
-        };
+        return Eval::refused(unspent);
     }
     Eval {
         write: (after > 0).then_some(State {
@@ -205,11 +210,7 @@ fn sliding(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_
         retry,
     );
     if !allowed {
-        return Eval {
-            write: None,
-            spent: unspent,
-            unspent,
-        };
+        return Eval::refused(unspent);
     }
     Eval {
         write: (cu + cost_u > 0).then_some(State {

@@ -33,18 +33,13 @@ pub(crate) fn decide(now: u64, stored_tat: Option<u64>, quota: &Quota, cost: u32
             unspent: QuotaState::from_ns(*quota, true, units((span - used) / t), used, 0),
         }
     } else {
-        let refused = QuotaState::from_ns(
+        Eval::refused(QuotaState::from_ns(
             *quota,
             false,
             units(span.saturating_sub(used) / t),
             used,
             ahead - span,
-        );
-        Eval {
-            write: None,
-            spent: refused,
-            unspent: refused,
-        }
+        ))
     }
 }
 

@@ -723,6 +723,18 @@ impl std::io::Write for LogLines {
 }
 
 impl LogLines {
+    /// Captures what this thread logs until the guard is dropped.
+    #[cfg(feature = "tracing")]
+    fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+        let logs = LogLines::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
     fn lines(&self) -> Vec<String> {
         String::from_utf8_lossy(&self.0.lock().unwrap())
             .lines()
@@ -734,13 +746,7 @@ impl LogLines {
 #[cfg(feature = "tracing")]
 #[tokio::test]
 async fn a_missing_peer_address_is_said_loudly_once() {
-    let logs = LogLines::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = LogLines::capture();
     let (_, inner) = counting();
     let svc = ServiceBuilder::new()
         .layer(RateLimitLayer::new(MemoryStore::new()).policy(Policy::new("api", quota("100/m"))))
@@ -770,13 +776,7 @@ async fn a_missing_peer_address_is_said_loudly_once() {
 #[cfg(feature = "tracing")]
 #[tokio::test]
 async fn a_failing_store_is_logged_once_not_per_request() {
-    let logs = LogLines::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (logs, _guard) = LogLines::capture();
     let store = FlakyStore::new(&ManualClock::new());
     store.fail_with(Some(StoreErrorKind::Timeout));
     let (_, inner) = counting();
