@@ -235,6 +235,35 @@ mod tests {
     }
 
     #[test]
+    fn a_window_count_above_the_limit_counts_as_absent() {
+        // A count `decide` could never have written, in either field of a sliding window (or
+        // the one of a fixed window), is garbage: the key decides as a fresh one would, rather
+        // than refusing a client on a number nothing spent.
+        let key = Key::new("kit", "/w", None, Some("u"));
+        let now = 1_000 * NS_PER_MS * 1_000;
+        for quota in [q("3/10s sliding-window"), q("3/10s fixed-window")] {
+            let fresh = decide(&key, &[quota], &[None], now, 1).unwrap();
+            let (t, a, b) = fresh.writes[0]
+                .expect("an allowed request writes")
+                .into_parts();
+            let garbage: &[(u32, u32)] = if quota.algorithm() == Algorithm::SlidingWindow {
+                &[(a, 4), (4, b), (u32::MAX, u32::MAX)]
+            } else {
+                &[(4, b), (u32::MAX, b)]
+            };
+            for &(a, b) in garbage {
+                let stored = [Some(StoredState::from_parts(t, a, b))];
+                let got = decide(&key, &[quota], &stored, now, 1).unwrap();
+                assert_eq!(got.decision, fresh.decision, "{quota:?} ({t}, {a}, {b})");
+            }
+            // And a count within the limit does count.
+            let stored = [Some(StoredState::from_parts(t, 3, 0))];
+            let full = decide(&key, &[quota], &stored, now, 1).unwrap();
+            assert!(full.decision.is_limited(), "{quota:?}: {full:?}");
+        }
+    }
+
+    #[test]
     fn a_cost_above_the_burst_is_an_error() {
         let key = Key::new("kit", "/c", None, Some("u"));
         let e = decide(&key, &[q("3/10s")], &[None], 0, 4).unwrap_err();
