@@ -20,7 +20,8 @@
 -- still counts, in its own window: docs/algorithms.md, "When the clock steps back".
 --
 -- Returns a flat array of integers: allowed (1 or 0), now (us), then for each quota
---   allowed, remaining, reset_after_us, retry_after_us
+--   allowed, remaining, reset_after_us, retry_after_us, next_unit_us
+-- (next_unit_us: until one more unit than `remaining` is available, 0 when the quota is full).
 --
 -- A request passes only if every quota allows it; then every state is written with an expiry
 -- at the moment it stops mattering (in whole milliseconds rounded up, at least 1). A refused
@@ -106,9 +107,19 @@ for i = 1, n do
     local free = span - used
     if free < 0 then free = 0 end
     e.allowed = ahead <= span
-    e.unspent = { math.floor(free / T), used, 0 }
+    -- Units come back one interval apart, the last at the reset.
+    local B = span / T
+    local function next_unit(left, reset)
+      if left >= B then return 0 end
+      local n = reset - (B - left - 1) * T
+      if n < 0 then n = 0 end
+      return n
+    end
+    local left = math.floor(free / T)
+    e.unspent = { left, used, 0, next_unit(left, used) }
     if e.allowed then
-      e.spent = { math.floor((span - ahead) / T), ahead, 0 }
+      local spent_left = math.floor((span - ahead) / T)
+      e.spent = { spent_left, ahead, 0, next_unit(spent_left, ahead) }
       if ahead > 0 then
         e.write = function()
           redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil(ahead / 1000)))
@@ -140,8 +151,9 @@ for i = 1, n do
     local reset_spent, reset_unspent = 0, 0
     if after > 0 then reset_spent = until_end end
     if count > 0 then reset_unspent = until_end end
-    e.spent = { math.max(limit - after, 0), reset_spent, 0 }
-    e.unspent = { math.max(limit - count, 0), reset_unspent, 0 }
+    -- A fixed window gives every unit back when it ends.
+    e.spent = { math.max(limit - after, 0), reset_spent, 0, reset_spent }
+    e.unspent = { math.max(limit - count, 0), reset_unspent, 0, reset_unspent }
     if not e.allowed then e.unspent[3] = until_end end
     if e.allowed and after > 0 then
       e.write = function()
@@ -182,22 +194,34 @@ for i = 1, n do
       if prev > 0 then return (end_ms - now_ms) * 1000 end
       return 0
     end
-    local retry = 0
-    if not e.allowed then
-      if curr + cost <= limit then
-        local room = (limit - curr - cost) * w
+    -- How long until `need` more units fit, with `c` counted in this window, when they do not
+    -- fit now (us). As algorithm.rs.
+    local function wait(c, need)
+      if c + need <= limit then
+        -- Within this window, once enough of the previous window has slid out.
+        local room = (limit - c - need) * w
         local d = (end_ms - now_ms) - math.floor(room / math.max(prev, 1))
         if d < 1 then d = 1 end
-        retry = d * 1000
-      else
-        local room = math.max(limit - cost, 0) * w
-        local t = w - math.floor(room / math.max(curr, 1))
-        if t < 0 then t = 0 end
-        retry = ((end_ms - now_ms) + t) * 1000
+        return d * 1000
       end
+      -- In the next window, once enough of this one has slid out.
+      local room = math.max(limit - need, 0) * w
+      local t = w - math.floor(room / math.max(c, 1))
+      if t < 0 then t = 0 end
+      return ((end_ms - now_ms) + t) * 1000
     end
-    e.spent = { math.floor(math.max(lw - est - cost * w, 0) / w), reset(curr + cost), 0 }
-    e.unspent = { math.floor(math.max(lw - est, 0) / w), reset(curr), retry }
+    local retry = 0
+    if not e.allowed then retry = wait(curr, cost) end
+    -- Units left with `c` counted and the estimate `x`, and the wait for one more.
+    local function left(c, x)
+      local r = math.floor(math.max(lw - x, 0) / w)
+      if r >= limit then return r, 0 end
+      return r, wait(c, r + 1)
+    end
+    local spent_left, spent_next = left(curr + cost, est + cost * w)
+    local unspent_left, unspent_next = left(curr, est)
+    e.spent = { spent_left, reset(curr + cost), 0, spent_next }
+    e.unspent = { unspent_left, reset(curr), retry, unspent_next }
     if e.allowed and curr + cost > 0 then
       e.write = function()
         redis.call('SET', key, string.format('%.0f %.0f %.0f', end_ms, curr + cost, prev), 'PX', px_until(end_ms + w))
@@ -224,5 +248,6 @@ for i = 1, n do
   out[#out + 1] = r[1]
   out[#out + 1] = r[2]
   out[#out + 1] = r[3]
+  out[#out + 1] = r[4]
 end
 return out

@@ -69,8 +69,11 @@ impl Reply {
     }
 }
 
+/// The numbers the script reports for each quota.
+const REPLY_FIELDS: usize = 5;
+
 /// Reads the script's reply: `[allowed, now_us, (allowed, remaining, reset_after_us,
-/// retry_after_us) for each quota]`, or `[-1, now_us]` when it ran past the deadline. Anything
+/// retry_after_us, next_unit_us) for each quota]`, or `[-1, now_us]` when it ran past the deadline. Anything
 /// else is an invalid response, never a panic or a guess.
 pub(crate) fn parse_reply(reply: &Value, quotas: &[Quota]) -> Result<Reply, StoreError> {
     let invalid = |why: &str| {
@@ -85,7 +88,7 @@ pub(crate) fn parse_reply(reply: &Value, quotas: &[Quota]) -> Result<Reply, Stor
     if let [Value::Integer(-1), Value::Integer(now_us)] = items.as_slice() {
         return Ok(Reply::Late { now_us: *now_us });
     }
-    if items.len() != 2 + 4 * quotas.len() {
+    if items.len() != 2 + REPLY_FIELDS * quotas.len() {
         return Err(invalid("has the wrong length"));
     }
     let mut ints = Vec::with_capacity(items.len());
@@ -103,7 +106,7 @@ pub(crate) fn parse_reply(reply: &Value, quotas: &[Quota]) -> Result<Reply, Stor
     let all = flag(ints[0])?;
     let now_us = ints[1];
     let mut states = Vec::with_capacity(quotas.len());
-    for (quota, chunk) in quotas.iter().zip(ints[2..].chunks_exact(4)) {
+    for (quota, chunk) in quotas.iter().zip(ints[2..].chunks_exact(REPLY_FIELDS)) {
         let allowed = flag(chunk[0])?;
         if all && !allowed {
             return Err(invalid(
@@ -113,13 +116,11 @@ pub(crate) fn parse_reply(reply: &Value, quotas: &[Quota]) -> Result<Reply, Stor
         let remaining = u32::try_from(chunk[1]).unwrap_or(u32::MAX);
         let reset_after = Duration::from_micros(chunk[2].unsigned_abs());
         let retry_after = Duration::from_micros(chunk[3].unsigned_abs());
-        states.push(QuotaState::new(
-            *quota,
-            allowed,
-            remaining,
-            reset_after,
-            retry_after,
-        ));
+        let next_unit = Duration::from_micros(chunk[4].unsigned_abs());
+        states.push(
+            QuotaState::new(*quota, allowed, remaining, reset_after, retry_after)
+                .with_next_unit_after(next_unit),
+        );
     }
     let decision = Decision::from_states(states);
     if decision.is_allowed() != all {
@@ -148,12 +149,22 @@ mod tests {
             Value::Array(vec![int(-1)]),
             Value::Array(vec![int(-1), int(1), int(1)]),
             Value::Array(vec![int(1), now.clone(), int(1), int(4), int(200_000)]),
+            // The reply of a script before next_unit_us: one number short per quota.
+            Value::Array(vec![
+                int(1),
+                now.clone(),
+                int(1),
+                int(4),
+                int(200_000),
+                int(0),
+            ]),
             Value::Array(vec![
                 int(1),
                 now.clone(),
                 int(1),
                 int(-4),
                 int(200_000),
+                int(0),
                 int(0),
             ]),
             Value::Array(vec![
@@ -163,6 +174,7 @@ mod tests {
                 int(4),
                 int(200_000),
                 int(0),
+                int(0),
             ]),
             Value::Array(vec![
                 int(1),
@@ -170,6 +182,7 @@ mod tests {
                 int(0),
                 int(4),
                 int(200_000),
+                int(0),
                 int(0),
             ]),
             Value::Array(vec![
@@ -179,9 +192,26 @@ mod tests {
                 Value::String("4".into()),
                 int(200_000),
                 int(0),
+                int(0),
             ]),
-            Value::Array(vec![int(0), now, int(1), int(4), int(200_000), int(0)]),
-            Value::Array(vec![int(1), int(-7), int(1), int(4), int(200_000), int(0)]),
+            Value::Array(vec![
+                int(0),
+                now,
+                int(1),
+                int(4),
+                int(200_000),
+                int(0),
+                int(0),
+            ]),
+            Value::Array(vec![
+                int(1),
+                int(-7),
+                int(1),
+                int(4),
+                int(200_000),
+                int(0),
+                int(0),
+            ]),
         ];
         for reply in cases {
             let err = parse_reply(&reply, &q).unwrap_err();
@@ -200,10 +230,12 @@ mod tests {
             int(0),
             int(10_000_000),
             int(2_000_000),
+            int(2_000_000),
             int(1),
             int(19),
             int(3_000_000),
             int(0),
+            int(3_000_000),
         ]);
         let Reply::Decided {
             decision: d,
@@ -216,6 +248,7 @@ mod tests {
         assert!(d.is_limited());
         assert_eq!(d.retry_after(), Some(Duration::from_secs(2)));
         assert_eq!(d.states()[1].remaining(), 19);
+        assert_eq!(d.states()[1].next_unit_after(), Duration::from_secs(3));
         let late = Value::Array(vec![int(-1), int(42)]);
         assert!(matches!(
             parse_reply(&late, &q),

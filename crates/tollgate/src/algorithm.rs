@@ -112,12 +112,14 @@ fn fixed(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_ms
     let until_end = ms_to_ns(end - now);
     let allowed = u64::from(count) + u64::from(cost) <= u64::from(limit);
     let after = count.saturating_add(cost);
+    // A fixed window gives every unit back when it ends.
     let unspent = QuotaState::from_ns(
         *quota,
         allowed,
         limit.saturating_sub(count),
         if count > 0 { until_end } else { 0 },
         if allowed { 0 } else { until_end },
+        if count > 0 { until_end } else { 0 },
     );
     if !allowed {
         return Eval::refused(unspent);
@@ -128,13 +130,10 @@ fn fixed(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_ms
             a: after,
             b: 0,
         }),
-        spent: QuotaState::from_ns(
-            *quota,
-            true,
-            limit - after,
-            if after > 0 { until_end } else { 0 },
-            0,
-        ),
+        spent: {
+            let reset = if after > 0 { until_end } else { 0 };
+            QuotaState::from_ns(*quota, true, limit - after, reset, 0, reset)
+        },
         unspent,
     }
 }
@@ -189,25 +188,36 @@ fn sliding(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_
             0
         }
     };
-    let retry = if allowed {
-        0
-    } else if cu + cost_u <= limit {
-        // Within this window, once enough of the previous window has slid out.
-        let room = (limit - cu - cost_u) * wu;
-        let d = i128::from(end - now) - i128::try_from(room / pu.max(1)).unwrap_or(i128::MAX);
-        ms_to_ns(i64::try_from(d.max(1)).unwrap_or(i64::MAX))
-    } else {
-        // In the next window, once enough of this one has slid out.
-        let room = limit.saturating_sub(cost_u) * wu;
-        let t = wu.saturating_sub(room / cu.max(1));
-        ms_to_ns((end - now).saturating_add(i64::try_from(t).unwrap_or(i64::MAX)))
+    // How long until `need` more units fit, for `c` counted in this window, when they do not
+    // fit now.
+    let wait = |c: u128, need: u128| {
+        if c + need <= limit {
+            // Within this window, once enough of the previous window has slid out.
+            let room = (limit - c - need) * wu;
+            let d = i128::from(end - now) - i128::try_from(room / pu.max(1)).unwrap_or(i128::MAX);
+            ms_to_ns(i64::try_from(d.max(1)).unwrap_or(i64::MAX))
+        } else {
+            // In the next window, once enough of this one has slid out.
+            let room = limit.saturating_sub(need) * wu;
+            let t = wu.saturating_sub(room / c.max(1));
+            ms_to_ns((end - now).saturating_add(i64::try_from(t).unwrap_or(i64::MAX)))
+        }
     };
+    let retry = if allowed { 0 } else { wait(cu, cost_u) };
+    // Units left for `c` counted and estimate `e`, and the wait for one more.
+    let left = |c: u128, e: u128| {
+        let r = lw.saturating_sub(e) / wu.max(1);
+        let next = if r >= limit { 0 } else { wait(c, r + 1) };
+        (sat_u32(r), next)
+    };
+    let (unspent_left, unspent_next) = left(cu, est);
     let unspent = QuotaState::from_ns(
         *quota,
         allowed,
-        sat_u32(lw.saturating_sub(est) / wu.max(1)),
+        unspent_left,
         reset(cu),
         retry,
+        unspent_next,
     );
     if !allowed {
         return Eval::refused(unspent);
@@ -218,13 +228,10 @@ fn sliding(quota: &Quota, now_ns: u64, stored: Option<State>, cost: u32, offset_
             a: sat_u32(cu + cost_u),
             b: prev,
         }),
-        spent: QuotaState::from_ns(
-            *quota,
-            true,
-            sat_u32(lw.saturating_sub(est + cost_u * wu) / wu.max(1)),
-            reset(cu + cost_u),
-            0,
-        ),
+        spent: {
+            let (spent_left, spent_next) = left(cu + cost_u, est + cost_u * wu);
+            QuotaState::from_ns(*quota, true, spent_left, reset(cu + cost_u), 0, spent_next)
+        },
         unspent,
     }
 }

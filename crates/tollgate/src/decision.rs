@@ -16,6 +16,7 @@ pub struct QuotaState {
     // Nanoseconds: `Duration`s would make every decision larger to copy.
     pub(crate) reset_after_ns: u64,
     pub(crate) retry_after_ns: u64,
+    pub(crate) next_unit_ns: u64,
 }
 
 impl QuotaState {
@@ -23,6 +24,11 @@ impl QuotaState {
     /// layer only reads states. What no quota could report is corrected, so a store that
     /// answers garbage cannot make the headers lie: `remaining` is at most the burst, and an
     /// allowed state has no wait.
+    ///
+    /// The time until one more unit is available ([`next_unit_after`](Self::next_unit_after))
+    /// follows from these numbers for GCRA and fixed windows; for a sliding window it depends
+    /// on the window's counts, so this takes the reset time (never too early, possibly too
+    /// late) unless the store gives it with [`with_next_unit_after`](Self::with_next_unit_after).
     pub fn new(
         quota: Quota,
         allowed: bool,
@@ -31,13 +37,25 @@ impl QuotaState {
         retry_after: Duration,
     ) -> Self {
         let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let remaining = remaining.min(quota.burst());
+        let reset_after_ns = ns(reset_after);
         QuotaState::from_ns(
             quota,
             allowed,
-            remaining.min(quota.burst()),
-            ns(reset_after),
+            remaining,
+            reset_after_ns,
             if allowed { 0 } else { ns(retry_after) },
+            next_unit_ns(&quota, remaining, reset_after_ns),
         )
+    }
+
+    /// This state with the time until one more unit is available, as the store computed it
+    /// (at most the reset time: a full budget has no more to give).
+    #[must_use]
+    pub fn with_next_unit_after(mut self, next: Duration) -> Self {
+        let next = u64::try_from(next.as_nanos()).unwrap_or(u64::MAX);
+        self.next_unit_ns = next.min(self.reset_after_ns);
+        self
     }
 
     /// A state as the algorithms compute it, in nanoseconds; they never report more than the
@@ -48,6 +66,7 @@ impl QuotaState {
         remaining: u32,
         reset_after_ns: u64,
         retry_after_ns: u64,
+        next_unit_ns: u64,
     ) -> Self {
         QuotaState {
             quota,
@@ -55,6 +74,7 @@ impl QuotaState {
             remaining,
             reset_after_ns,
             retry_after_ns,
+            next_unit_ns,
         }
     }
 
@@ -82,6 +102,30 @@ impl QuotaState {
     /// Time until a request of the same cost would pass this quota; zero when it passed.
     pub fn retry_after(&self) -> Duration {
         Duration::from_nanos(self.retry_after_ns)
+    }
+
+    /// Time until one more unit than [`remaining`](Self::remaining) is available; zero when
+    /// the quota is full. What the `t` of an allowed quota's `RateLimit` item says
+    /// (draft-ietf-httpapi-ratelimit-headers-10: "until additional quota is made available").
+    pub fn next_unit_after(&self) -> Duration {
+        Duration::from_nanos(self.next_unit_ns)
+    }
+}
+
+/// The time until one more unit is available, from a state's units left and reset time: for
+/// GCRA, units come back one emission interval apart, the last one at the reset; a fixed
+/// window gives everything back at its end; a sliding window is bounded by its reset.
+pub(crate) fn next_unit_ns(quota: &Quota, remaining: u32, reset_after_ns: u64) -> u64 {
+    let burst = quota.burst();
+    if remaining >= burst {
+        return 0;
+    }
+    match quota.algorithm() {
+        crate::Algorithm::Gcra => {
+            let later_units = u64::from(burst - remaining - 1);
+            reset_after_ns.saturating_sub(later_units.saturating_mul(quota.emission_ns()))
+        }
+        _ => reset_after_ns,
     }
 }
 
@@ -157,8 +201,17 @@ impl Decision {
         self.states.iter().map(QuotaState::retry_after).max()
     }
 
-    /// The quota that binds: the one with the fewest units left (the longest reset among ties).
+    /// The quota that binds: for a refused request, the one whose wait is the longest (what
+    /// `Retry-After` says; the longest reset among ties); otherwise the one with the fewest
+    /// units left (the longest reset among ties).
     pub fn binding(&self) -> Option<&QuotaState> {
+        if !self.allowed {
+            return self.states.iter().filter(|s| !s.allowed).max_by(|a, b| {
+                a.retry_after_ns
+                    .cmp(&b.retry_after_ns)
+                    .then(a.reset_after_ns.cmp(&b.reset_after_ns))
+            });
+        }
         self.states.iter().min_by(|a, b| {
             a.remaining
                 .cmp(&b.remaining)
@@ -208,13 +261,18 @@ impl Decision {
                 }
                 _ => (s.remaining, reset_after),
             };
-            QuotaState::new(
+            let later = QuotaState::new(
                 s.quota,
                 allowed,
                 remaining,
                 reset_after,
                 s.retry_after().saturating_sub(elapsed),
-            )
+            );
+            if s.quota.algorithm() == crate::Algorithm::SlidingWindow {
+                later.with_next_unit_after(s.next_unit_after().saturating_sub(elapsed))
+            } else {
+                later
+            }
         });
         Some(Decision {
             allowed: false,

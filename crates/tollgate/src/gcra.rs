@@ -29,18 +29,20 @@ pub(crate) fn decide(now: u64, stored_tat: Option<u64>, quota: &Quota, cost: u32
                 a: 0,
                 b: 0,
             }),
-            spent: QuotaState::from_ns(*quota, true, units((span - ahead) / t), ahead, 0),
-            unspent: QuotaState::from_ns(*quota, true, units((span - used) / t), used, 0),
+            spent: state(quota, true, units((span - ahead) / t), ahead, 0),
+            unspent: state(quota, true, units((span - used) / t), used, 0),
         }
     } else {
-        Eval::refused(QuotaState::from_ns(
-            *quota,
-            false,
-            units(span.saturating_sub(used) / t),
-            used,
-            ahead - span,
-        ))
+        let left = units(span.saturating_sub(used) / t);
+        Eval::refused(state(quota, false, left, used, ahead - span))
     }
+}
+
+/// A GCRA state: units come back one emission interval apart, so the next one is due a
+/// whole number of intervals before the reset.
+fn state(quota: &Quota, allowed: bool, left: u32, reset_ns: u64, retry_ns: u64) -> QuotaState {
+    let next = crate::decision::next_unit_ns(quota, left, reset_ns);
+    QuotaState::from_ns(*quota, allowed, left, reset_ns, retry_ns, next)
 }
 
 fn units(n: u64) -> u32 {

@@ -173,12 +173,13 @@ impl HeaderValues {
     }
 }
 
-/// The `t` of a quota's state: when a refused quota can be retried, as `Retry-After` says (the
-/// draft asks that `Retry-After` never point before `t`); for the others, when they are full
-/// again.
+/// The `t` of a quota's state (draft-10: seconds until additional quota is made available):
+/// for a quota that refused, when the request can be retried, as `Retry-After` says; for the
+/// others, when one more unit is available (0 when the quota is full). Rounded up: a client
+/// that waits `t` finds the unit there.
 fn t_of(state: &QuotaState) -> u64 {
     if state.is_allowed() {
-        ceil_secs(state.reset_after())
+        ceil_secs(state.next_unit_after())
     } else {
         retry_after_secs(state.retry_after())
     }
@@ -242,11 +243,16 @@ impl PolicyHeaders {
             let now = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs());
-            values.legacy = Some((
-                binding.quota().limit(),
-                binding.remaining(),
-                now + t_of(binding),
-            ));
+            // One scale, as GitHub's and express-rate-limit's clients read them: the limit is
+            // the most that can be spent at once (the burst), which is what `remaining` counts
+            // down from; the reset is when that quota is full again, or for a refusal when the
+            // request can be retried (the same moment as `Retry-After`).
+            let reset = if decision.is_allowed() {
+                ceil_secs(binding.reset_after())
+            } else {
+                retry_after_secs(binding.retry_after())
+            };
+            values.legacy = Some((binding.quota().burst(), binding.remaining(), now + reset));
         }
         values
     }
@@ -262,12 +268,14 @@ impl PolicyHeaders {
     }
 }
 
-/// The `q` and `w` a quota is advertised with: a full burst, and the whole seconds it takes to
-/// replenish it (rounded, at least 1). For a quota whose burst equals its limit that is exactly
-/// the limit and the period.
+/// The `q` and `w` a quota is advertised with: a full burst, and the time it takes to
+/// replenish it at the nominal rate (`burst × period / limit`), in whole seconds rounded up
+/// (at least 1), so that `q` per `w` never promises more than the quota allows. For a quota
+/// whose burst equals its limit and whose period is whole seconds, that is exactly the limit
+/// and the period.
 pub(crate) fn policy_window(quota: &Quota) -> (u32, u64) {
-    let span = quota.emission_interval() * quota.burst();
-    let w = (span.as_millis() + 500) / 1000;
+    let span = u128::from(quota.burst()) * quota.period().as_nanos();
+    let w = span.div_ceil(u128::from(quota.limit()) * 1_000_000_000);
     (quota.burst(), u64::try_from(w).unwrap_or(u64::MAX).max(1))
 }
 
@@ -321,6 +329,10 @@ mod tests {
         // 3/s is 3 x 333 334 us: still w=1.
         assert_eq!(policy_window(&q("3/s")), (3, 1));
         assert_eq!(policy_window(&q("100/100ms")), (100, 1));
+        // 10 per 1.4 s is not 10 per second: w rounds up, so q per w never promises more.
+        assert_eq!(policy_window(&q("10/1400ms")), (10, 2));
+        assert_eq!(policy_window(&q("10/2500ms burst 3")), (3, 1));
+        assert_eq!(policy_window(&q("1/90s")), (1, 90));
         let h = PolicyHeaders::new("export", &[q("2/s"), q("20/m")]);
         assert_eq!(h.policy, "\"export-1\";q=2;w=1, \"export-2\";q=20;w=60");
     }

@@ -184,6 +184,95 @@ async fn header_modes() {
     }
 }
 
+/// What the headers tell a client is exactly when to come back (draft-10): `t` is when more
+/// quota comes, not when all of it is back; on a 429 the binding quota's `t`, the legacy
+/// reset and `Retry-After` agree; the legacy limit and remaining are on one scale.
+#[tokio::test]
+async fn headers_say_when_more_quota_comes_and_agree_with_retry_after() {
+    let clock = ManualClock::new();
+    let (_, inner) = counting();
+    let header = |res: &Response<_>, name: &str| -> String {
+        res.headers()[name].to_str().unwrap().to_owned()
+    };
+    let svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(MemoryStore::with_clock(clock.clone()))
+                .policy(Policy::new("hello", quota("5/10s")))
+                .headers(RateLimitHeaders::Both),
+        )
+        .service(inner);
+    // 5 per 10 s: a unit comes back every 2 s. After two requests, 3 are left and the next one
+    // is 2 s away, though the quota is full only in 4 s.
+    svc.clone().oneshot(request()).await.unwrap();
+    let second = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(header(&second, "ratelimit"), "\"hello\";r=3;t=2");
+    // Half a second later the next unit is 1.5 s away: rounded up, never early.
+    clock.advance(Duration::from_millis(500));
+    let third = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(header(&third, "ratelimit"), "\"hello\";r=2;t=2");
+    for _ in 0..2 {
+        svc.clone().oneshot(request()).await.unwrap();
+    }
+    let refused = svc.clone().oneshot(request()).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry = header(&refused, "retry-after");
+    assert_eq!(
+        header(&refused, "ratelimit"),
+        format!("\"hello\";r=0;t={retry}")
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let reset: u64 = header(&refused, "x-ratelimit-reset").parse().unwrap();
+    let retry: u64 = retry.parse().unwrap();
+    // The Unix reset is the same moment as Retry-After (a second's tick may pass between).
+    assert!(
+        reset.abs_diff(now + retry) <= 1,
+        "{reset} vs {now} + {retry}"
+    );
+
+    // 100 per hour: after one request the next unit is 36 s away, not an hour.
+    let hourly = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(MemoryStore::with_clock(clock.clone()))
+                .policy(Policy::new("hourly", quota("100/h"))),
+        )
+        .service(counting().1);
+    let res = hourly.oneshot(request()).await.unwrap();
+    assert_eq!(header(&res, "ratelimit"), "\"hourly\";r=99;t=36");
+
+    // Two quotas: the refusing one binds the legacy headers and Retry-After, even when the
+    // other has the longer reset; the limit is the burst `remaining` counts down from.
+    let two = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(MemoryStore::with_clock(clock.clone()))
+                .policy(Policy::new("two", quota("10/s burst 20")).add_quota(quota("1000/d")))
+                .headers(RateLimitHeaders::Both),
+        )
+        .service(counting().1);
+    let first = two.clone().oneshot(request()).await.unwrap();
+    assert_eq!(header(&first, "x-ratelimit-limit"), "20");
+    assert_eq!(header(&first, "x-ratelimit-remaining"), "19");
+    for _ in 0..19 {
+        two.clone().oneshot(request()).await.unwrap();
+    }
+    let refused = two.clone().oneshot(request()).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&refused, "retry-after"), "1");
+    assert_eq!(header(&refused, "x-ratelimit-limit"), "20");
+    let reset: u64 = header(&refused, "x-ratelimit-reset").parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(reset.abs_diff(now + 1) <= 1, "{reset} vs {now} + 1");
+    assert_eq!(
+        header(&refused, "ratelimit"),
+        "\"two-1\";r=0;t=1, \"two-2\";r=980;t=87"
+    );
+}
+
 #[tokio::test]
 async fn custom_limited_response() {
     let (_, inner) = counting();

@@ -29,6 +29,10 @@ pub struct QuotaReport {
     /// Until the quota is back to its full budget, where the model states it (GCRA and fixed
     /// windows).
     pub reset_after: Option<Duration>,
+    /// Until one more unit than `remaining` is available (zero when the quota is full): the
+    /// bucket drained by one more unit's worth, a fixed window's end, or for a sliding window
+    /// the first moment one more unit fits, found by searching forward in time.
+    pub next_unit: Duration,
 }
 
 /// What the model decides for one request.
@@ -84,6 +88,11 @@ impl ModelDecision {
             assert!(
                 wait_ok(state.retry_after(), want.retry_after),
                 "{context}: quota {i} retry_after{}",
+                show()
+            );
+            assert!(
+                wait_ok(state.next_unit_after(), want.next_unit),
+                "{context}: quota {i} next_unit_after{}",
                 show()
             );
             if let Some(reset) = want.reset_after {
@@ -202,11 +211,21 @@ fn leaky_bucket(q: &Quota, h: &History, cost: u64, now: u64) -> Verdict {
     let drained = h.bucket.saturating_sub(now.saturating_sub(h.touched));
     let poured = drained + cost * t;
     let allowed = poured <= capacity;
-    let report = |content: u64, retry: u64| QuotaReport {
-        allowed,
-        remaining: units(capacity.saturating_sub(content) / t),
-        retry_after: Duration::from_nanos(retry),
-        reset_after: Some(Duration::from_nanos(content)),
+    let report = |content: u64, retry: u64| {
+        let left = capacity.saturating_sub(content) / t;
+        // One more unit when the bucket has drained to where `left + 1` of them fit.
+        let next = if left >= u64::from(q.burst()) {
+            0
+        } else {
+            content.saturating_sub(capacity - (left + 1) * t)
+        };
+        QuotaReport {
+            allowed,
+            remaining: units(left),
+            retry_after: Duration::from_nanos(retry),
+            reset_after: Some(Duration::from_nanos(content)),
+            next_unit: Duration::from_nanos(next),
+        }
     };
     let retry = if allowed { 0 } else { poured - capacity };
     Verdict {
@@ -253,17 +272,20 @@ fn fixed(q: &Quota, h: &History, cost: u64, now_ns: u64, offset: u64) -> Verdict
     let until_end = ms_ns(end - i128::from(now_ms));
     let reset = |c: u64| if c > 0 { until_end } else { Duration::ZERO };
     Verdict {
+        // Everything a fixed window counted comes back at its end.
         report_spent: QuotaReport {
             allowed,
             remaining: units(limit.saturating_sub(count + cost)),
             retry_after: Duration::ZERO,
             reset_after: Some(reset(count + cost)),
+            next_unit: reset(count + cost),
         },
         report_unspent: QuotaReport {
             allowed,
             remaining: units(limit.saturating_sub(count)),
             retry_after: if allowed { Duration::ZERO } else { until_end },
             reset_after: Some(reset(count)),
+            next_unit: reset(count),
         },
         allowed,
         commit: Box::new(move |h: &mut History| {
@@ -294,25 +316,48 @@ fn sliding(q: &Quota, h: &History, cost: u64, now_ns: u64, offset: u64) -> Verdi
     let limit = u128::from(q.limit());
     let now_ms = now_ns / NS_PER_MS;
     let wu = u128::from(w);
-    let fits = |at_ms: u64| {
+    let fits_in = |h: &History, at_ms: u64, units: u128| {
         let (est, _) = estimate_times_w(h, at_ms, w, offset);
-        est + u128::from(cost) * wu <= limit * wu
+        est + units * wu <= limit * wu
     };
-    let (est, start) = estimate_times_w(h, now_ms, w, offset);
-    let allowed = fits(now_ms);
-    // The first millisecond at which the same request fits, with nothing else happening: the
-    // estimate never grows with time, so a binary search over the next two windows finds it.
-    let retry = if allowed {
-        Duration::ZERO
-    } else {
+    // The first millisecond after now at which `units` fit in `h`, with nothing else
+    // happening: the estimate never grows with time, so a binary search over the next two
+    // windows finds it.
+    let first_fit = |h: &History, units: u128| {
         let (mut lo, mut hi) = (now_ms + 1, now_ms + 2 * w + 1);
-        assert!(fits(hi), "the sliding model never fits: {q:?} cost {cost}");
+        assert!(
+            fits_in(h, hi, units),
+            "the sliding model never fits: {q:?} {units} units"
+        );
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
-            if fits(mid) { hi = mid } else { lo = mid + 1 }
+            if fits_in(h, mid, units) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
         }
         ms_ns(i128::from(lo - now_ms))
     };
+    let (est, start) = estimate_times_w(h, now_ms, w, offset);
+    let allowed = fits_in(h, now_ms, u128::from(cost));
+    let retry = if allowed {
+        Duration::ZERO
+    } else {
+        first_fit(h, u128::from(cost))
+    };
+    // Until one more unit than `left` fits, in the history as it would be.
+    let next = |h: &History, left: u32| {
+        if u128::from(left) >= limit {
+            Duration::ZERO
+        } else {
+            first_fit(h, u128::from(left) + 1)
+        }
+    };
+    let mut after = h.clone();
+    if cost > 0 {
+        after.allowed.push((now_ms, cost));
+    }
     let left = |est: u128, spend: u64| {
         units(
             u64::try_from((limit * wu).saturating_sub(est + u128::from(spend) * wu) / wu)
@@ -326,12 +371,18 @@ fn sliding(q: &Quota, h: &History, cost: u64, now_ns: u64, offset: u64) -> Verdi
             remaining: left(est, cost),
             retry_after: Duration::ZERO,
             reset_after: None,
+            next_unit: if allowed {
+                next(&after, left(est, cost))
+            } else {
+                Duration::ZERO
+            },
         },
         report_unspent: QuotaReport {
             allowed,
             remaining: left(est, 0),
             retry_after: retry,
             reset_after: None,
+            next_unit: next(h, left(est, 0)),
         },
         allowed,
         commit: Box::new(move |h: &mut History| {
