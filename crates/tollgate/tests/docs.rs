@@ -181,3 +181,15 @@ fn the_benchmark_figures_are_derived_by_the_script() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// docs/operations.md lists every value the `decision` label takes, as a table row.
+#[test]
+fn the_runbook_lists_every_decision() {
+    let runbook = fs::read_to_string(root().join("docs/operations.md")).unwrap();
+    for decision in tollgate::metrics::DECISIONS {
+        assert!(
+            runbook.contains(&format!("| `{decision}` |")),
+            "docs/operations.md does not list the decision `{decision}`"
+        );
+    }
+}
