@@ -64,6 +64,9 @@ fn the_rules_name_only_series_tollgate_exports() {
         tollgate::metrics::STORE_DEGRADED,
         tollgate::metrics::STORE_DURATION_SECONDS,
         tollgate::metrics::DENY_CACHE_HITS_TOTAL,
+        tollgate::metrics::CONCURRENCY_REQUESTS_TOTAL,
+        tollgate::metrics::CONCURRENCY_FAIL_OPEN_TOTAL,
+        tollgate::metrics::CONCURRENCY_FAIL_CLOSED_TOTAL,
     ];
     let mut rest = rules.as_str();
     let mut seen = 0;

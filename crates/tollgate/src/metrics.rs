@@ -11,6 +11,9 @@
 //! | `ratelimit_fail_open_total` | counter | `policy`, `reason` | requests let through without a decision because the store failed (shadow policies' included, whatever their failure mode); registered at zero for every policy and reason at start-up |
 //! | `ratelimit_fail_closed_total` | counter | `policy`, `reason` | requests refused with 503 because the store failed on a fail-closed policy |
 //! | `ratelimit_fallback_total` | counter | `policy`, `reason` | requests decided by a local fallback store because the shared store failed; registered at zero |
+//! | `ratelimit_concurrency_requests_total` | counter | `policy`, `decision` | the same as `ratelimit_requests_total`, for the concurrency layer's policies (`allowed`: a slot was held; `limited`: none was free), so that a concurrency policy never merges with a rate policy of the same name |
+//! | `ratelimit_concurrency_fail_open_total` | counter | `policy`, `reason` | requests a concurrency policy let through without a slot because its store failed; registered at zero |
+//! | `ratelimit_concurrency_fail_closed_total` | counter | `policy`, `reason` | requests a fail-closed concurrency policy refused because its store failed |
 //! | `ratelimit_store_evictions_total` | counter | `policy`, `limited` | live memory-store states of this policy dropped because the store was full; `limited="true"` only when the shard held nothing but limited clients |
 //! | `ratelimit_store_errors_total` | counter | `store`, `reason` | failed store calls (shared stores) |
 //! | `ratelimit_store_degraded` | gauge | `store` | 1 while the store is known to be down (circuit open), else 0 |
@@ -28,6 +31,13 @@ pub const FAIL_OPEN_TOTAL: &str = "ratelimit_fail_open_total";
 pub const FAIL_CLOSED_TOTAL: &str = "ratelimit_fail_closed_total";
 /// Requests decided by a local fallback store because the shared store failed.
 pub const FALLBACK_TOTAL: &str = "ratelimit_fallback_total";
+/// Requests a concurrency policy applied to, by policy and decision (its own series, so that
+/// a concurrency policy and a rate policy of the same name never merge).
+pub const CONCURRENCY_REQUESTS_TOTAL: &str = "ratelimit_concurrency_requests_total";
+/// Requests a concurrency policy let through without a slot because its store failed.
+pub const CONCURRENCY_FAIL_OPEN_TOTAL: &str = "ratelimit_concurrency_fail_open_total";
+/// Requests a fail-closed concurrency policy refused because its store failed.
+pub const CONCURRENCY_FAIL_CLOSED_TOTAL: &str = "ratelimit_concurrency_fail_closed_total";
 /// Live memory-store states evicted because the store was full.
 pub const STORE_EVICTIONS_TOTAL: &str = "ratelimit_store_evictions_total";
 /// Failed store calls, by store and reason.
@@ -80,6 +90,21 @@ pub fn describe() {
             FALLBACK_TOTAL,
             Unit::Count,
             "Requests decided by a local fallback store (a per-instance limit) because the shared store failed."
+        );
+        describe_counter!(
+            CONCURRENCY_REQUESTS_TOTAL,
+            Unit::Count,
+            "Requests a concurrency policy applied to, by decision."
+        );
+        describe_counter!(
+            CONCURRENCY_FAIL_OPEN_TOTAL,
+            Unit::Count,
+            "Requests a concurrency policy let through without a slot because its store failed."
+        );
+        describe_counter!(
+            CONCURRENCY_FAIL_CLOSED_TOTAL,
+            Unit::Count,
+            "Requests refused because the concurrency store failed on a fail-closed policy."
         );
         metrics::describe_gauge!(
             STORE_DEGRADED,
@@ -153,35 +178,57 @@ pub(crate) enum Outcome {
     ShadowFailClosed = 9,
 }
 
+/// Which layer a policy belongs to: each has its own series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limiter {
+    /// `ratelimit_requests_total`, `ratelimit_fail_open_total`, ...
+    Rate,
+    /// `ratelimit_concurrency_requests_total`, `ratelimit_concurrency_fail_open_total`, ...
+    Concurrency,
+}
+
 impl PolicyCounters {
     /// Registers this policy's series; the fail-open ones start at zero so that dashboards and
     /// alerts work before the first failure.
-    pub(crate) fn register(policy: &str) -> Self {
+    pub(crate) fn register(policy: &str, limiter: Limiter) -> Self {
         #[cfg(feature = "metrics")]
         {
+            let (requests, open, closed) = match limiter {
+                Limiter::Rate => (REQUESTS_TOTAL, FAIL_OPEN_TOTAL, FAIL_CLOSED_TOTAL),
+                Limiter::Concurrency => (
+                    CONCURRENCY_REQUESTS_TOTAL,
+                    CONCURRENCY_FAIL_OPEN_TOTAL,
+                    CONCURRENCY_FAIL_CLOSED_TOTAL,
+                ),
+            };
             let policy: metrics::SharedString = policy.to_owned().into();
-            let decisions = DECISIONS.map(
-                |d| metrics::counter!(REQUESTS_TOTAL, "policy" => policy.clone(), "decision" => d),
-            );
+            let decisions = DECISIONS
+                .map(|d| metrics::counter!(requests, "policy" => policy.clone(), "decision" => d));
             let reason_counters = |name: &'static str| {
                 crate::StoreErrorKind::FAILURE_REASONS
                     .map(|r| metrics::counter!(name, "policy" => policy.clone(), "reason" => r))
             };
-            let fail_open = reason_counters(FAIL_OPEN_TOTAL);
-            let fallback = reason_counters(FALLBACK_TOTAL);
+            let fail_open = reason_counters(open);
+            // Only the rate limiter has a fallback store.
+            let fallback = match limiter {
+                Limiter::Rate => reason_counters(FALLBACK_TOTAL),
+                Limiter::Concurrency => {
+                    crate::StoreErrorKind::FAILURE_REASONS.map(|_| metrics::Counter::noop())
+                }
+            };
             for c in fail_open.iter().chain(&fallback) {
                 c.increment(0);
             }
             PolicyCounters {
                 decisions,
                 fail_open,
-                fail_closed: reason_counters(FAIL_CLOSED_TOTAL),
+                fail_closed: reason_counters(closed),
                 fallback,
             }
         }
         #[cfg(not(feature = "metrics"))]
         {
-            let _ = policy;
+            let _ = (policy, limiter);
             PolicyCounters {}
         }
     }

@@ -18,6 +18,8 @@ use tollgate::concurrency::{ConcurrencyLimitLayer, ConcurrencyPolicy, MemoryConc
 use tollgate::{Key, MemoryStore, Policy, Quota, RateLimitLayer};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
+mod support;
+
 const PEER: ([u8; 4], u16) = ([192, 0, 2, 1], 1);
 
 fn request() -> Request<()> {
@@ -284,4 +286,61 @@ async fn requests_without_a_peer_address_are_handled_like_the_rate_limiter_does(
         .service_fn(handler);
     let res = svc.oneshot(Request::new(())).await.unwrap();
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+}
+
+/// A concurrency policy and a rate policy of the same name on one route count in their own
+/// series: merged, the dashboard would show each request twice and the two limits as one.
+#[tokio::test]
+async fn a_concurrency_policy_counts_apart_from_a_rate_policy_of_the_same_name() {
+    use metrics_util::debugging::DebuggingRecorder;
+    use tollgate::metrics::{CONCURRENCY_REQUESTS_TOTAL, REQUESTS_TOTAL};
+    let recorder = DebuggingRecorder::new();
+    let counters = support::Counters::new(recorder.snapshotter());
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel();
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            RateLimitLayer::new(MemoryStore::new())
+                .policy(Policy::new("report", "2/h".parse::<Quota>().unwrap())),
+        )
+        .layer(
+            ConcurrencyLimitLayer::new(MemoryConcurrencyStore::new())
+                .policy(ConcurrencyPolicy::new("report", 1)),
+        )
+        .service_fn(move |_req: Request<()>| {
+            let (chunks, body) = mpsc::unbounded_channel();
+            let _ = senders_tx.send(chunks);
+            async move { Ok::<_, Infallible>(Response::new(ChannelBody(body))) }
+        });
+    // One streams; the second is refused by the concurrency limit; the third by the rate limit.
+    let first = svc.ready().await.unwrap().call(request()).await.unwrap();
+    let _chunks = senders_rx.recv().await.unwrap();
+    let second = svc.ready().await.unwrap().call(request()).await.unwrap();
+    let third = svc.ready().await.unwrap().call(request()).await.unwrap();
+    let statuses = [first.status(), second.status(), third.status()];
+    assert_eq!(
+        statuses,
+        [200, 429, 429].map(|s| StatusCode::from_u16(s).unwrap())
+    );
+    let count = |name: &str, decision: &str| {
+        counters
+            .get(name, &[("policy", "report"), ("decision", decision)])
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        (
+            count(REQUESTS_TOTAL, "allowed"),
+            count(REQUESTS_TOTAL, "limited")
+        ),
+        (2, 1),
+        "the rate limiter's series"
+    );
+    assert_eq!(
+        (
+            count(CONCURRENCY_REQUESTS_TOTAL, "allowed"),
+            count(CONCURRENCY_REQUESTS_TOTAL, "limited")
+        ),
+        (1, 1),
+        "the concurrency limiter's series"
+    );
 }

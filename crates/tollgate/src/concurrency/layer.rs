@@ -10,7 +10,7 @@ use super::{ConcurrencyLimit, ConcurrencyPolicy};
 #[cfg(feature = "axum")]
 use crate::KeyScope;
 use crate::key::{ClientAddress, ClientAndUser, KeyExtractor, MissingKey};
-use crate::metrics::PolicyCounters;
+use crate::metrics::{Limiter, PolicyCounters};
 use crate::pipeline::{Bindings, Classifier, Common, LogThrottle};
 use crate::{Allowlist, ClientIpSource, RequestParts};
 
@@ -222,7 +222,7 @@ impl<S, St: Clone, K: KeyExtractor + Clone> Layer<S> for ConcurrencyLimitLayer<S
                     failure: p.failure,
                     shadow: false,
                     allowlist: self.allowlist.clone(),
-                    counters: PolicyCounters::register(&p.name),
+                    counters: PolicyCounters::register(&p.name, Limiter::Concurrency),
                     degraded_log: LogThrottle::default(),
                     unavailable_retry_after: p.retry_after,
                     store_kind: "concurrency",

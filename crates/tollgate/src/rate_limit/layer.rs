@@ -12,7 +12,7 @@ use super::RateLimit;
 #[cfg(feature = "axum")]
 use crate::KeyScope;
 use crate::key::{ClientAddress, ClientAndUser, KeyExtractor, MissingKey};
-use crate::metrics::PolicyCounters;
+use crate::metrics::{Limiter, PolicyCounters};
 use crate::pipeline::{Bindable, Bindings, Classifier, Common, Compiled, LogThrottle};
 use crate::response::{LimitedResponseFn, PolicyHeaders, RateLimitHeaders, default_limited};
 use crate::{Allowlist, ClientIpSource, Decision, Policy, PolicyError, Quota, RequestParts};
@@ -368,7 +368,7 @@ impl CompiledPolicy {
                 failure: source.failure,
                 shadow: source.shadow || layer.shadow,
                 allowlist: layer.allowlist.clone().merge(&source.allowlist),
-                counters: PolicyCounters::register(&source.name),
+                counters: PolicyCounters::register(&source.name, Limiter::Rate),
                 degraded_log: LogThrottle::default(),
                 unavailable_retry_after: layer.unavailable_retry_after,
                 store_kind: "rate-limit",
