@@ -1,5 +1,5 @@
 //! Helpers shared by the layer tests.
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, unused_imports)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;
