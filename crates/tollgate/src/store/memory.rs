@@ -780,6 +780,111 @@ mod tests {
     }
 
     #[test]
+    fn a_full_shard_holds_exactly_its_maximum_before_it_evicts() {
+        // One shard of 50: the 50th key fits without evicting; only the 51st makes room.
+        let s = MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(50)
+            .shards(1)
+            .build();
+        let q = [Quota::per_hour(10).unwrap()];
+        for i in 0..50 {
+            assert!(s.decide(&key(i), &q, 1).unwrap().is_allowed());
+        }
+        assert_eq!(s.len(), 50, "nothing evicted at the maximum");
+        // Every one of them still holds what it spent.
+        for i in 0..50 {
+            assert_eq!(s.decide(&key(i), &q, 0).unwrap().remaining(), 9, "key {i}");
+        }
+        assert!(s.decide(&key(50), &q, 1).unwrap().is_allowed());
+        assert!(s.len() <= 50);
+        assert!(
+            s.len() < 50,
+            "making room drops more than the one key it needs"
+        );
+    }
+
+    #[test]
+    fn a_sweep_keeps_what_protects_a_limited_client() {
+        // A client limited for a long while (3 per hour, spent), then a sweep (the sweep
+        // interval passes), then a flood: the sweep must drop only what has expired, so the
+        // client is still protected from eviction and still limited.
+        let clock = ManualClock::new();
+        let s = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_keys(100)
+            .shards(1)
+            .sweep_interval(Duration::from_secs(1))
+            .build();
+        let login = [Quota::per_hour(3).unwrap()];
+        let victim = key(1_000_000);
+        for _ in 0..3 {
+            assert!(s.decide(&victim, &login, 1).unwrap().is_allowed());
+        }
+        assert!(s.decide(&victim, &login, 1).unwrap().is_limited());
+        clock.advance(Duration::from_secs(2));
+        // This request runs the sweep.
+        assert!(s.decide(&victim, &login, 1).unwrap().is_limited());
+        let daily = [Quota::per_day(100).unwrap()];
+        for i in 0..5_000 {
+            // Each spends 5: more than the victim's state holds.
+            assert!(s.decide(&key(i), &daily, 5).unwrap().is_allowed());
+        }
+        assert!(s.decide(&victim, &login, 1).unwrap().is_limited());
+    }
+
+    #[test]
+    fn evictions_of_many_policies_are_counted_under_their_own_names() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let s = MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(64)
+            .shards(1)
+            .build();
+        let q = [Quota::per_hour(10).unwrap()];
+        // 300 policies, each with a few keys: far more than fit, so every policy's states are
+        // evicted at some point. Every eviction must name its policy, never "unknown".
+        let names: Vec<String> = (0..300).map(|i| format!("policy-{i}")).collect();
+        for round in 0..4u32 {
+            for (i, name) in names.iter().enumerate() {
+                let ip = IpAddr::V4(Ipv4Addr::from(round * 1_000 + u32::try_from(i).unwrap()));
+                s.decide(&Key::new(name, "/r", Some(ip), None::<&str>), &q, 1)
+                    .unwrap();
+            }
+        }
+        let mut policies = std::collections::HashSet::new();
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            if let DebugValue::Counter(n) = value
+                && n > 0
+                && key.key().name() == crate::metrics::STORE_EVICTIONS_TOTAL
+            {
+                let policy = key.key().labels().find(|l| l.key() == "policy").unwrap();
+                policies.insert(policy.value().to_owned());
+            }
+        }
+        assert!(!policies.contains("unknown"), "{policies:?}");
+        assert!(policies.len() > 250, "{} policies counted", policies.len());
+    }
+
+    #[test]
+    fn policy_tags_spread_over_their_16_bits() {
+        // What the eviction labels rely on: distinct policies get distinct tags but for the
+        // birthday rate of 16 bits (1000 names: about 8 collisions expected).
+        let tags: std::collections::HashSet<u16> = (0..1000)
+            .map(|i| policy_tag(&format!("policy-{i}")))
+            .collect();
+        assert!(tags.len() >= 980, "{} distinct tags of 1000", tags.len());
+        let short: std::collections::HashSet<u16> = ["a", "b", "api", "login", "search", "export"]
+            .iter()
+            .map(|n| policy_tag(n))
+            .collect();
+        assert_eq!(short.len(), 6);
+    }
+
+    #[test]
     fn evictions_are_counted_per_policy() {
         use metrics_util::debugging::{DebugValue, DebuggingRecorder};
         let recorder = DebuggingRecorder::new();
