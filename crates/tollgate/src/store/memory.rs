@@ -1044,6 +1044,37 @@ mod tests {
     }
 
     #[test]
+    fn a_sliding_window_counts_both_its_windows_when_evicting() {
+        // 100/m sliding: 5 spent in one window and 1 in the next leave a state holding 1 now
+        // and 5 from the window before: 6 units. A fixed-window key that spent 4 holds fewer,
+        // so it is the one a newcomer's room comes from.
+        let clock = ManualClock::new();
+        let s = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_keys(2)
+            .shards(1)
+            .build();
+        let sliding = [q("100/m sliding-window")];
+        let fixed = [q("100/h fixed-window")];
+        let (ks, kf) = (key(1), key(2));
+        s.decide(&ks, &sliding, 5).unwrap();
+        clock.advance(Duration::from_secs(60));
+        s.decide(&ks, &sliding, 1).unwrap();
+        s.decide(&kf, &fixed, 4).unwrap();
+        s.decide(&key(3), &[Quota::per_hour(100).unwrap()], 1)
+            .unwrap();
+        assert_eq!(
+            s.decide(&kf, &fixed, 0).unwrap().remaining(),
+            100,
+            "fixed dropped"
+        );
+        assert!(
+            s.decide(&ks, &sliding, 0).unwrap().remaining() < 99,
+            "sliding kept"
+        );
+    }
+
+    #[test]
     fn eviction_hands_back_the_fewest_units_whatever_the_algorithm() {
         let clock = ManualClock::new();
         let s = MemoryStore::builder()
