@@ -238,35 +238,30 @@ impl<C: Clock> MemoryStore<C> {
             if new_entries > 0 && state.map.len() + new_entries > inner.max_keys_per_shard {
                 evicted = make_room(&mut state, now, inner.max_keys_per_shard, new_entries);
             }
-            let tag = (new_entries > 0).then(|| policy_tag(key.policy()));
             for (quota, e) in quotas.iter().zip(&evals) {
                 let Some(write) = e.write else { continue };
                 let slot = entry_key(base, quota);
                 match state.map.get_mut(&slot) {
                     Some(stored) => stored.state = write,
                     None => {
+                        let tag = policy_tag(key.policy());
+                        inner.policies.note(tag, key.policy());
                         state.map.insert(
                             slot,
                             Entry {
                                 state: write,
                                 interval_us: interval_us(quota),
-                                policy: tag.unwrap_or(0),
+                                policy: tag,
                             },
                         );
                     }
                 }
                 if e.spent.remaining == 0 {
-                    // Spent: the next request of this key is refused until one unit is back.
-                    // Dropping the state before then would hand that client a fresh budget.
-                    let offset = algorithm::window_offset(key, quota);
-                    let wait = algorithm::eval(quota, now, Some(write), 1, offset)
-                        .unspent
-                        .retry_after_ns;
-                    protect(&mut state, slot, now.saturating_add(wait));
+                    // Spent: the next request of this key is refused until one unit is back
+                    // (what the spent state's next unit says). Dropping the state before then
+                    // would hand that client a fresh budget.
+                    protect(&mut state, slot, now.saturating_add(e.spent.next_unit_ns));
                 }
-            }
-            if let Some(tag) = tag {
-                inner.policies.note(tag, key.policy());
             }
         } else if cost > 1 {
             // A request refused for its cost, though cheaper ones may pass: its client is
@@ -823,14 +818,51 @@ mod tests {
         }
         assert!(s.decide(&victim, &login, 1).unwrap().is_limited());
         clock.advance(Duration::from_secs(2));
-        // This request runs the sweep.
+        // This request runs the shard's sweep; an operator's sweep of every shard follows.
         assert!(s.decide(&victim, &login, 1).unwrap().is_limited());
+        s.sweep();
         let daily = [Quota::per_day(100).unwrap()];
         for i in 0..5_000 {
             // Each spends 5: more than the victim's state holds.
             assert!(s.decide(&key(i), &daily, 5).unwrap().is_allowed());
         }
         assert!(s.decide(&victim, &login, 1).unwrap().is_limited());
+    }
+
+    #[test]
+    fn one_batch_of_evictions_counts_limited_and_not_apart() {
+        // 60 limited clients and 4 that are not, all of one policy: making room drops an eighth
+        // (8), the 4 unlimited first and then 4 limited ones, in one batch. Each is counted
+        // under its own `limited` label.
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let _guard = metrics::set_default_local_recorder(&recorder);
+        let s = MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(64)
+            .shards(1)
+            .build();
+        let one = [Quota::per_hour(1).unwrap()];
+        let two = [Quota::per_hour(2).unwrap()];
+        for i in 0..60 {
+            assert!(s.decide(&key(i), &one, 1).unwrap().is_allowed());
+        }
+        for i in 60..64 {
+            assert!(s.decide(&key(i), &two, 1).unwrap().is_allowed());
+        }
+        s.decide(&key(1_000), &two, 1).unwrap();
+        let mut counted = std::collections::HashMap::new();
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            if let DebugValue::Counter(n) = value
+                && key.key().name() == crate::metrics::STORE_EVICTIONS_TOTAL
+            {
+                let limited = key.key().labels().find(|l| l.key() == "limited").unwrap();
+                *counted.entry(limited.value().to_owned()).or_insert(0) += n;
+            }
+        }
+        assert_eq!(counted.get("false"), Some(&4), "{counted:?}");
+        assert_eq!(counted.get("true"), Some(&4), "{counted:?}");
     }
 
     #[test]
@@ -1044,6 +1076,45 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_with_more_quotas_than_a_shard_holds_still_decides() {
+        // One state per shard, a policy of two quotas: nothing to evict, and no panic; the
+        // request is decided (and its states stored beyond the bound rather than not at all).
+        let s = MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(1)
+            .shards(1)
+            .build();
+        let q = [Quota::per_minute(3).unwrap(), Quota::per_hour(10).unwrap()];
+        let d = s.decide(&key(1), &q, 1).unwrap();
+        assert!(d.is_allowed());
+        assert_eq!(d.states()[0].remaining(), 2);
+    }
+
+    #[test]
+    fn making_room_drops_exactly_the_states_that_hold_least() {
+        // 64 states holding 1, 2, ... 64 units (spent at once, 100 per day). One more key needs
+        // room: an eighth of the shard goes, and exactly the 8 that hold least.
+        let s = MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(64)
+            .shards(1)
+            .build();
+        let q = [Quota::per_day(100).unwrap()];
+        // Inserted in a scrambled order, so no order of the map's iteration can pass by luck.
+        for i in 0..64u32 {
+            let units = (i * 37) % 64 + 1;
+            s.decide(&key(units), &q, units).unwrap();
+        }
+        assert_eq!(s.len(), 64);
+        s.decide(&key(1_000), &q, 1).unwrap();
+        let kept: Vec<bool> = (1..=64u32)
+            .map(|units| s.decide(&key(units), &q, 0).unwrap().remaining() == 100 - units)
+            .collect();
+        let dropped: Vec<u32> = (1..=64u32).filter(|u| !kept[*u as usize - 1]).collect();
+        assert_eq!(dropped, (1..=8).collect::<Vec<u32>>());
+    }
+
+    #[test]
     fn a_sliding_window_counts_both_its_windows_when_evicting() {
         // 100/m sliding: 5 spent in one window and 1 in the next leave a state holding 1 now
         // and 5 from the window before: 6 units. A fixed-window key that spent 4 holds fewer,
@@ -1161,8 +1232,20 @@ mod tests {
 
     #[test]
     fn an_entry_never_understates_the_interval_it_rounds() {
-        for text in ["1/s", "3/s", "7/m", "8/d", "1/366d", "999999/s", "13/7s"] {
-            let quota: Quota = text.parse().unwrap();
+        // 2^24 + 3 us lies halfway between two f32s and rounds up to the even one: the case
+        // where the next f32 below must be taken.
+        let halfway = Quota::new(1, Duration::from_micros(16_777_219)).unwrap();
+        assert!(
+            f64::from(16_777_219_f32) > 16_777_219.0,
+            "the f32 rounds up"
+        );
+        let texts = ["1/s", "3/s", "7/m", "8/d", "1/366d", "999999/s", "13/7s"];
+        let quotas = texts.iter().map(|t| t.parse::<Quota>().unwrap());
+        for (text, quota) in texts
+            .iter()
+            .chain(["2^24 + 3 us"].iter())
+            .zip(quotas.chain([halfway]))
+        {
             let stored = f64::from(interval_us(&quota));
             let exact = quota.emission_interval().as_micros() as f64;
             assert!(
