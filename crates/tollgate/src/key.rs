@@ -791,6 +791,61 @@ mod tests {
 
     const IP: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1));
 
+    /// A hasher that keeps every byte it is fed: what `hash_with` promises is about the bytes
+    /// (no two different keys feed the same ones), whatever the hasher does with lengths.
+    #[derive(Default)]
+    struct Recorded(Vec<u8>);
+
+    impl Hasher for Recorded {
+        fn finish(&self) -> u64 {
+            0
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            self.0.extend_from_slice(bytes);
+        }
+    }
+
+    fn fed(key: &Key<'_>) -> Vec<u8> {
+        let mut r = Recorded::default();
+        key.hash_with(&mut r);
+        r.0
+    }
+
+    #[test]
+    fn no_two_keys_feed_the_hasher_the_same_bytes() {
+        let v4: IpAddr = "1.2.3.4".parse().unwrap();
+        let v6: IpAddr = "::102:304".parse().unwrap();
+        let keys = [
+            // The same bytes split differently between policy and route.
+            Key::new("ab", "c", None, None::<&str>),
+            Key::new("a", "bc", None, None::<&str>),
+            // The same address bits in both families, and none.
+            Key::new("p", "/r", Some(v4), None::<&str>),
+            Key::new("p", "/r", Some(v6), None::<&str>),
+            Key::new("p", "/r", None, None::<&str>),
+            // An empty user part is no user part; a user that reads like no address.
+            Key::new("p", "/r", None, Some("u")),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(fed(a), fed(b), "{a:?} and {b:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_identity_reads_back_what_it_was_built_from() {
+        let id = Identity::from_client_ip(IP).with_user("alice");
+        assert_eq!((id.client_ip(), id.user()), (Some(IP), Some("alice")));
+        let user = Identity::from_user("bob");
+        assert_eq!((user.client_ip(), user.user()), (None, Some("bob")));
+        assert_eq!(Identity::from_client_ip(IP).with_user("").user(), None);
+        let global = Identity::global();
+        assert_eq!((global.client_ip(), global.user()), (None, None));
+        // The extractors say which type they read, for a misconfigured layer's log line.
+        assert!(format!("{:?}", FromExtension::<u64>::new()).contains("u64"));
+    }
+
     #[test]
     fn a_tenant_header_a_client_could_bend_is_no_key() {
         let tenant = TrustedHeader::new(HeaderName::from_static("x-tenant"));

@@ -147,6 +147,21 @@ async fn a_global_key_is_one_budget_for_every_client() {
 }
 
 #[tokio::test]
+async fn a_global_key_needs_no_peer_address() {
+    // Global always has its identity: a layer that rejects requests without a key still
+    // serves (and limits) requests that come with no peer address at all.
+    let app = Router::new().route("/api", get(|| async { "ok" })).layer(
+        RateLimitLayer::new(MemoryStore::new())
+            .key(Global)
+            .missing_key(tollgate::MissingKey::Reject)
+            .route("/api", Policy::new("api", "1/m".parse().unwrap())),
+    );
+    let bare = || Request::get("/api").body(Body::empty()).unwrap();
+    assert_eq!(status(&app, bare()).await, 200);
+    assert_eq!(status(&app, bare()).await, 429);
+}
+
+#[tokio::test]
 async fn a_closure_sees_the_resolved_client_and_the_matched_route() {
     let app = router(
         |r: &RequestParts<'_>| {
