@@ -577,6 +577,30 @@ mod tests {
             .build()
     }
 
+    /// Evictions counted so far, by (policy, limited) label values.
+    fn evictions(
+        snapshotter: &metrics_util::debugging::Snapshotter,
+    ) -> std::collections::HashMap<(String, String), u64> {
+        let mut counted = std::collections::HashMap::new();
+        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+            if let metrics_util::debugging::DebugValue::Counter(n) = value
+                && key.key().name() == crate::metrics::STORE_EVICTIONS_TOTAL
+            {
+                let label = |name| {
+                    key.key()
+                        .labels()
+                        .find(|l| l.key() == name)
+                        .map(|l| l.value().to_owned())
+                        .unwrap()
+                };
+                *counted
+                    .entry((label("policy"), label("limited")))
+                    .or_insert(0) += n;
+            }
+        }
+        counted
+    }
+
     #[test]
     fn limits_per_key() {
         let clock = ManualClock::new();
@@ -834,7 +858,7 @@ mod tests {
         // 60 limited clients and 4 that are not, all of one policy: making room drops an eighth
         // (8), the 4 unlimited first and then 4 limited ones, in one batch. Each is counted
         // under its own `limited` label.
-        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        use metrics_util::debugging::DebuggingRecorder;
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let _guard = metrics::set_default_local_recorder(&recorder);
@@ -852,22 +876,15 @@ mod tests {
             assert!(s.decide(&key(i), &two, 1).unwrap().is_allowed());
         }
         s.decide(&key(1_000), &two, 1).unwrap();
-        let mut counted = std::collections::HashMap::new();
-        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-            if let DebugValue::Counter(n) = value
-                && key.key().name() == crate::metrics::STORE_EVICTIONS_TOTAL
-            {
-                let limited = key.key().labels().find(|l| l.key() == "limited").unwrap();
-                *counted.entry(limited.value().to_owned()).or_insert(0) += n;
-            }
-        }
-        assert_eq!(counted.get("false"), Some(&4), "{counted:?}");
-        assert_eq!(counted.get("true"), Some(&4), "{counted:?}");
+        let counted = evictions(&snapshotter);
+        let of = |limited: &str| counted.get(&("p".to_owned(), limited.to_owned())).copied();
+        assert_eq!(of("false"), Some(4), "{counted:?}");
+        assert_eq!(of("true"), Some(4), "{counted:?}");
     }
 
     #[test]
     fn evictions_of_many_policies_are_counted_under_their_own_names() {
-        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        use metrics_util::debugging::DebuggingRecorder;
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let _guard = metrics::set_default_local_recorder(&recorder);
@@ -887,16 +904,11 @@ mod tests {
                     .unwrap();
             }
         }
-        let mut policies = std::collections::HashSet::new();
-        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-            if let DebugValue::Counter(n) = value
-                && n > 0
-                && key.key().name() == crate::metrics::STORE_EVICTIONS_TOTAL
-            {
-                let policy = key.key().labels().find(|l| l.key() == "policy").unwrap();
-                policies.insert(policy.value().to_owned());
-            }
-        }
+        let policies: std::collections::HashSet<String> = evictions(&snapshotter)
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .map(|((policy, _), _)| policy)
+            .collect();
         assert!(!policies.contains("unknown"), "{policies:?}");
         assert!(policies.len() > 250, "{} policies counted", policies.len());
     }
@@ -918,7 +930,7 @@ mod tests {
 
     #[test]
     fn evictions_are_counted_per_policy() {
-        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+        use metrics_util::debugging::DebuggingRecorder;
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let _guard = metrics::set_default_local_recorder(&recorder);
@@ -952,23 +964,7 @@ mod tests {
             );
             s.decide(&k, &q, 2).unwrap();
         }
-        let mut counted = std::collections::HashMap::new();
-        for (key, _, _, value) in snapshotter.snapshot().into_vec() {
-            if let DebugValue::Counter(n) = value
-                && key.key().name() == crate::metrics::STORE_EVICTIONS_TOTAL
-            {
-                let label = |name| {
-                    key.key()
-                        .labels()
-                        .find(|l| l.key() == name)
-                        .map(|l| l.value().to_owned())
-                        .unwrap()
-                };
-                *counted
-                    .entry((label("policy"), label("limited")))
-                    .or_insert(0) += n;
-            }
-        }
+        let counted = evictions(&snapshotter);
         let of = |p: &str| {
             counted
                 .get(&(p.to_owned(), "false".to_owned()))
