@@ -135,37 +135,42 @@ impl<'a> Key<'a> {
         self.user.as_deref()
     }
 
-    /// A 128-bit keyed hash of the key (two independently, randomly seeded 64-bit hashes):
-    /// what the memory stores index by.
-    pub(crate) fn hash128(&self, seeds: &KeyHasher) -> u128 {
-        let hi = self.hash_with(seeds.0.build_hasher());
-        let lo = self.hash_with(seeds.1.build_hasher());
-        (u128::from(hi) << 64) | u128::from(lo)
+    /// A 128-bit keyed hash of the key, as two independently, randomly seeded 64-bit hashes:
+    /// what the memory stores index by (the memory store picks the shard by the first and
+    /// finds the key in it by the second).
+    pub(crate) fn hash128(&self, seeds: &KeyHasher) -> (u64, u64) {
+        (
+            self.hash_with(seeds.0.build_hasher()),
+            self.hash_with(seeds.1.build_hasher()),
+        )
     }
 
     fn hash_with(&self, mut h: impl Hasher) -> u64 {
-        // One word of lengths and the address family first, so that no two different keys
-        // feed the hasher the same bytes (lengths are far below 2^20: policy and route names
-        // are the operator's, user parts at most MAX_USER_LEN).
-        let user = self.user.as_deref().map(str::as_bytes);
+        // A head first, so that no two different keys feed the hasher the same bytes: the
+        // address family, whether the user part is a digest, and the policy's and the route's
+        // lengths. The user part comes last, so its end is the end of what the hasher is fed
+        // (an empty user part is no user part). Lengths saturate far above what a key holds:
+        // policy names are at most 64 bytes, routes are the operator's templates.
         let (family, addr) = match self.ip {
-            None => (0u64, 0u128),
+            None => (0, 0u128),
             Some(IpAddr::V4(ip)) => (1, u128::from(u32::from(ip))),
             Some(IpAddr::V6(ip)) => (2, u128::from(ip)),
         };
-        let len = |n: usize| (n as u64) & 0xf_ffff;
-        let head = family << 62
-            | u64::from(user.is_some()) << 61
-            | u64::from(self.digested) << 60
-            | len(self.policy.len()) << 40
-            | len(self.route.len()) << 20
-            | user.map_or(0, |u| len(u.len()));
-        h.write_u64(head);
+        let [p0, p1] = u16::try_from(self.policy.len())
+            .unwrap_or(u16::MAX)
+            .to_le_bytes();
+        let [r0, r1, r2, r3] = u32::try_from(self.route.len())
+            .unwrap_or(u32::MAX)
+            .to_le_bytes();
+        let digested = u8::from(self.digested);
+        h.write_u64(u64::from_le_bytes([
+            family, digested, p0, p1, r0, r1, r2, r3,
+        ]));
         h.write(self.policy.as_bytes());
         h.write(self.route.as_bytes());
         h.write_u128(addr);
-        if let Some(user) = user {
-            h.write(user);
+        if let Some(user) = &self.user {
+            h.write(user.as_bytes());
         }
         h.finish()
     }
@@ -194,7 +199,9 @@ fn write_escaped(f: &mut fmt::Formatter<'_>, s: &str, tilde: bool) -> fmt::Resul
             || matches!(b, b'.' | b'_' | b'/' | b'-')
             || (tilde && b == b'~');
         if !plain {
-            // Bytes start..i are plain ASCII, so both ends are char boundaries.
+            // Bytes start..i are plain ASCII, so both ends are char boundaries. When none is
+            // (start == i), start may sit inside a multi-byte character escaped byte by byte,
+            // and even an empty slice there would panic.
             if start < i {
                 f.write_str(&s[start..i])?;
             }
@@ -203,10 +210,7 @@ fn write_escaped(f: &mut fmt::Formatter<'_>, s: &str, tilde: bool) -> fmt::Resul
             start = i + 1;
         }
     }
-    if start < bytes.len() {
-        f.write_str(&s[start..])?;
-    }
-    Ok(())
+    f.write_str(&s[start..])
 }
 
 impl fmt::Display for Key<'_> {
@@ -458,7 +462,10 @@ where
 /// neither (one budget for everybody). What a [`KeyExtractor`] gives; the layer adds the policy
 /// and the route, masks the address (see [`ClientIpSource::ipv6_prefix`](crate::ClientIpSource)) and bounds
 /// the user part ([`MAX_USER_LEN`]).
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+///
+/// There is deliberately no `Default`: an identity that means "everybody shares one budget"
+/// is spelled [`Identity::global`], never produced by accident.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity<'a> {
     ip: Option<IpAddr>,
     user: Option<Cow<'a, str>>,
@@ -467,7 +474,10 @@ pub struct Identity<'a> {
 impl<'a> Identity<'a> {
     /// No address and no user: every request with this identity shares one budget.
     pub fn global() -> Self {
-        Identity::default()
+        Identity {
+            ip: None,
+            user: None,
+        }
     }
 
     /// A client address.
@@ -1096,14 +1106,13 @@ mod tests {
         // The high half picks the memory store's shard, the low half the key within it: both
         // must depend on the key, or every key lands in one shard.
         let h = KeyHasher::new();
-        let hashes: Vec<u128> = (0..64u32)
+        let hashes: Vec<(u64, u64)> = (0..64u32)
             .map(|i| {
                 Key::new("p", "/a", Some(IpAddr::V4(Ipv4Addr::from(i))), None::<&str>).hash128(&h)
             })
             .collect();
-        let high: std::collections::HashSet<u64> =
-            hashes.iter().map(|h| (h >> 64) as u64).collect();
-        let low: std::collections::HashSet<u64> = hashes.iter().map(|h| *h as u64).collect();
+        let high: std::collections::HashSet<u64> = hashes.iter().map(|h| h.0).collect();
+        let low: std::collections::HashSet<u64> = hashes.iter().map(|h| h.1).collect();
         assert_eq!(high.len(), 64);
         assert_eq!(low.len(), 64);
     }

@@ -19,7 +19,7 @@ pub struct MemoryConcurrencyStore {
 }
 
 struct Inner {
-    counts: Mutex<HashMap<u128, u32>>,
+    counts: Mutex<HashMap<(u64, u64), u32>>,
     hasher: KeyHasher,
 }
 
@@ -105,7 +105,7 @@ impl ConcurrencyStore for MemoryConcurrencyStore {
 /// A slot of a [`MemoryConcurrencyStore`], given back when dropped.
 pub struct MemoryPermit {
     inner: Arc<Inner>,
-    slot: u128,
+    slot: (u64, u64),
 }
 
 impl Drop for MemoryPermit {
