@@ -1,11 +1,10 @@
 use std::fmt;
 use std::future::{Ready, ready};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use hashbrown::HashMap;
+use hashbrown::HashTable;
 use smallvec::SmallVec;
 
 use super::{Store, StoreError};
@@ -134,18 +133,44 @@ struct Shard {
 }
 
 struct ShardState {
-    /// Hash of (key, quota index) -> the quota's state.
-    map: HashMap<u64, Entry, BuildHasherDefault<PrehashedHasher>>,
+    /// The states, found by their slot (see [`entry_key`]). A slot is already a randomly
+    /// seeded hash, so it is the table's hash as it is: hashing it again would only cost time.
+    map: HashTable<Entry>,
     /// The states whose loss would hand budget back to a client that is limited now, with the
     /// moment that stops being so (ns). Eviction never drops them. Only limited keys have an
-    /// entry here, and it never outlives its state.
-    protected: HashMap<u64, u64, BuildHasherDefault<PrehashedHasher>>,
+    /// entry here, and it never outlives its state. `(slot, until)`.
+    protected: HashTable<(u64, u64)>,
     next_sweep_ns: u64,
+}
+
+impl ShardState {
+    #[inline]
+    fn get(&self, slot: u64) -> Option<&Entry> {
+        self.map.find(slot, |e| e.slot == slot)
+    }
+
+    /// Drops the states that hold nothing at `now` (a state whose time has come decides as a
+    /// fresh one) and the protections that have ended.
+    fn drop_expired(&mut self, now: u64) {
+        self.map.retain(|e| e.state.t > now);
+        self.protected.retain(|&mut (_, until)| until > now);
+    }
+
+    /// Forgets the state in `slot`, and its protection.
+    fn remove(&mut self, slot: u64) -> Option<Entry> {
+        if let Ok(p) = self.protected.find_entry(slot, |p| p.0 == slot) {
+            p.remove();
+        }
+        let found = self.map.find_entry(slot, |e| e.slot == slot).ok()?;
+        Some(found.remove().0)
+    }
 }
 
 /// One quota's state and what eviction needs to know about it.
 #[derive(Debug, Clone, Copy)]
 struct Entry {
+    /// Which key and quota this state belongs to: [`entry_key`].
+    slot: u64,
     state: State,
     /// GCRA: the emission interval in microseconds, as an `f32` rounded down (24 bits of
     /// precision at any size, so it only ever overstates the units a state holds, by less
@@ -208,16 +233,14 @@ impl<C: Clock> MemoryStore<C> {
     ) -> Result<Decision, StoreError> {
         StoreError::check_cost(quotas, cost)?;
         let inner = &*self.inner;
-        let hash = key.hash128(&inner.hasher);
-        // The high half picks the shard, the low half identifies the key within it: every
-        // quota of one key lives in one shard, so one lock makes the decision atomic.
-        let shard = &inner.shards[((hash >> 64) as usize) & inner.shard_mask];
-        let base = hash as u64;
+        // One half picks the shard, the other identifies the key within it: every quota of
+        // one key lives in one shard, so one lock makes the decision atomic.
+        let (shard, base) = key.hash128(&inner.hasher);
+        let shard = &inner.shards[(shard as usize) & inner.shard_mask];
         let mut state = lock(&shard.state);
         let now = inner.clock.now_ns();
         if now >= state.next_sweep_ns {
-            state.map.retain(|_, e| e.state.t > now);
-            state.protected.retain(|_, until| *until > now);
+            state.drop_expired(now);
             state.next_sweep_ns = now.saturating_add(inner.sweep_interval_ns);
         }
 
@@ -226,7 +249,7 @@ impl<C: Clock> MemoryStore<C> {
         // key with no state writes nothing, and must not make room by evicting others).
         let mut new_entries = 0;
         for quota in quotas {
-            let stored = state.map.get(&entry_key(base, quota)).map(|e| e.state);
+            let stored = state.get(entry_key(base, quota)).map(|e| e.state);
             let offset = algorithm::window_offset(key, quota);
             let e = algorithm::eval(quota, now, stored, cost, offset);
             new_entries += usize::from(stored.is_none() && e.write.is_some());
@@ -235,25 +258,25 @@ impl<C: Clock> MemoryStore<C> {
         let allowed = evals.iter().all(Eval::allowed);
         let mut evicted = Evicted::default();
         if allowed {
-            if new_entries > 0 && state.map.len() + new_entries > inner.max_keys_per_shard {
+            // A shard never holds more than its maximum, so this is false when nothing is new.
+            if state.map.len() + new_entries > inner.max_keys_per_shard {
                 evicted = make_room(&mut state, now, inner.max_keys_per_shard, new_entries);
             }
             for (quota, e) in quotas.iter().zip(&evals) {
                 let Some(write) = e.write else { continue };
                 let slot = entry_key(base, quota);
-                match state.map.get_mut(&slot) {
+                match state.map.find_mut(slot, |e| e.slot == slot) {
                     Some(stored) => stored.state = write,
                     None => {
                         let tag = policy_tag(key.policy());
                         inner.policies.note(tag, key.policy());
-                        state.map.insert(
+                        let entry = Entry {
                             slot,
-                            Entry {
-                                state: write,
-                                interval_us: interval_us(quota),
-                                policy: tag,
-                            },
-                        );
+                            state: write,
+                            interval_us: interval_us(quota),
+                            policy: tag,
+                        };
+                        state.map.insert_unique(slot, entry, |e| e.slot);
                     }
                 }
                 if e.spent.remaining == 0 {
@@ -281,14 +304,11 @@ impl<C: Clock> MemoryStore<C> {
     /// operators unblocking a client (see docs/operations.md).
     pub fn reset(&self, key: &Key<'_>, quotas: &[Quota]) {
         let inner = &*self.inner;
-        let hash = key.hash128(&inner.hasher);
-        let shard = &inner.shards[((hash >> 64) as usize) & inner.shard_mask];
-        let base = hash as u64;
+        let (shard, base) = key.hash128(&inner.hasher);
+        let shard = &inner.shards[(shard as usize) & inner.shard_mask];
         let mut state = lock(&shard.state);
         for quota in quotas {
-            let slot = entry_key(base, quota);
-            state.map.remove(&slot);
-            state.protected.remove(&slot);
+            state.remove(entry_key(base, quota));
         }
     }
 
@@ -312,10 +332,9 @@ impl<C: Clock> MemoryStore<C> {
         let now = self.inner.clock.now_ns();
         for shard in self.inner.shards.iter() {
             let mut state = lock(&shard.state);
-            state.map.retain(|_, e| e.state.t > now);
-            state.map.shrink_to_fit();
-            state.protected.retain(|_, until| *until > now);
-            state.protected.shrink_to_fit();
+            state.drop_expired(now);
+            state.map.shrink_to_fit(|e| e.slot);
+            state.protected.shrink_to_fit(|p| p.0);
         }
     }
 }
@@ -349,8 +368,12 @@ fn interval_us(quota: &Quota) -> f32 {
 
 /// Marks a state as one whose client is limited until `until`.
 fn protect(state: &mut ShardState, slot: u64, until: u64) {
-    let stored = state.protected.entry(slot).or_insert(until);
-    *stored = (*stored).max(until);
+    match state.protected.find_mut(slot, |p| p.0 == slot) {
+        Some(p) => p.1 = p.1.max(until),
+        None => {
+            state.protected.insert_unique(slot, (slot, until), |p| p.0);
+        }
+    }
 }
 
 /// A poisoned shard only means a thread panicked while holding it; its map is still a valid
@@ -393,8 +416,7 @@ impl Evicted {
 #[cold]
 fn make_room(state: &mut ShardState, now: u64, cap: usize, needed: usize) -> Evicted {
     let mut evicted = Evicted::default();
-    state.map.retain(|_, e| e.state.t > now);
-    state.protected.retain(|_, until| *until > now);
+    state.drop_expired(now);
     if state.map.len() + needed <= cap {
         return evicted;
     }
@@ -402,23 +424,23 @@ fn make_room(state: &mut ShardState, now: u64, cap: usize, needed: usize) -> Evi
     let mut candidates: Vec<(bool, u64, u64, u64)> = state
         .map
         .iter()
-        .map(|(slot, e)| {
-            let limited_until = protected.get(slot).copied();
+        .map(|e| {
+            let limited_until = protected.find(e.slot, |p| p.0 == e.slot).map(|p| p.1);
             (
                 limited_until.is_some(),
                 e.units_at(now),
                 limited_until.unwrap_or(e.state.t),
-                *slot,
+                e.slot,
             )
         })
         .collect();
     let evict = (state.map.len() / 8).max(needed).min(candidates.len());
-    if evict > 0 {
-        candidates.select_nth_unstable(evict - 1);
+    if evict < candidates.len() {
+        // The first `evict` candidates become the `evict` smallest.
+        candidates.select_nth_unstable(evict);
     }
     for &(limited, _, _, slot) in &candidates[..evict] {
-        if let Some(e) = state.map.remove(&slot) {
-            state.protected.remove(&slot);
+        if let Some(e) = state.remove(slot) {
             match evicted
                 .by_policy
                 .iter_mut()
@@ -518,8 +540,8 @@ impl<C: Clock> MemoryStoreBuilder<C> {
         let shards = (0..shards)
             .map(|_| Shard {
                 state: Mutex::new(ShardState {
-                    map: HashMap::default(),
-                    protected: HashMap::default(),
+                    map: HashTable::new(),
+                    protected: HashTable::new(),
                     next_sweep_ns: sweep_interval_ns,
                 }),
             })
@@ -535,27 +557,6 @@ impl<C: Clock> MemoryStoreBuilder<C> {
                 policies: PolicyNames::new(),
             }),
         }
-    }
-}
-
-/// The map keys are already randomly seeded hash outputs: hashing them again would only cost
-/// time.
-#[derive(Default)]
-struct PrehashedHasher(u64);
-
-impl Hasher for PrehashedHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, v: u64) {
-        self.0 = v;
     }
 }
 
@@ -1254,7 +1255,7 @@ mod tests {
     #[test]
     fn a_state_takes_32_bytes_and_a_control_byte() {
         // What docs/operations.md and the builder's docs promise per state.
-        assert_eq!(std::mem::size_of::<(u64, Entry)>(), 32);
+        assert_eq!(std::mem::size_of::<Entry>(), 32);
     }
 
     #[test]
