@@ -1,12 +1,14 @@
 //! Support code for the end-to-end tests: start the demo as a real process on a free loopback
-//! port, read its log, stop it when the test ends; start real Redis servers and clusters. (The
-//! store conformance suite ships in the core, `tollgate::conformance`.)
+//! port, read its log, stop it when the test ends; start real Redis servers and clusters, and a
+//! real Prometheus server. (The store conformance suite ships in the core,
+//! `tollgate::conformance`.)
 
+pub mod prometheus;
 pub mod redis;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -246,4 +248,61 @@ pub fn refused_config(binary: &str, config: &str) -> String {
     );
     assert!(!out.contains("listening on"), "{out}");
     out
+}
+
+/// Every metric name (`ratelimit_...`) that `text` (a PromQL expression, a rules file, a
+/// dashboard) mentions, with a histogram's `_bucket`, `_sum` and `_count` suffix taken off, in
+/// order of appearance.
+pub fn series_named(text: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("ratelimit_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(&name);
+        names.push(base.to_owned());
+    }
+    names
+}
+
+/// docs/dashboards/tollgate.json, the Grafana dashboard.
+pub fn dashboard_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/dashboards/tollgate.json")
+}
+
+/// Every panel's queries, as written in the dashboard.
+///
+/// # Panics
+///
+/// When the file is missing or not a dashboard with queries in every panel.
+pub fn dashboard_queries() -> Vec<String> {
+    let text = std::fs::read_to_string(dashboard_path()).expect("the dashboard file");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    let mut out = Vec::new();
+    for panel in panels {
+        let targets = panel["targets"]
+            .as_array()
+            .expect("every panel has targets");
+        assert!(!targets.is_empty(), "panel {} has no query", panel["title"]);
+        for t in targets {
+            out.push(t["expr"].as_str().expect("a PromQL expr").to_owned());
+        }
+    }
+    out
+}
+
+/// A query as Prometheus sees it once Grafana has put in its variables (all jobs, all
+/// policies, a 1-minute rate window).
+pub fn as_prometheus_sees_it(query: &str) -> String {
+    query
+        .replace("$__rate_interval", "1m")
+        .replace("$job", ".*")
+        .replace("$policy", ".*")
 }

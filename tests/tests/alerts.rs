@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tollgate_tests::require_program;
+use tollgate_tests::{require_program, series_named};
 
 fn alerts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/alerts")
@@ -54,40 +54,14 @@ fn each_alert_fires_when_it_should_and_only_then() {
 #[test]
 fn the_rules_name_only_series_tollgate_exports() {
     let rules = std::fs::read_to_string(alerts().join("tollgate.rules.yml")).unwrap();
-    let exported = [
-        tollgate::metrics::REQUESTS_TOTAL,
-        tollgate::metrics::FAIL_OPEN_TOTAL,
-        tollgate::metrics::FAIL_CLOSED_TOTAL,
-        tollgate::metrics::FALLBACK_TOTAL,
-        tollgate::metrics::STORE_EVICTIONS_TOTAL,
-        tollgate::metrics::STORE_ERRORS_TOTAL,
-        tollgate::metrics::STORE_DEGRADED,
-        tollgate::metrics::STORE_DURATION_SECONDS,
-        tollgate::metrics::DENY_CACHE_HITS_TOTAL,
-        tollgate::metrics::CONCURRENCY_REQUESTS_TOTAL,
-        tollgate::metrics::CONCURRENCY_FAIL_OPEN_TOTAL,
-        tollgate::metrics::CONCURRENCY_FAIL_CLOSED_TOTAL,
-    ];
-    let mut rest = rules.as_str();
-    let mut seen = 0;
-    while let Some(at) = rest.find("ratelimit_") {
-        let name: String = rest[at..]
-            .chars()
-            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-            .collect();
-        // A histogram is scraped as its _bucket, _sum and _count series.
-        let base = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s))
-            .unwrap_or(&name);
+    let named = series_named(&rules);
+    assert!(named.len() >= 6, "{named:?}");
+    for name in named {
         assert!(
-            exported.contains(&base),
+            tollgate::metrics::NAMES.contains(&name.as_str()),
             "{name} is not a series tollgate exports"
         );
-        seen += 1;
-        rest = &rest[at + name.len()..];
     }
-    assert!(seen >= 6);
 }
 
 #[test]

@@ -14,6 +14,7 @@
 //! | `ratelimit_concurrency_requests_total` | counter | `policy`, `decision` | the same as `ratelimit_requests_total`, for the concurrency layer's policies (`allowed`: a slot was held; `limited`: none was free), so that a concurrency policy never merges with a rate policy of the same name |
 //! | `ratelimit_concurrency_fail_open_total` | counter | `policy`, `reason` | requests a concurrency policy let through without a slot because its store failed; registered at zero |
 //! | `ratelimit_concurrency_fail_closed_total` | counter | `policy`, `reason` | requests a fail-closed concurrency policy refused because its store failed |
+//! | `ratelimit_concurrency_in_flight` | gauge | `policy` | requests of this instance holding a slot of a concurrency policy now, from the moment the slot is taken until the response body ends or is dropped; registered at zero (sum over instances for the whole service) |
 //! | `ratelimit_store_evictions_total` | counter | `policy`, `limited` | live memory-store states of this policy dropped because the store was full; `limited="true"` only when the shard held nothing but limited clients |
 //! | `ratelimit_store_errors_total` | counter | `store`, `reason` | failed store calls (shared stores) |
 //! | `ratelimit_store_degraded` | gauge | `store` | 1 while the store is known to be down (circuit open), else 0 |
@@ -38,6 +39,8 @@ pub const CONCURRENCY_REQUESTS_TOTAL: &str = "ratelimit_concurrency_requests_tot
 pub const CONCURRENCY_FAIL_OPEN_TOTAL: &str = "ratelimit_concurrency_fail_open_total";
 /// Requests a fail-closed concurrency policy refused because its store failed.
 pub const CONCURRENCY_FAIL_CLOSED_TOTAL: &str = "ratelimit_concurrency_fail_closed_total";
+/// Requests holding a concurrency slot now, in this instance.
+pub const CONCURRENCY_IN_FLIGHT: &str = "ratelimit_concurrency_in_flight";
 /// Live memory-store states evicted because the store was full.
 pub const STORE_EVICTIONS_TOTAL: &str = "ratelimit_store_evictions_total";
 /// Failed store calls, by store and reason.
@@ -48,6 +51,24 @@ pub const STORE_DEGRADED: &str = "ratelimit_store_degraded";
 pub const STORE_DURATION_SECONDS: &str = "ratelimit_store_duration_seconds";
 /// Requests refused from a store's local deny cache, without a round trip.
 pub const DENY_CACHE_HITS_TOTAL: &str = "ratelimit_deny_cache_hits_total";
+
+/// Every series name above, for tools that check dashboards and alert rules against what is
+/// exported.
+pub const NAMES: [&str; 13] = [
+    REQUESTS_TOTAL,
+    FAIL_OPEN_TOTAL,
+    FAIL_CLOSED_TOTAL,
+    FALLBACK_TOTAL,
+    CONCURRENCY_REQUESTS_TOTAL,
+    CONCURRENCY_FAIL_OPEN_TOTAL,
+    CONCURRENCY_FAIL_CLOSED_TOTAL,
+    CONCURRENCY_IN_FLIGHT,
+    STORE_EVICTIONS_TOTAL,
+    STORE_ERRORS_TOTAL,
+    STORE_DEGRADED,
+    STORE_DURATION_SECONDS,
+    DENY_CACHE_HITS_TOTAL,
+];
 
 /// The `decision` label values of [`REQUESTS_TOTAL`].
 pub const DECISIONS: [&str; 10] = [
@@ -107,6 +128,11 @@ pub fn describe() {
             "Requests refused because the concurrency store failed on a fail-closed policy."
         );
         metrics::describe_gauge!(
+            CONCURRENCY_IN_FLIGHT,
+            Unit::Count,
+            "Requests of this instance holding a concurrency slot now, until their response body ends."
+        );
+        metrics::describe_gauge!(
             STORE_DEGRADED,
             "1 while the rate-limit store is known to be down (circuit breaker open), else 0."
         );
@@ -161,6 +187,23 @@ pub(crate) struct PolicyCounters {
     fail_closed: [metrics::Counter; crate::StoreErrorKind::FAILURE_REASONS.len()],
     #[cfg(feature = "metrics")]
     fallback: [metrics::Counter; crate::StoreErrorKind::FAILURE_REASONS.len()],
+    /// Concurrency policies only (a no-op handle for rate policies).
+    #[cfg(feature = "metrics")]
+    in_flight: metrics::Gauge,
+}
+
+/// One request counted in `ratelimit_concurrency_in_flight` while this lives.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    #[cfg(feature = "metrics")]
+    gauge: metrics::Gauge,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        #[cfg(feature = "metrics")]
+        self.gauge.decrement(1.0);
+    }
 }
 
 /// Indexes into [`DECISIONS`].
@@ -219,11 +262,20 @@ impl PolicyCounters {
             for c in fail_open.iter().chain(&fallback) {
                 c.increment(0);
             }
+            let in_flight = match limiter {
+                Limiter::Rate => metrics::Gauge::noop(),
+                Limiter::Concurrency => {
+                    let gauge = metrics::gauge!(CONCURRENCY_IN_FLIGHT, "policy" => policy.clone());
+                    gauge.increment(0.0);
+                    gauge
+                }
+            };
             PolicyCounters {
                 decisions,
                 fail_open,
                 fail_closed: reason_counters(closed),
                 fallback,
+                in_flight,
             }
         }
         #[cfg(not(feature = "metrics"))]
@@ -239,6 +291,20 @@ impl PolicyCounters {
         self.decisions[outcome as usize].increment(1);
         #[cfg(not(feature = "metrics"))]
         let _ = outcome;
+    }
+
+    /// Counts one more request in flight until the returned guard is dropped.
+    #[cfg_attr(not(feature = "metrics"), allow(clippy::unused_self))]
+    pub(crate) fn in_flight(&self) -> InFlight {
+        #[cfg(feature = "metrics")]
+        {
+            self.in_flight.increment(1.0);
+            InFlight {
+                gauge: self.in_flight.clone(),
+            }
+        }
+        #[cfg(not(feature = "metrics"))]
+        InFlight {}
     }
 
     #[cfg_attr(not(feature = "metrics"), allow(clippy::unused_self))]

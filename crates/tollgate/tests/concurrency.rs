@@ -344,3 +344,46 @@ async fn a_concurrency_policy_counts_apart_from_a_rate_policy_of_the_same_name()
         "the concurrency limiter's series"
     );
 }
+
+/// The in-flight gauge counts requests while they hold a slot: from the moment the slot is
+/// taken until the body ends or is dropped, never a refused request, and back to zero after.
+#[tokio::test]
+async fn the_in_flight_gauge_follows_the_slots_held() {
+    use metrics_util::debugging::DebuggingRecorder;
+    use tollgate::metrics::CONCURRENCY_IN_FLIGHT;
+    let recorder = DebuggingRecorder::new();
+    let counters = support::Counters::new(recorder.snapshotter());
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel();
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            ConcurrencyLimitLayer::new(MemoryConcurrencyStore::new())
+                .policy(ConcurrencyPolicy::new("export", 2)),
+        )
+        .service_fn(move |_req: Request<()>| {
+            let (chunks, body) = mpsc::unbounded_channel();
+            let _ = senders_tx.send(chunks);
+            async move { Ok::<_, Infallible>(Response::new(ChannelBody(body))) }
+        });
+    let in_flight = || counters.gauge(CONCURRENCY_IN_FLIGHT, &[("policy", "export")]);
+    assert_eq!(in_flight(), Some(0.0), "registered at zero");
+
+    let first = svc.ready().await.unwrap().call(request()).await.unwrap();
+    let first_chunks = senders_rx.recv().await.unwrap();
+    let second = svc.ready().await.unwrap().call(request()).await.unwrap();
+    let second_chunks = senders_rx.recv().await.unwrap();
+    assert_eq!(in_flight(), Some(2.0));
+    let refused = svc.ready().await.unwrap().call(request()).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(in_flight(), Some(2.0), "a refused request holds no slot");
+
+    // A client that disconnects drops its body: one fewer.
+    drop(first);
+    drop(first_chunks);
+    assert_eq!(in_flight(), Some(1.0));
+    // A body streamed to its end: none.
+    drop(second_chunks);
+    let body = second.into_body().collect().await;
+    assert!(body.is_ok());
+    assert_eq!(in_flight(), Some(0.0));
+}

@@ -12,12 +12,29 @@ pin_project! {
     pub struct ConcurrencyBody<B, P> {
         #[pin]
         inner: B,
-        permit: Option<P>,
+        permit: Option<Held<P>>,
+    }
+}
+
+/// A slot held: the store's permit, and the request counted in flight while it is held.
+#[derive(Debug)]
+pub(crate) struct Held<P> {
+    // Dropped in this order: the slot is given back, then the gauge goes down.
+    _permit: P,
+    _in_flight: crate::metrics::InFlight,
+}
+
+impl<P> Held<P> {
+    pub(crate) fn new(permit: P, in_flight: crate::metrics::InFlight) -> Self {
+        Held {
+            _permit: permit,
+            _in_flight: in_flight,
+        }
     }
 }
 
 impl<B, P> ConcurrencyBody<B, P> {
-    pub(crate) fn new(inner: B, permit: Option<P>) -> Self {
+    pub(crate) fn new(inner: B, permit: Option<Held<P>>) -> Self {
         ConcurrencyBody { inner, permit }
     }
 

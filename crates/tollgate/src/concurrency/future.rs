@@ -13,6 +13,7 @@ use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use super::body::Held;
 use super::layer::Compiled;
 use super::{Acquire, ConcurrencyBody, ConcurrencyStore};
 use crate::metrics::Outcome;
@@ -48,7 +49,7 @@ pin_project! {
             #[pin]
             fut: S::Future,
             // Held while the inner service works; moved into the body when it answers.
-            permit: Option<St::Permit>,
+            permit: Option<Held<St::Permit>>,
         },
         Respond {
             res: Option<S::Response>,
@@ -63,7 +64,7 @@ where
     S: Service<Request<ReqBody>>,
     St: ConcurrencyStore,
 {
-    pub(crate) fn calling(fut: S::Future, permit: Option<St::Permit>) -> Self {
+    pub(crate) fn calling(fut: S::Future, permit: Option<Held<St::Permit>>) -> Self {
         ResponseFuture {
             state: State::Calling { fut, permit },
         }
@@ -121,7 +122,7 @@ where
                     let permit = match acquired {
                         Ok(Acquire::Acquired { permit, .. }) => {
                             policy.common.counters.outcome(Outcome::Allowed);
-                            Some(permit)
+                            Some(Held::new(permit, policy.common.counters.in_flight()))
                         }
                         Ok(Acquire::Full { .. }) => {
                             policy.common.counters.outcome(Outcome::Limited);

@@ -22,6 +22,7 @@ pub use tollgate::conformance::FailingStore as FlakyStore;
 pub struct Counters {
     snapshotter: Snapshotter,
     totals: Mutex<HashMap<String, u64>>,
+    gauges: Mutex<HashMap<String, f64>>,
 }
 
 impl Counters {
@@ -29,22 +30,40 @@ impl Counters {
         Counters {
             snapshotter,
             totals: Mutex::default(),
+            gauges: Mutex::default(),
         }
     }
 
     /// The total of a counter with exactly these labels, or `None` when it was never
     /// registered.
     pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+        self.take();
+        self.totals.lock().unwrap().get(&id(name, labels)).copied()
+    }
+
+    /// The value of a gauge with exactly these labels now, or `None` when it was never
+    /// registered. The recorder's snapshots reset gauges too, so this adds up what each one
+    /// read: right for gauges the code moves only by increments and decrements.
+    pub fn gauge(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.take();
+        self.gauges.lock().unwrap().get(&id(name, labels)).copied()
+    }
+
+    /// Adds what the recorder counted since the last snapshot to the totals.
+    fn take(&self) {
         let mut totals = self.totals.lock().unwrap();
+        let mut gauges = self.gauges.lock().unwrap();
         for (key, _, _, value) in self.snapshotter.snapshot().into_vec() {
-            if let DebugValue::Counter(v) = value {
-                let key = key.key();
-                let labels: Vec<(&str, &str)> =
-                    key.labels().map(|l| (l.key(), l.value())).collect();
-                *totals.entry(id(key.name(), &labels)).or_default() += v;
+            let key = key.key();
+            let labels: Vec<(&str, &str)> = key.labels().map(|l| (l.key(), l.value())).collect();
+            match value {
+                DebugValue::Counter(v) => *totals.entry(id(key.name(), &labels)).or_default() += v,
+                DebugValue::Gauge(v) => {
+                    *gauges.entry(id(key.name(), &labels)).or_default() += v.into_inner();
+                }
+                DebugValue::Histogram(_) => {}
             }
         }
-        totals.get(&id(name, labels)).copied()
     }
 }
 
