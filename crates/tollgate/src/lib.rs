@@ -13,6 +13,7 @@ pub mod config;
 pub mod conformance;
 mod decision;
 mod gcra;
+mod grpc;
 pub mod key;
 pub mod metrics;
 mod pipeline;

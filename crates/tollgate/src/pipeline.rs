@@ -11,8 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 
+use crate::grpc;
 use crate::key::{Identity, Key, KeyExtractor, MissingKey, MissingKeyWarning, Unkeyed};
 use crate::metrics::{Outcome, PolicyCounters};
 use crate::response::{set_retry_after, status_line, text_response};
@@ -34,8 +35,7 @@ pub(crate) struct Common {
     pub(crate) degraded_log: LogThrottle,
     /// The `Retry-After` of the 503 a fail-closed policy answers.
     pub(crate) unavailable_retry_after: Duration,
-    /// What the store decides, for logs: "rate-limit" or "concurrency".
-    #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
+    /// What the store decides, for logs and gRPC messages: "rate-limit" or "concurrency".
     pub(crate) store_kind: &'static str,
 }
 
@@ -47,8 +47,13 @@ impl Common {
     /// The store could not decide. `None`: let the request through undecided (a fail-open
     /// policy, or a shadow one, counted as the refusal it would have been); `Some`: the 503 of
     /// a fail-closed policy. Counted in `ratelimit_requests_total` and the fail-open or
-    /// fail-closed counter, and logged at most once per interval.
-    pub(crate) fn store_failed(&self, err: &StoreError) -> Option<Response<Bytes>> {
+    /// fail-closed counter, and logged at most once per interval. `request` is the request's
+    /// headers (a gRPC call gets the gRPC form of the 503).
+    pub(crate) fn store_failed(
+        &self,
+        err: &StoreError,
+        request: &HeaderMap,
+    ) -> Option<Response<Bytes>> {
         let open = self.fails_open() || self.shadow;
         self.counters.outcome(if self.fails_open() {
             Outcome::FailOpen
@@ -74,16 +79,27 @@ impl Common {
                 }
             );
         }
-        (!open).then(|| self.refusal(StatusCode::SERVICE_UNAVAILABLE))
+        (!open).then(|| self.refusal(StatusCode::SERVICE_UNAVAILABLE, request))
     }
 
-    /// The layer's own 503 or 500, with `Retry-After` on a 503.
-    fn refusal(&self, status: StatusCode) -> Response<Bytes> {
+    /// The layer's own 503 or 500, with `Retry-After` on a 503 (in the gRPC form for a gRPC
+    /// call).
+    fn refusal(&self, status: StatusCode, request: &HeaderMap) -> Response<Bytes> {
         let mut res = text_response(status, status_line(status));
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            set_retry_after(res.headers_mut(), self.unavailable_retry_after);
+        let retry =
+            (status == StatusCode::SERVICE_UNAVAILABLE).then_some(self.unavailable_retry_after);
+        if let Some(wait) = retry {
+            set_retry_after(res.headers_mut(), wait);
         }
-        res
+        let what = if retry.is_some() {
+            match self.store_kind {
+                "concurrency" => "concurrency limiter unavailable: its store failed",
+                _ => "rate limiter unavailable: its store failed",
+            }
+        } else {
+            "the request has no client address to limit it by"
+        };
+        grpc::own_answer(request, res, what, retry)
     }
 }
 
@@ -173,7 +189,7 @@ impl<P: Compiled, K: KeyExtractor> Classifier<P, K> {
                 // A shadow policy never changes a response.
                 Unkeyed::Refuse(status) if !common.shadow => {
                     common.counters.outcome(Outcome::Unkeyed);
-                    return Classified::Respond(common.refusal(status));
+                    return Classified::Respond(common.refusal(status, req.headers()));
                 }
                 Unkeyed::Refuse(_) | Unkeyed::Pass => {
                     common.counters.outcome(Outcome::Unkeyed);

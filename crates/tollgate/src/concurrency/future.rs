@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
@@ -117,6 +117,7 @@ where
                             StatusCode::INTERNAL_SERVER_ERROR,
                             "Internal Server Error\n",
                             None,
+                            &HeaderMap::new(),
                         )));
                     };
                     let permit = match acquired {
@@ -130,9 +131,10 @@ where
                                 policy.status,
                                 "Too Many Concurrent Requests\n",
                                 Some(policy.common.unavailable_retry_after),
+                                req.headers(),
                             )));
                         }
-                        Err(err) => match policy.common.store_failed(&err) {
+                        Err(err) => match policy.common.store_failed(&err, req.headers()) {
                             Some(res) => {
                                 return Poll::Ready(Ok(
                                     res.map(|b| ConcurrencyBody::new(ResBody::from(b), None))
@@ -156,6 +158,7 @@ where
                             StatusCode::INTERNAL_SERVER_ERROR,
                             "Internal Server Error\n",
                             None,
+                            &HeaderMap::new(),
                         ),
                     }));
                 }
@@ -168,12 +171,19 @@ fn refusal<B: From<Bytes>, P>(
     status: StatusCode,
     body: &'static str,
     retry_after: Option<Duration>,
+    request: &HeaderMap,
 ) -> Response<ConcurrencyBody<B, P>> {
     let mut res = text_response(status, body);
     if let Some(wait) = retry_after {
         set_retry_after(res.headers_mut(), wait);
     }
-    res.map(|b| ConcurrencyBody::new(B::from(b), None))
+    let what = if status == StatusCode::INTERNAL_SERVER_ERROR {
+        "internal error"
+    } else {
+        "too many concurrent requests"
+    };
+    crate::grpc::own_answer(request, res, what, retry_after)
+        .map(|b| ConcurrencyBody::new(B::from(b), None))
 }
 
 impl<S, St, ReqBody> fmt::Debug for ResponseFuture<S, St, ReqBody>

@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{HeaderMap, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use super::layer::CompiledPolicy;
+use crate::grpc;
 use crate::metrics::Outcome;
 use crate::response::{HeaderValues, set_retry_after, text_response};
 use crate::{Decision, StoreError, StoreErrorKind};
@@ -92,8 +93,8 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: From<Bytes>,
 {
-    pub(crate) fn over_capacity(policy: &CompiledPolicy, cost: u32) -> Self {
-        Self::respond(over_capacity_response(policy, cost))
+    pub(crate) fn over_capacity(policy: &CompiledPolicy, cost: u32, request: &HeaderMap) -> Self {
+        Self::respond(over_capacity_response(policy, cost, request))
     }
 }
 
@@ -147,7 +148,7 @@ where
                                 policy.common.counters.fallback(reason);
                             }
                             policy.common.counters.outcome(Outcome::Limited);
-                            return Poll::Ready(Ok(limited(policy, &decision)));
+                            return Poll::Ready(Ok(limited(policy, &decision, req.headers())));
                         }
                         Err(err) => match err.kind() {
                             // A shadow policy never changes a response: it counts what it
@@ -159,9 +160,13 @@ where
                                 None
                             }
                             StoreErrorKind::CostExceedsBurst { cost, .. } => {
-                                return Poll::Ready(Ok(over_capacity_response(policy, cost)));
+                                return Poll::Ready(Ok(over_capacity_response(
+                                    policy,
+                                    cost,
+                                    req.headers(),
+                                )));
                             }
-                            _ => match policy.common.store_failed(&err) {
+                            _ => match policy.common.store_failed(&err, req.headers()) {
                                 Some(res) => return Poll::Ready(Ok(res.map(ResBody::from))),
                                 None => None,
                             },
@@ -192,17 +197,25 @@ where
     }
 }
 
-fn limited<B: From<Bytes>>(policy: &CompiledPolicy, decision: &Decision) -> Response<B> {
+fn limited<B: From<Bytes>>(
+    policy: &CompiledPolicy,
+    decision: &Decision,
+    request: &HeaderMap,
+) -> Response<B> {
     let mut res = (policy.respond.limited)(decision);
     let wait = decision.retry_after().unwrap_or_default();
     set_retry_after(res.headers_mut(), wait);
     policy
         .headers
         .apply(policy.respond.headers, decision, res.headers_mut());
-    res.map(B::from)
+    grpc::own_answer(request, res, "rate limit exceeded", Some(wait)).map(B::from)
 }
 
-fn over_capacity_response<B: From<Bytes>>(policy: &CompiledPolicy, cost: u32) -> Response<B> {
+fn over_capacity_response<B: From<Bytes>>(
+    policy: &CompiledPolicy,
+    cost: u32,
+    request: &HeaderMap,
+) -> Response<B> {
     policy.common.counters.outcome(Outcome::OverCapacity);
     if let Some(_held_back) = policy.common.degraded_log.permit() {
         #[cfg(feature = "tracing")]
@@ -216,11 +229,12 @@ fn over_capacity_response<B: From<Bytes>>(policy: &CompiledPolicy, cost: u32) ->
         );
     }
     let _ = cost;
-    text_response(
+    let res = text_response(
         StatusCode::PAYLOAD_TOO_LARGE,
         "Request Cost Exceeds Rate Limit Capacity\n",
-    )
-    .map(B::from)
+    );
+    let what = "the request costs more than the rate limit's burst and can never pass";
+    grpc::own_answer(request, res, what, None).map(B::from)
 }
 
 /// A shadow policy's request that costs more than its burst: counted and logged, let through.
