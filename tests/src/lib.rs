@@ -5,6 +5,7 @@
 
 pub mod prometheus;
 pub mod redis;
+pub mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

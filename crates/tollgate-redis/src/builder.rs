@@ -63,6 +63,8 @@ pub struct RedisStoreBuilder {
     pub(crate) name: String,
     pub(crate) deny_cache: usize,
     pub(crate) deny_cache_ttl: Duration,
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Option<crate::RedisTls>,
 }
 
 impl RedisStoreBuilder {
@@ -106,6 +108,15 @@ impl RedisStoreBuilder {
     /// How often an open circuit pings Redis to find out whether it is back (default 500 ms).
     pub fn probe_interval(mut self, interval: Duration) -> Self {
         self.probe_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// TLS settings for a `rediss://` URL: the CA certificates to trust (a private CA) and a
+    /// client certificate for mutual TLS; see [`RedisTls`](crate::RedisTls). Without them a
+    /// `rediss://` store trusts the system's roots. Refused when the URL does not ask for TLS.
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, tls: crate::RedisTls) -> Self {
+        self.tls = Some(tls);
         self
     }
 
@@ -181,6 +192,20 @@ impl RedisStoreBuilder {
             return Err(Error::NoRuntime);
         }
         let mut config = self.config;
+        #[cfg(feature = "tls")]
+        if let Some(tls) = &self.tls {
+            let Some(current) = &config.tls else {
+                return Err(Error::Tls(
+                    "TLS settings were given for a URL without TLS: use rediss:// (or \
+                     rediss-cluster://, rediss-sentinel://)"
+                        .into(),
+                ));
+            };
+            config.tls = Some(fred::types::config::TlsConfig {
+                connector: tls.client_config()?.into(),
+                hostnames: current.hostnames.clone(),
+            });
+        }
         // Keep trying when the server is not there at start-up; the layer fails open (or
         // closed) meanwhile.
         config.fail_fast = false;

@@ -86,6 +86,10 @@ pub enum Error {
         /// The URL, with any password replaced by `***`.
         url: String,
     },
+    /// The TLS settings cannot work: a certificate or key that cannot be read, or settings for
+    /// a URL without TLS.
+    #[error("Redis TLS settings: {0}")]
+    Tls(String),
     /// The key prefix cannot work.
     #[error(
         "invalid key prefix {0:?}: use at most 64 bytes without braces, spaces or control characters"

@@ -50,6 +50,8 @@ mod keys;
 mod script;
 mod server_clock;
 mod store;
+#[cfg(feature = "tls")]
+mod tls;
 
 pub use builder::RedisStoreBuilder;
 pub use concurrency::{RedisConcurrencyStore, RedisPermit};
@@ -57,6 +59,8 @@ pub use concurrency::{RedisConcurrencyStore, RedisPermit};
 pub use config::RedisConfig;
 pub use error::{Error, redact};
 pub use store::RedisStore;
+#[cfg(feature = "tls")]
+pub use tls::RedisTls;
 
 #[cfg(test)]
 mod tests {

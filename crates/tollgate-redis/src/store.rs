@@ -172,6 +172,8 @@ impl RedisStore {
             name: "redis".to_owned(),
             deny_cache: DEFAULT_DENY_CACHE,
             deny_cache_ttl: DEFAULT_DENY_CACHE_TTL,
+            #[cfg(feature = "tls")]
+            tls: None,
         }
     }
 

@@ -1,0 +1,165 @@
+//! TLS against real TLS-only `redis-server` processes, with certificates made by each test:
+//! a private CA, mutual TLS, a certificate for another host name, and settings that cannot
+//! work refused when the store is built.
+
+use std::time::Duration;
+
+use tollgate::{Key, Quota, Store};
+use tollgate_redis::{Error, RedisStore, RedisTls};
+use tollgate_tests::tls::{Ca, TlsRedis};
+
+/// A store on `url` with `tls`, not yet connected.
+fn store(url: &str, tls: RedisTls) -> RedisStore {
+    RedisStore::builder(url)
+        .expect("url")
+        .timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(1))
+        .tls(tls)
+        .build()
+        .expect("build")
+}
+
+/// Two stores on one TLS server share one limit: 3 per minute between them.
+async fn shares_a_limit(a: &RedisStore, b: &RedisStore) {
+    let key = Key::new("tls", "/r", None, Some("client"));
+    let quota = ["3/m".parse::<Quota>().unwrap()];
+    let mut allowed = 0;
+    for i in 0..6 {
+        let store = if i % 2 == 0 { a } else { b };
+        if store
+            .check(&key, &quota, 1)
+            .await
+            .expect("decided")
+            .is_allowed()
+        {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 3);
+}
+
+#[tokio::test]
+async fn a_private_ca_is_trusted_when_given_and_only_then() {
+    let ca = Ca::new("tollgate test CA");
+    let server = ca.issue("server", &["127.0.0.1", "localhost"]);
+    let redis = TlsRedis::start(&ca.pem_file(), &server, false, None, &[]);
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+
+    let from_file = RedisTls::new().with_ca_file(ca.pem_file()).unwrap();
+    let a = store(&url, from_file);
+    let b = store(&url, RedisTls::new().with_ca_pem(&ca.pem));
+    for s in [&a, &b] {
+        s.wait_connected(Duration::from_secs(10))
+            .await
+            .expect("TLS with the private CA");
+    }
+    shares_a_limit(&a, &b).await;
+
+    // The system's roots do not include the private CA: no connection.
+    let untrusted = store(&url, RedisTls::new());
+    let err = untrusted
+        .wait_connected(Duration::from_secs(3))
+        .await
+        .expect_err("an unknown CA is not trusted");
+    assert!(matches!(err, Error::NotConnected { .. }), "{err}");
+    // Nor is another CA's certificate.
+    let other = Ca::new("another CA");
+    let wrong_ca = store(&url, RedisTls::new().with_ca_pem(&other.pem));
+    assert!(
+        wrong_ca
+            .wait_connected(Duration::from_secs(3))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn mutual_tls_connects_with_the_client_certificate_and_not_without() {
+    let ca = Ca::new("tollgate test CA");
+    let server = ca.issue("server", &["127.0.0.1"]);
+    let client = ca.issue("client", &["tollgate-client"]);
+    let redis = TlsRedis::start(&ca.pem_file(), &server, true, Some(client.clone()), &[]);
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+
+    let with_cert = || {
+        RedisTls::new()
+            .with_ca_file(ca.pem_file())
+            .unwrap()
+            .with_client_cert_files(&client.cert, &client.key)
+            .unwrap()
+    };
+    let a = store(&url, with_cert());
+    let b = store(&url, with_cert());
+    for s in [&a, &b] {
+        s.wait_connected(Duration::from_secs(10))
+            .await
+            .expect("mutual TLS");
+    }
+    shares_a_limit(&a, &b).await;
+
+    let without = store(&url, RedisTls::new().with_ca_pem(&ca.pem));
+    assert!(
+        without
+            .wait_connected(Duration::from_secs(3))
+            .await
+            .is_err(),
+        "a server that requires a client certificate refuses a client without one"
+    );
+}
+
+#[tokio::test]
+async fn a_certificate_for_another_host_name_is_refused() {
+    let ca = Ca::new("tollgate test CA");
+    let server = ca.issue("server", &["redis.other.example"]);
+    let redis = TlsRedis::start(&ca.pem_file(), &server, false, None, &[]);
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+    let s = store(&url, RedisTls::new().with_ca_pem(&ca.pem));
+    assert!(
+        s.wait_connected(Duration::from_secs(3)).await.is_err(),
+        "the server's name is checked"
+    );
+}
+
+#[tokio::test]
+async fn settings_that_cannot_work_are_refused_at_build() {
+    let build = |url: &str, tls: RedisTls| {
+        RedisStore::builder(url)
+            .expect("url")
+            .tls(tls)
+            .build()
+            .map(|_| ())
+    };
+    let ca = Ca::new("tollgate test CA");
+    // TLS settings for a plaintext URL.
+    let err = build("redis://127.0.0.1:1", RedisTls::new().with_ca_pem(&ca.pem)).unwrap_err();
+    assert!(
+        matches!(err, Error::Tls(_)) && err.to_string().contains("rediss://"),
+        "{err}"
+    );
+    // A CA file that is not there names itself.
+    let err = RedisTls::new()
+        .with_ca_file("/nonexistent/ca.pem")
+        .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+    // A PEM without a certificate, a key that is not a key.
+    let err = build(
+        "rediss://127.0.0.1:1",
+        RedisTls::new().with_ca_pem("not a pem"),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("no BEGIN CERTIFICATE"), "{err}");
+    let err = build(
+        "rediss://127.0.0.1:1",
+        RedisTls::new().with_client_cert_pem(&ca.pem, "garbage"),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("client key"), "{err}");
+    // A client certificate with somebody else's key.
+    let client = ca.issue("client", &["c"]);
+    let other = ca.issue("other", &["o"]);
+    let tls = RedisTls::new()
+        .with_client_cert_files(&client.cert, &other.key)
+        .unwrap();
+    let err = build("rediss://127.0.0.1:1", tls).unwrap_err();
+    assert!(matches!(err, Error::Tls(_)), "{err}");
+}
