@@ -79,26 +79,23 @@ impl Common {
                 }
             );
         }
-        (!open).then(|| self.refusal(StatusCode::SERVICE_UNAVAILABLE, request))
+        let what = if self.store_kind == "concurrency" {
+            "concurrency limiter unavailable: its store failed"
+        } else {
+            "rate limiter unavailable: its store failed"
+        };
+        (!open).then(|| self.refusal(StatusCode::SERVICE_UNAVAILABLE, request, what))
     }
 
     /// The layer's own 503 or 500, with `Retry-After` on a 503 (in the gRPC form for a gRPC
-    /// call).
-    fn refusal(&self, status: StatusCode, request: &HeaderMap) -> Response<Bytes> {
+    /// call, `what` its message).
+    fn refusal(&self, status: StatusCode, request: &HeaderMap, what: &str) -> Response<Bytes> {
         let mut res = text_response(status, status_line(status));
         let retry =
             (status == StatusCode::SERVICE_UNAVAILABLE).then_some(self.unavailable_retry_after);
         if let Some(wait) = retry {
             set_retry_after(res.headers_mut(), wait);
         }
-        let what = if retry.is_some() {
-            match self.store_kind {
-                "concurrency" => "concurrency limiter unavailable: its store failed",
-                _ => "rate limiter unavailable: its store failed",
-            }
-        } else {
-            "the request has no client address to limit it by"
-        };
         grpc::own_answer(request, res, what, retry)
     }
 }
@@ -189,7 +186,8 @@ impl<P: Compiled, K: KeyExtractor> Classifier<P, K> {
                 // A shadow policy never changes a response.
                 Unkeyed::Refuse(status) if !common.shadow => {
                     common.counters.outcome(Outcome::Unkeyed);
-                    return Classified::Respond(common.refusal(status, req.headers()));
+                    let what = "the request has no client address to limit it by";
+                    return Classified::Respond(common.refusal(status, req.headers(), what));
                 }
                 Unkeyed::Refuse(_) | Unkeyed::Pass => {
                     common.counters.outcome(Outcome::Unkeyed);
