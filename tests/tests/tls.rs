@@ -163,3 +163,78 @@ async fn settings_that_cannot_work_are_refused_at_build() {
     let err = build("rediss://127.0.0.1:1", tls).unwrap_err();
     assert!(matches!(err, Error::Tls(_)), "{err}");
 }
+
+/// The demo on a TLS Redis with a private CA, as its README shows: one instance configured by
+/// flags, the other by the configuration file's `[store]` keys; they share one limit.
+#[tokio::test]
+async fn two_demos_share_a_limit_through_tls_redis_with_a_private_ca() {
+    const DEMO: &str = env!("CARGO_BIN_EXE_demo-under-test");
+    let ca = Ca::new("tollgate test CA");
+    let server = ca.issue("server", &["127.0.0.1"]);
+    let client = ca.issue("client", &["demo"]);
+    let redis = TlsRedis::start(&ca.pem_file(), &server, true, Some(client.clone()), &[]);
+    let url = format!("rediss://127.0.0.1:{}", redis.port);
+
+    let ca_file = ca.pem_file().display().to_string();
+    let by_flags = tollgate_tests::Demo::start(
+        DEMO,
+        &[
+            "--redis",
+            &url,
+            "--redis-timeout",
+            "5000",
+            "--redis-connect-wait",
+            "10000",
+            "--redis-ca",
+            &ca_file,
+            "--redis-client-cert",
+            &client.cert.display().to_string(),
+            "--redis-client-key",
+            &client.key.display().to_string(),
+        ],
+    );
+    let demo_config = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/demo/tollgate.toml"),
+    )
+    .unwrap()
+    .replace(
+        "[store]\ntype = \"memory\"",
+        &format!(
+            "[store]\ntype = \"redis\"\nurl = \"{url}\"\ntimeout = \"5s\"\n\
+             tls_ca_file = \"{ca_file}\"\ntls_client_cert_file = \"{}\"\n\
+             tls_client_key_file = \"{}\"",
+            client.cert.display(),
+            client.key.display()
+        ),
+    );
+    assert!(
+        demo_config.contains("tls_ca_file"),
+        "the demo's file changed shape"
+    );
+    let file = tollgate_tests::config_file(&demo_config);
+    let by_file = tollgate_tests::Demo::start(
+        DEMO,
+        &[
+            "--config",
+            &file.path().display().to_string(),
+            "--redis-connect-wait",
+            "10000",
+        ],
+    );
+
+    // GET /hello: 5 per 10 s per client, shared by both instances.
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let demo = if i % 2 == 0 { &by_flags } else { &by_file };
+        let res = http.get(demo.url("/hello")).send().await.unwrap();
+        assert!(
+            res.headers().contains_key("ratelimit"),
+            "request {i} was not decided by Redis:\n{}\n{}",
+            by_flags.log().join("\n"),
+            by_file.log().join("\n")
+        );
+        statuses.push(res.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+}

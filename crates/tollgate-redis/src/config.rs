@@ -20,6 +20,7 @@
 //! // RedisConfig::builder(&redis) applies every setting to a RedisStoreBuilder.
 //! ```
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -47,6 +48,13 @@ pub struct RedisConfig {
     pub deny_cache: Option<usize>,
     /// The longest a remembered refusal is trusted.
     pub deny_cache_ttl: Option<Duration>,
+    /// PEM file of the CA certificates to trust instead of the system's (a private CA); see
+    /// [`RedisTls`](crate::RedisTls). Needs a TLS URL.
+    pub tls_ca_file: Option<PathBuf>,
+    /// PEM files of a client certificate and its key, for mutual TLS (both or neither).
+    pub tls_client_cert_file: Option<PathBuf>,
+    /// The key of [`tls_client_cert_file`](Self::tls_client_cert_file).
+    pub tls_client_key_file: Option<PathBuf>,
 }
 
 /// The section as written, before validation.
@@ -61,6 +69,9 @@ struct RedisFile {
     breaker_threshold: Option<u32>,
     deny_cache: Option<usize>,
     deny_cache_ttl: Option<String>,
+    tls_ca_file: Option<PathBuf>,
+    tls_client_cert_file: Option<PathBuf>,
+    tls_client_key_file: Option<PathBuf>,
 }
 
 impl RedisConfig {
@@ -74,6 +85,9 @@ impl RedisConfig {
             breaker_threshold: None,
             deny_cache: None,
             deny_cache_ttl: None,
+            tls_ca_file: None,
+            tls_client_cert_file: None,
+            tls_client_key_file: None,
         }
     }
 
@@ -128,6 +142,21 @@ impl RedisConfig {
                 "must be at least 1",
             ));
         }
+        match (&file.tls_client_cert_file, &file.tls_client_key_file) {
+            (Some(_), None) => {
+                return Err(ConfigError::field(
+                    "store.tls_client_key_file",
+                    "required with tls_client_cert_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::field(
+                    "store.tls_client_cert_file",
+                    "required with tls_client_key_file",
+                ));
+            }
+            _ => {}
+        }
         let timeout = file
             .timeout
             .as_deref()
@@ -146,6 +175,9 @@ impl RedisConfig {
             breaker_threshold: file.breaker_threshold,
             deny_cache: file.deny_cache,
             deny_cache_ttl,
+            tls_ca_file: file.tls_ca_file,
+            tls_client_cert_file: file.tls_client_cert_file,
+            tls_client_key_file: file.tls_client_key_file,
         })
     }
 
@@ -154,7 +186,8 @@ impl RedisConfig {
     ///
     /// # Errors
     ///
-    /// As [`RedisStore::builder`]: a URL that cannot be read.
+    /// As [`RedisStore::builder`]: a URL that cannot be read. [`Error::Tls`] for a TLS file
+    /// that cannot be read, or TLS files without the crate's `tls` feature.
     pub fn builder(&self) -> Result<RedisStoreBuilder, Error> {
         let mut builder = RedisStore::builder(&self.url)?;
         if let Some(timeout) = self.timeout {
@@ -175,7 +208,33 @@ impl RedisConfig {
         if let Some(ttl) = self.deny_cache_ttl {
             builder = builder.deny_cache_ttl(ttl);
         }
+        #[cfg(feature = "tls")]
+        if let Some(tls) = self.tls()? {
+            builder = builder.tls(tls);
+        }
+        #[cfg(not(feature = "tls"))]
+        if self.tls_ca_file.is_some() || self.tls_client_cert_file.is_some() {
+            return Err(Error::Tls(
+                "tls_ca_file and tls_client_cert_file need tollgate-redis's `tls` feature".into(),
+            ));
+        }
         Ok(builder)
+    }
+
+    /// The TLS settings the file names, if any.
+    #[cfg(feature = "tls")]
+    fn tls(&self) -> Result<Option<crate::RedisTls>, Error> {
+        if self.tls_ca_file.is_none() && self.tls_client_cert_file.is_none() {
+            return Ok(None);
+        }
+        let mut tls = crate::RedisTls::new();
+        if let Some(ca) = &self.tls_ca_file {
+            tls = tls.with_ca_file(ca)?;
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_client_cert_file, &self.tls_client_key_file) {
+            tls = tls.with_client_cert_files(cert, key)?;
+        }
+        Ok(Some(tls))
     }
 }
 
@@ -201,6 +260,9 @@ mod tests {
             breaker_threshold = 3
             deny_cache = 500
             deny_cache_ttl = "30s"
+            tls_ca_file = "/etc/tollgate/ca.pem"
+            tls_client_cert_file = "/etc/tollgate/client.pem"
+            tls_client_key_file = "/etc/tollgate/client.key"
             "#,
         )
         .unwrap();
@@ -214,6 +276,9 @@ mod tests {
                 breaker_threshold: Some(3),
                 deny_cache: Some(500),
                 deny_cache_ttl: Some(Duration::from_secs(30)),
+                tls_ca_file: Some("/etc/tollgate/ca.pem".into()),
+                tls_client_cert_file: Some("/etc/tollgate/client.pem".into()),
+                tls_client_key_file: Some("/etc/tollgate/client.key".into()),
             })
         );
         let minimal = read("[store]\ntype = \"redis\"\nurl = \"redis://h:1\"").unwrap();
@@ -260,6 +325,14 @@ mod tests {
             (
                 "[store]\ntype = \"redis\"\nurl = \"redis://x\"\ndeny_cache = -1",
                 "store: invalid value: integer `-1`",
+            ),
+            (
+                "[store]\ntype = \"redis\"\nurl = \"rediss://x\"\ntls_client_cert_file = \"c.pem\"",
+                "store.tls_client_key_file: required with tls_client_cert_file",
+            ),
+            (
+                "[store]\ntype = \"redis\"\nurl = \"rediss://x\"\ntls_client_key_file = \"c.key\"",
+                "store.tls_client_cert_file: required with tls_client_key_file",
             ),
         ];
         for (toml, want) in cases {

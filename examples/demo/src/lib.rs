@@ -54,6 +54,18 @@ pub struct Args {
     /// applying each policy's failure mode.
     #[arg(long)]
     pub redis_fallback: bool,
+    /// PEM file of the CA certificates that signed the Redis server's certificate (a private
+    /// CA), trusted instead of the system's roots; for `rediss://` URLs. Replaces the file's
+    /// `tls_ca_file`.
+    #[arg(long, value_name = "FILE")]
+    pub redis_ca: Option<PathBuf>,
+    /// PEM file of a client certificate for Redis servers that require one (mutual TLS), with
+    /// `--redis-client-key`.
+    #[arg(long, value_name = "FILE", requires = "redis_client_key")]
+    pub redis_client_cert: Option<PathBuf>,
+    /// PEM file of the key of `--redis-client-cert`.
+    #[arg(long, value_name = "FILE", requires = "redis_client_cert")]
+    pub redis_client_key: Option<PathBuf>,
     /// How long start-up waits for Redis before serving anyway, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     pub redis_connect_wait: u64,
@@ -241,6 +253,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => RedisConfig::from_config(&config).context("invalid configuration")?,
     };
+    let redis = redis.map(|mut r| {
+        if let Some(ca) = &args.redis_ca {
+            r.tls_ca_file = Some(ca.clone());
+        }
+        if let (Some(cert), Some(key)) = (&args.redis_client_cert, &args.redis_client_key) {
+            r.tls_client_cert_file = Some(cert.clone());
+            r.tls_client_key_file = Some(key.clone());
+        }
+        r
+    });
     let metrics = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(tollgate::metrics::STORE_DURATION_SECONDS.to_owned()),
