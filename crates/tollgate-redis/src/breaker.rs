@@ -26,12 +26,13 @@ impl Inner {
     /// Records a call that reached Redis and got an answer.
     pub(crate) fn succeeded(&self) {
         self.breaker.failures.store(0, Ordering::Relaxed);
+        self.link.connected();
     }
 
     /// Records a failed call; opens the circuit after enough consecutive connection failures.
     pub(crate) fn failed(self: &Arc<Self>, kind: StoreErrorKind) {
         self.metrics.error(kind);
-        if !matches!(kind, StoreErrorKind::Timeout | StoreErrorKind::Unavailable) {
+        if !kind.is_connection_failure() {
             // Redis answered (a script error, garbage): it is reachable.
             return;
         }

@@ -212,6 +212,17 @@ impl RedisStoreBuilder {
         let timeout = self.timeout;
         let connect_timeout = self.connect_timeout;
         let max_queued = self.max_queued;
+        #[cfg(feature = "tls")]
+        let tls = config.tls.is_some();
+        #[cfg(not(feature = "tls"))]
+        let tls = false;
+        let servers = config
+            .server
+            .hosts()
+            .iter()
+            .map(|s| format!("{}:{}", s.host, s.port))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut builder = Builder::from_config(config);
         builder
             .with_connection_config(|c| {
@@ -231,6 +242,14 @@ impl RedisStoreBuilder {
             })
             .set_policy(self.reconnect);
         let client = builder.build().map_err(Error::Config)?;
+        let metrics = StoreMetrics::new(&self.name);
+        let link = Arc::new(crate::link::Link::new(
+            metrics.clone(),
+            self.name.clone(),
+            servers,
+            tls,
+        ));
+        watch_connection(&client, &link);
         let _connection = client.connect();
         let options = Options {
             max_attempts: Some(1),
@@ -253,7 +272,7 @@ impl RedisStoreBuilder {
                     failures: AtomicU32::new(0),
                     open: AtomicBool::new(false),
                 },
-                metrics: StoreMetrics::new(&self.name),
+                metrics,
                 name: self.name,
                 concurrency_script: fred::types::scripts::Script::from_lua(
                     crate::script::CONCURRENCY_SCRIPT,
@@ -262,9 +281,27 @@ impl RedisStoreBuilder {
                     .then(|| deny::DenyCache::new(self.deny_cache, self.deny_cache_ttl)),
                 origin: Instant::now(),
                 server_clock: ServerClock::new(),
+                link,
             }),
         })
     }
+}
+
+/// Follows fred's reports of failed connection attempts and reconnections into `link`. The
+/// tasks end when the client is dropped (its channels close).
+fn watch_connection(client: &fred::clients::Client, link: &Arc<crate::link::Link>) {
+    use fred::interfaces::EventInterface;
+    let failed = Arc::clone(link);
+    // Detached: the tasks run on their own until the client's channels close.
+    drop(client.on_error(move |(e, _server)| {
+        failed.failed(&e);
+        async { Ok(()) }
+    }));
+    let connected = Arc::clone(link);
+    drop(client.on_reconnect(move |_server| {
+        connected.connected();
+        async { Ok(()) }
+    }));
 }
 
 impl fmt::Debug for RedisStoreBuilder {

@@ -131,8 +131,8 @@ async fn lease_op(
         args,
     );
     let reply = match tokio::time::timeout(inner.timeout, call).await {
-        Err(_) => return Err(StoreError::new(StoreErrorKind::Timeout)),
-        Ok(Err(e)) => return Err(classify(e)),
+        Err(_) => return Err(inner.explain(StoreError::new(StoreErrorKind::Timeout))),
+        Ok(Err(e)) => return Err(inner.explain(classify(e))),
         Ok(Ok(reply)) => reply,
     };
     let invalid = || {

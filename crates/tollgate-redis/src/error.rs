@@ -111,10 +111,15 @@ pub enum Error {
         version: String,
     },
     /// The client did not connect in time.
-    #[error("not connected to Redis after {waited:?}")]
+    #[error(
+        "not connected to Redis after {waited:?}{}",
+        cause.as_deref().map(|c| format!(": {c}")).unwrap_or_default()
+    )]
     NotConnected {
         /// How long it waited.
         waited: Duration,
+        /// Why, when a connection attempt said so: what happened and what to fix.
+        cause: Option<String>,
         /// The connection error, if one was reported.
         #[source]
         source: Option<FredError>,

@@ -47,6 +47,7 @@ mod config;
 mod deny;
 mod error;
 mod keys;
+mod link;
 mod script;
 mod server_clock;
 mod store;

@@ -50,9 +50,25 @@ pub(crate) struct Inner {
     pub(crate) deny: Option<deny::DenyCache>,
     pub(crate) origin: Instant,
     pub(crate) server_clock: ServerClock,
+    /// Why the store cannot connect, when it cannot.
+    pub(crate) link: Arc<crate::link::Link>,
 }
 
 impl Inner {
+    /// `err` with the connection's cause as its kind, when the store is not connected for a
+    /// known reason (a refused password, a failed TLS handshake, ...).
+    pub(crate) fn explain(&self, err: StoreError) -> StoreError {
+        if self.client.is_connected() {
+            return err;
+        }
+        let kind = self.link.explain(err.kind());
+        if kind == err.kind() {
+            err
+        } else {
+            StoreError::with_source(kind, err)
+        }
+    }
+
     /// Now, in the store's nanoseconds: the test clock if one is set, else the monotonic clock.
     pub(crate) fn now_ns(&self) -> u64 {
         match &self.clock {
@@ -210,10 +226,12 @@ impl RedisStore {
             Ok(Ok(())) => self.inner.learn_server().await,
             Ok(Err(source)) => Err(Error::NotConnected {
                 waited: timeout,
+                cause: self.inner.link.cause().map(|c| c.message),
                 source: Some(source),
             }),
             Err(_) => Err(Error::NotConnected {
                 waited: timeout,
+                cause: self.inner.link.cause().map(|c| c.message),
                 source: None,
             }),
         }
@@ -377,8 +395,8 @@ impl Store for RedisStore {
                 args[2] = inner.server_clock.deadline(sent, inner.timeout_us());
             }
             let result = match tokio::time::timeout(inner.timeout, inner.eval(keys, args)).await {
-                Err(_) => Err(StoreError::new(StoreErrorKind::Timeout)),
-                Ok(Err(e)) => Err(classify(e)),
+                Err(_) => Err(inner.explain(StoreError::new(StoreErrorKind::Timeout))),
+                Ok(Err(e)) => Err(inner.explain(classify(e))),
                 Ok(Ok(reply)) => script::parse_reply(&reply, &quotas),
             };
             inner.metrics.duration(started.elapsed());

@@ -21,8 +21,8 @@
 //! | `ratelimit_store_duration_seconds` | histogram | `store` | time of each store round trip, failed ones included |
 //! | `ratelimit_deny_cache_hits_total` | counter | `store` | requests refused from the store's local deny cache, without a round trip |
 //!
-//! Reasons: `timeout`, `unavailable`, `circuit_open`, `script_error`, `invalid_response`,
-//! `other` (see [`StoreErrorKind::reason`](crate::StoreErrorKind::reason)).
+//! Reasons: `timeout`, `unavailable`, `auth`, `tls`, `connection_refused`, `dns`,
+//! `circuit_open`, `script_error`, `invalid_response`, `other` (see [`StoreErrorKind::reason`](crate::StoreErrorKind::reason)).
 
 /// Requests by policy and decision.
 pub const REQUESTS_TOTAL: &str = "ratelimit_requests_total";

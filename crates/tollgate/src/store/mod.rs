@@ -72,8 +72,18 @@ pub struct StoreError {
 pub enum StoreErrorKind {
     /// The store did not answer before its deadline.
     Timeout,
-    /// The store could not be reached (connection refused, closed, not yet connected).
+    /// The store could not be reached (connection closed, not yet connected, the server
+    /// loading or read-only), for a reason none of the kinds below names.
     Unavailable,
+    /// The store refused the credentials (Redis: `WRONGPASS`, `NOAUTH`).
+    Auth,
+    /// The TLS handshake with the store failed (an untrusted certificate, one for another
+    /// name, TLS spoken to a plaintext port).
+    Tls,
+    /// Nothing listens at the store's address (connection refused).
+    ConnectionRefused,
+    /// The store's host name does not resolve.
+    Dns,
     /// The store is known to be down and was not asked (circuit breaker open).
     CircuitOpen,
     /// The store's script failed.
@@ -92,12 +102,31 @@ pub enum StoreErrorKind {
 }
 
 impl StoreErrorKind {
-    /// The metric label for this kind: `timeout`, `unavailable`, `circuit_open`,
-    /// `script_error`, `invalid_response`, `cost_exceeds_burst` or `other`.
+    /// Whether the store could not be reached or connected to at all (as opposed to a store
+    /// that answered something wrong): what a circuit breaker counts.
+    pub fn is_connection_failure(&self) -> bool {
+        matches!(
+            self,
+            StoreErrorKind::Timeout
+                | StoreErrorKind::Unavailable
+                | StoreErrorKind::Auth
+                | StoreErrorKind::Tls
+                | StoreErrorKind::ConnectionRefused
+                | StoreErrorKind::Dns
+        )
+    }
+
+    /// The metric label for this kind: `timeout`, `unavailable`, `auth`, `tls`,
+    /// `connection_refused`, `dns`, `circuit_open`, `script_error`, `invalid_response`,
+    /// `cost_exceeds_burst` or `other`.
     pub fn reason(&self) -> &'static str {
         match self {
             StoreErrorKind::Timeout => "timeout",
             StoreErrorKind::Unavailable => "unavailable",
+            StoreErrorKind::Auth => "auth",
+            StoreErrorKind::Tls => "tls",
+            StoreErrorKind::ConnectionRefused => "connection_refused",
+            StoreErrorKind::Dns => "dns",
             StoreErrorKind::CircuitOpen => "circuit_open",
             StoreErrorKind::Script => "script_error",
             StoreErrorKind::InvalidResponse => "invalid_response",
@@ -109,9 +138,13 @@ impl StoreErrorKind {
     /// Every reason a store failure can be counted under (everything but
     /// [`CostExceedsBurst`](StoreErrorKind::CostExceedsBurst), which is not a failure of the
     /// store).
-    pub const FAILURE_REASONS: [&'static str; 6] = [
+    pub const FAILURE_REASONS: [&'static str; 10] = [
         "timeout",
         "unavailable",
+        "auth",
+        "tls",
+        "connection_refused",
+        "dns",
         "circuit_open",
         "script_error",
         "invalid_response",
@@ -163,6 +196,12 @@ impl fmt::Display for StoreError {
         match self.kind {
             StoreErrorKind::Timeout => f.write_str("rate-limit store timed out"),
             StoreErrorKind::Unavailable => f.write_str("rate-limit store unavailable"),
+            StoreErrorKind::Auth => f.write_str("rate-limit store refused the credentials"),
+            StoreErrorKind::Tls => f.write_str("TLS handshake with the rate-limit store failed"),
+            StoreErrorKind::ConnectionRefused => {
+                f.write_str("rate-limit store refused the connection")
+            }
+            StoreErrorKind::Dns => f.write_str("rate-limit store's host name does not resolve"),
             StoreErrorKind::CircuitOpen => {
                 f.write_str("rate-limit store not asked: circuit breaker open")
             }
