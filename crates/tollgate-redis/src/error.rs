@@ -14,11 +14,14 @@ pub(crate) fn classify(e: FredError) -> StoreError {
         | FredErrorKind::Backpressure
         | FredErrorKind::Routing
         | FredErrorKind::Cluster
-        | FredErrorKind::Sentinel
-        | FredErrorKind::Auth => StoreErrorKind::Unavailable,
+        | FredErrorKind::Sentinel => StoreErrorKind::Unavailable,
+        FredErrorKind::Auth => StoreErrorKind::Auth,
         #[cfg(feature = "tls")]
         FredErrorKind::Tls => StoreErrorKind::Unavailable,
         FredErrorKind::Protocol | FredErrorKind::Parse => StoreErrorKind::InvalidResponse,
+        // An ACL user without a right the store needs (before the script check: a denied
+        // command inside the script reads as a script error too).
+        _ if e.details().contains("NOPERM") => StoreErrorKind::Auth,
         _ if is_script_error(e.details()) => StoreErrorKind::Script,
         _ if is_unavailable(e.details()) => StoreErrorKind::Unavailable,
         _ => StoreErrorKind::Other,

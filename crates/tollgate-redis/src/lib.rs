@@ -90,6 +90,22 @@ mod tests {
         assert_eq!(e(FredErrorKind::Timeout, "t"), StoreErrorKind::Timeout);
         assert_eq!(e(FredErrorKind::IO, "reset"), StoreErrorKind::Unavailable);
         assert_eq!(e(FredErrorKind::Canceled, "x"), StoreErrorKind::Unavailable);
+        assert_eq!(e(FredErrorKind::Auth, "WRONGPASS x"), StoreErrorKind::Auth);
+        // An ACL user without a right, for a command or for one the script calls.
+        assert_eq!(
+            e(
+                FredErrorKind::Unknown,
+                "NOPERM User tollgate has no permissions to run the 'evalsha' command"
+            ),
+            StoreErrorKind::Auth
+        );
+        assert_eq!(
+            e(
+                FredErrorKind::Unknown,
+                "ERR Error running script (call to f_x): NOPERM this user has no permissions"
+            ),
+            StoreErrorKind::Auth
+        );
         assert_eq!(
             e(FredErrorKind::Backpressure, "x"),
             StoreErrorKind::Unavailable
