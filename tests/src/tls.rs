@@ -180,3 +180,63 @@ impl Drop for TlsRedis {
         let _ = self.child.wait();
     }
 }
+
+/// Three TLS-only cluster masters (`--tls-cluster yes`: the cluster bus speaks TLS too),
+/// joined with `redis-cli --tls --cluster create`, ready when every node reports
+/// `cluster_state:ok`.
+///
+/// # Panics
+///
+/// When the servers do not start, or the cluster is not ok within 20 seconds.
+pub fn tls_cluster(ca_file: &Path, server: &CertFiles) -> Vec<TlsRedis> {
+    let nodes: Vec<TlsRedis> = (0..3)
+        .map(|_| {
+            TlsRedis::start(
+                ca_file,
+                server,
+                false,
+                None,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--tls-cluster",
+                    "yes",
+                ],
+            )
+        })
+        .collect();
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
+    let out = Command::new(require_program("redis-cli", "redis-tools"))
+        .args(["--tls", "--cacert"])
+        .arg(ca_file)
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-yes"])
+        .output()
+        .expect("redis-cli --cluster create runs");
+    assert!(
+        out.status.success(),
+        "redis-cli --cluster create failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !nodes
+        .iter()
+        .all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the TLS cluster is not ok after 20 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    nodes
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tollgate::{Key, Quota, Store};
 use tollgate_redis::{Error, RedisStore, RedisTls};
-use tollgate_tests::tls::{Ca, TlsRedis};
+use tollgate_tests::tls::{Ca, TlsRedis, tls_cluster};
 
 /// A store on `url` with `tls`, not yet connected.
 fn store(url: &str, tls: RedisTls) -> RedisStore {
@@ -237,4 +237,47 @@ async fn two_demos_share_a_limit_through_tls_redis_with_a_private_ca() {
         statuses.push(res.status().as_u16());
     }
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429]);
+}
+
+/// A 3-master cluster whose clients and bus speak only TLS: the store discovers the nodes
+/// through the private CA and decides keys in every slot range, exactly.
+#[tokio::test]
+async fn a_cluster_over_tls_shares_limits() {
+    let ca = Ca::new("tollgate test CA");
+    let server = ca.issue("server", &["127.0.0.1"]);
+    let nodes = tls_cluster(&ca.pem_file(), &server);
+    let mut url = format!("rediss-cluster://127.0.0.1:{}", nodes[0].port);
+    for (i, n) in nodes[1..].iter().enumerate() {
+        url.push(if i == 0 { '?' } else { '&' });
+        url.push_str(&format!("node=127.0.0.1:{}", n.port));
+    }
+    let a = store(&url, RedisTls::new().with_ca_pem(&ca.pem));
+    let b = store(&url, RedisTls::new().with_ca_pem(&ca.pem));
+    for s in [&a, &b] {
+        s.wait_connected(Duration::from_secs(10))
+            .await
+            .expect("TLS cluster");
+    }
+    // Keys spread over the slots of every master, each 2 per minute between the two stores.
+    let quota = ["2/m".parse::<Quota>().unwrap()];
+    for user in 0..20 {
+        let key = Key::new("tls", "/r", None, Some(format!("user-{user}")));
+        let mut allowed = 0;
+        for i in 0..4 {
+            let s = if i % 2 == 0 { &a } else { &b };
+            if s.check(&key, &quota, 1)
+                .await
+                .expect("decided")
+                .is_allowed()
+            {
+                allowed += 1;
+            }
+        }
+        assert_eq!(allowed, 2, "user-{user}");
+    }
+    // Every master holds some of the keys.
+    for n in &nodes {
+        let keys: u64 = n.cli(&["DBSIZE"]).trim().parse().unwrap();
+        assert!(keys > 0, "node {} holds no key", n.port);
+    }
 }
