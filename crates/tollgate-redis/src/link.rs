@@ -85,7 +85,7 @@ pub(crate) fn cause_of(e: &FredError, tls: bool) -> Option<Cause> {
         FredErrorKind::Timeout if tls => cause(
             StoreErrorKind::Tls,
             "no TLS handshake before the connect timeout: if this port speaks plaintext Redis, \
-             use a redis:// URL"
+             use a redis:// URL; otherwise the server is unreachable or too slow from here"
                 .into(),
         ),
         _ => None,
