@@ -18,8 +18,8 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http::header::{CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
 
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
@@ -32,10 +32,16 @@ const INTERNAL: u8 = 13;
 const UNAVAILABLE: u8 = 14;
 const UNKNOWN: u8 = 2;
 
-/// Whether the request is a gRPC call: `application/grpc`, alone or with a `+codec` or
-/// parameters. gRPC-Web (`application/grpc-web`) is not: its clients read HTTP statuses.
-pub(crate) fn is_grpc(request: &HeaderMap) -> bool {
-    let Some(value) = request.get(CONTENT_TYPE) else {
+/// Whether the request is a gRPC call: a `POST` (gRPC never uses another method) whose
+/// content type is `application/grpc`, alone or with a `+codec` or parameters. gRPC-Web
+/// (`application/grpc-web`) is not: its clients read HTTP statuses. Requiring `POST` means a
+/// `GET` can never turn a refusal into a 200 that a shared cache might keep.
+pub(crate) fn is_grpc<B>(request: &Request<B>) -> bool {
+    request.method() == Method::POST && is_grpc_content(request.headers())
+}
+
+fn is_grpc_content(headers: &HeaderMap) -> bool {
+    let Some(value) = headers.get(CONTENT_TYPE) else {
         return false;
     };
     let v = value.as_bytes();
@@ -45,16 +51,16 @@ pub(crate) fn is_grpc(request: &HeaderMap) -> bool {
         && matches!(v.get(prefix.len()), None | Some(b'+' | b';'))
 }
 
-/// The layer's own answer `res`, in the gRPC form when `request` is a gRPC call's headers:
-/// `what` says what happened (the `grpc-message`), `retry` how long the client should wait
-/// before it tries again, when it may.
+/// The layer's own answer `res`, in the gRPC form when the request is a gRPC call (`grpc`,
+/// from [`is_grpc`]): `what` says what happened (the `grpc-message`), `retry` how long the
+/// client should wait before it tries again, when it may.
 pub(crate) fn own_answer(
-    request: &HeaderMap,
+    grpc: bool,
     res: Response<Bytes>,
     what: &str,
     retry: Option<Duration>,
 ) -> Response<Bytes> {
-    if is_grpc(request) {
+    if grpc {
         trailers_only(res, what, retry)
     } else {
         res
@@ -86,6 +92,8 @@ fn trailers_only(res: Response<Bytes>, what: &str, retry: Option<Duration>) -> R
     let headers = &mut parts.headers;
     headers.remove(CONTENT_LENGTH);
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    // A refusal, though its HTTP status is 200: never to be kept by a cache.
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(GRPC_STATUS.clone(), HeaderValue::from(u16::from(code)));
     if let Ok(v) = HeaderValue::from_str(&percent_encode(&message)) {
         headers.insert(GRPC_MESSAGE.clone(), v);
@@ -183,10 +191,16 @@ fn base64(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    fn headers(content_type: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(CONTENT_TYPE, HeaderValue::from_str(content_type).unwrap());
-        h
+    fn call(method: Method, content_type: &str) -> Request<()> {
+        Request::builder()
+            .method(method)
+            .header(CONTENT_TYPE, content_type)
+            .body(())
+            .unwrap()
+    }
+
+    fn grpc_call(content_type: &str) -> bool {
+        is_grpc(&call(Method::POST, content_type))
     }
 
     #[test]
@@ -198,7 +212,7 @@ mod tests {
             "Application/GRPC",
             "application/grpc;charset=utf-8",
         ] {
-            assert!(is_grpc(&headers(grpc)), "{grpc}");
+            assert!(grpc_call(grpc), "{grpc}");
         }
         for other in [
             "application/grpc-web",
@@ -208,16 +222,19 @@ mod tests {
             "text/plain",
             "",
         ] {
-            assert!(!is_grpc(&headers(other)), "{other}");
+            assert!(!grpc_call(other), "{other}");
         }
-        assert!(!is_grpc(&HeaderMap::new()));
+        assert!(!is_grpc(&Request::post("/").body(()).unwrap()));
+        // gRPC is always POST: a GET with that content type gets the HTTP answer, so no
+        // client can make a refusal a cacheable 200.
+        assert!(!is_grpc(&call(Method::GET, "application/grpc")));
     }
 
     #[test]
     fn other_requests_get_the_http_answer_unchanged() {
         let res = crate::response::text_response(StatusCode::TOO_MANY_REQUESTS, "Too Many\n");
         let out = own_answer(
-            &headers("application/json"),
+            grpc_call("application/json"),
             res,
             "limited",
             Some(Duration::from_secs(1)),
@@ -233,7 +250,7 @@ mod tests {
         res.headers_mut()
             .insert("retry-after", HeaderValue::from_static("2"));
         let out = own_answer(
-            &headers("application/grpc"),
+            grpc_call("application/grpc"),
             res,
             "rate limit exceeded",
             Some(Duration::from_millis(1_500)),
@@ -249,6 +266,7 @@ mod tests {
         );
         assert_eq!(h["grpc-retry-pushback-ms"], "1500");
         assert_eq!(h["retry-after"], "2", "the HTTP answer's headers are kept");
+        assert_eq!(h["cache-control"], "no-store");
         assert!(!h.contains_key("content-length"));
     }
 
@@ -262,7 +280,7 @@ mod tests {
             (StatusCode::FORBIDDEN, "2"),
         ] {
             let res = crate::response::text_response(status, "x\n");
-            let out = own_answer(&headers("application/grpc"), res, "refused", None);
+            let out = own_answer(grpc_call("application/grpc"), res, "refused", None);
             assert_eq!(out.headers()["grpc-message"], "refused");
             assert_eq!(out.headers()["grpc-status"], code, "{status}");
             assert!(!out.headers().contains_key("grpc-retry-pushback-ms"));

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 
 use crate::grpc;
 use crate::key::{Identity, Key, KeyExtractor, MissingKey, MissingKeyWarning, Unkeyed};
@@ -47,13 +47,9 @@ impl Common {
     /// The store could not decide. `None`: let the request through undecided (a fail-open
     /// policy, or a shadow one, counted as the refusal it would have been); `Some`: the 503 of
     /// a fail-closed policy. Counted in `ratelimit_requests_total` and the fail-open or
-    /// fail-closed counter, and logged at most once per interval. `request` is the request's
-    /// headers (a gRPC call gets the gRPC form of the 503).
-    pub(crate) fn store_failed(
-        &self,
-        err: &StoreError,
-        request: &HeaderMap,
-    ) -> Option<Response<Bytes>> {
+    /// fail-closed counter, and logged at most once per interval. `grpc`: the request is a
+    /// gRPC call, which gets the gRPC form of the 503.
+    pub(crate) fn store_failed(&self, err: &StoreError, grpc: bool) -> Option<Response<Bytes>> {
         let open = self.fails_open() || self.shadow;
         self.counters.outcome(if self.fails_open() {
             Outcome::FailOpen
@@ -84,19 +80,19 @@ impl Common {
         } else {
             "rate limiter unavailable: its store failed"
         };
-        (!open).then(|| self.refusal(StatusCode::SERVICE_UNAVAILABLE, request, what))
+        (!open).then(|| self.refusal(StatusCode::SERVICE_UNAVAILABLE, grpc, what))
     }
 
     /// The layer's own 503 or 500, with `Retry-After` on a 503 (in the gRPC form for a gRPC
     /// call, `what` its message).
-    fn refusal(&self, status: StatusCode, request: &HeaderMap, what: &str) -> Response<Bytes> {
+    fn refusal(&self, status: StatusCode, grpc: bool, what: &str) -> Response<Bytes> {
         let mut res = text_response(status, status_line(status));
         let retry =
             (status == StatusCode::SERVICE_UNAVAILABLE).then_some(self.unavailable_retry_after);
         if let Some(wait) = retry {
             set_retry_after(res.headers_mut(), wait);
         }
-        grpc::own_answer(request, res, what, retry)
+        grpc::own_answer(grpc, res, what, retry)
     }
 }
 
@@ -187,7 +183,7 @@ impl<P: Compiled, K: KeyExtractor> Classifier<P, K> {
                 Unkeyed::Refuse(status) if !common.shadow => {
                     common.counters.outcome(Outcome::Unkeyed);
                     let what = "the request has no client address to limit it by";
-                    return Classified::Respond(common.refusal(status, req.headers(), what));
+                    return Classified::Respond(common.refusal(status, grpc::is_grpc(req), what));
                 }
                 Unkeyed::Refuse(_) | Unkeyed::Pass => {
                     common.counters.outcome(Outcome::Unkeyed);

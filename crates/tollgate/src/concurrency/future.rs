@@ -9,7 +9,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
@@ -117,7 +117,7 @@ where
                             StatusCode::INTERNAL_SERVER_ERROR,
                             "Internal Server Error\n",
                             None,
-                            &HeaderMap::new(),
+                            false,
                         )));
                     };
                     let permit = match acquired {
@@ -131,17 +131,19 @@ where
                                 policy.status,
                                 "Too Many Concurrent Requests\n",
                                 Some(policy.common.unavailable_retry_after),
-                                req.headers(),
+                                crate::grpc::is_grpc(&req),
                             )));
                         }
-                        Err(err) => match policy.common.store_failed(&err, req.headers()) {
-                            Some(res) => {
-                                return Poll::Ready(Ok(
-                                    res.map(|b| ConcurrencyBody::new(ResBody::from(b), None))
-                                ));
+                        Err(err) => {
+                            match policy.common.store_failed(&err, crate::grpc::is_grpc(&req)) {
+                                Some(res) => {
+                                    return Poll::Ready(Ok(
+                                        res.map(|b| ConcurrencyBody::new(ResBody::from(b), None))
+                                    ));
+                                }
+                                None => None,
                             }
-                            None => None,
-                        },
+                        }
                     };
                     let fut = inner.call(req);
                     this.state.set(State::Calling { fut, permit });
@@ -158,7 +160,7 @@ where
                             StatusCode::INTERNAL_SERVER_ERROR,
                             "Internal Server Error\n",
                             None,
-                            &HeaderMap::new(),
+                            false,
                         ),
                     }));
                 }
@@ -171,7 +173,7 @@ fn refusal<B: From<Bytes>, P>(
     status: StatusCode,
     body: &'static str,
     retry_after: Option<Duration>,
-    request: &HeaderMap,
+    grpc: bool,
 ) -> Response<ConcurrencyBody<B, P>> {
     let mut res = text_response(status, body);
     if let Some(wait) = retry_after {
@@ -182,7 +184,7 @@ fn refusal<B: From<Bytes>, P>(
     } else {
         "too many concurrent requests"
     };
-    crate::grpc::own_answer(request, res, what, retry_after)
+    crate::grpc::own_answer(grpc, res, what, retry_after)
         .map(|b| ConcurrencyBody::new(B::from(b), None))
 }
 

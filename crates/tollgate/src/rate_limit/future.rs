@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
@@ -93,8 +93,8 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: From<Bytes>,
 {
-    pub(crate) fn over_capacity(policy: &CompiledPolicy, cost: u32, request: &HeaderMap) -> Self {
-        Self::respond(over_capacity_response(policy, cost, request))
+    pub(crate) fn over_capacity(policy: &CompiledPolicy, cost: u32, grpc: bool) -> Self {
+        Self::respond(over_capacity_response(policy, cost, grpc))
     }
 }
 
@@ -148,7 +148,11 @@ where
                                 policy.common.counters.fallback(reason);
                             }
                             policy.common.counters.outcome(Outcome::Limited);
-                            return Poll::Ready(Ok(limited(policy, &decision, req.headers())));
+                            return Poll::Ready(Ok(limited(
+                                policy,
+                                &decision,
+                                crate::grpc::is_grpc(&req),
+                            )));
                         }
                         Err(err) => match err.kind() {
                             // A shadow policy never changes a response: it counts what it
@@ -163,10 +167,11 @@ where
                                 return Poll::Ready(Ok(over_capacity_response(
                                     policy,
                                     cost,
-                                    req.headers(),
+                                    crate::grpc::is_grpc(&req),
                                 )));
                             }
-                            _ => match policy.common.store_failed(&err, req.headers()) {
+                            _ => match policy.common.store_failed(&err, crate::grpc::is_grpc(&req))
+                            {
                                 Some(res) => return Poll::Ready(Ok(res.map(ResBody::from))),
                                 None => None,
                             },
@@ -200,7 +205,7 @@ where
 fn limited<B: From<Bytes>>(
     policy: &CompiledPolicy,
     decision: &Decision,
-    request: &HeaderMap,
+    grpc: bool,
 ) -> Response<B> {
     let mut res = (policy.respond.limited)(decision);
     let wait = decision.retry_after().unwrap_or_default();
@@ -208,13 +213,13 @@ fn limited<B: From<Bytes>>(
     policy
         .headers
         .apply(policy.respond.headers, decision, res.headers_mut());
-    grpc::own_answer(request, res, "rate limit exceeded", Some(wait)).map(B::from)
+    grpc::own_answer(grpc, res, "rate limit exceeded", Some(wait)).map(B::from)
 }
 
 fn over_capacity_response<B: From<Bytes>>(
     policy: &CompiledPolicy,
     cost: u32,
-    request: &HeaderMap,
+    grpc: bool,
 ) -> Response<B> {
     policy.common.counters.outcome(Outcome::OverCapacity);
     if let Some(_held_back) = policy.common.degraded_log.permit() {
@@ -234,7 +239,7 @@ fn over_capacity_response<B: From<Bytes>>(
         "Request Cost Exceeds Rate Limit Capacity\n",
     );
     let what = "the request costs more than the rate limit's burst and can never pass";
-    grpc::own_answer(request, res, what, None).map(B::from)
+    grpc::own_answer(grpc, res, what, None).map(B::from)
 }
 
 /// A shadow policy's request that costs more than its burst: counted and logged, let through.

@@ -97,7 +97,7 @@ where
                         shadow_over_capacity(policy, cost);
                         return ResponseFuture::passthrough(self.inner.call(req));
                     }
-                    return ResponseFuture::over_capacity(policy, cost, req.headers());
+                    return ResponseFuture::over_capacity(policy, cost, crate::grpc::is_grpc(&req));
                 }
                 let check = shared.store.check(&key, &policy.quotas, cost);
                 (Arc::clone(policy), check)
