@@ -164,6 +164,20 @@ impl Decision {
         }
     }
 
+    /// The decision of evaluations the policy decided as `allowed` (every quota allowed it),
+    /// built in place: no intermediate collection to copy.
+    pub(crate) fn from_evals(evals: &[crate::algorithm::Eval], allowed: bool) -> Self {
+        let mut decision = Decision {
+            allowed,
+            fallback: None,
+            states: SmallVec::new(),
+        };
+        for e in evals {
+            decision.states.push(e.state(allowed));
+        }
+        decision
+    }
+
     /// Marks the decision as made by a local fallback store because the shared store failed
     /// for `reason`. The layer counts such decisions in `ratelimit_fallback_total{reason}`.
     #[must_use]

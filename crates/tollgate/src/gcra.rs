@@ -23,18 +23,18 @@ pub(crate) fn decide(now: u64, stored_tat: Option<u64>, quota: &Quota, cost: u32
     // The part of the burst in use before this request: what a refusal reports.
     let used = tat - now;
     if ahead <= span {
-        Eval {
-            write: (new_tat > now).then_some(State {
+        Eval::new(
+            (new_tat > now).then_some(State {
                 t: new_tat,
                 a: 0,
                 b: 0,
             }),
-            spent: state(quota, true, units((span - ahead) / t), ahead, 0),
-            unspent: state(quota, true, units((span - used) / t), used, 0),
-        }
+            &state(quota, true, units((span - ahead) / t), ahead, 0),
+            &state(quota, true, units((span - used) / t), used, 0),
+        )
     } else {
         let left = units(span.saturating_sub(used) / t);
-        Eval::refused(state(quota, false, left, used, ahead - span))
+        Eval::refused(&state(quota, false, left, used, ahead - span))
     }
 }
 

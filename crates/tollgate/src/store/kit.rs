@@ -121,7 +121,7 @@ pub fn decide(
 /// The decision the evaluations of a request's quotas make together: each quota's outcome
 /// spent when all of them allow it, unspent otherwise.
 pub(crate) fn decision(evals: &[Eval], allowed: bool) -> Decision {
-    Decision::from_states(evals.iter().map(|e| e.state(allowed)))
+    Decision::from_evals(evals, allowed)
 }
 
 /// `s` if the algorithms could have written it by `now`, a repaired GCRA state if it is too
