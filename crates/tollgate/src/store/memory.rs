@@ -295,7 +295,9 @@ impl<C: Clock> MemoryStore<C> {
             }
         }
         drop(state);
-        evicted.count(&inner.policies);
+        if !evicted.by_policy.is_empty() {
+            evicted.count(&inner.policies);
+        }
 
         Ok(super::kit::decision(&evals, allowed))
     }
