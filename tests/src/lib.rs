@@ -307,3 +307,39 @@ pub fn as_prometheus_sees_it(query: &str) -> String {
         .replace("$job", ".*")
         .replace("$policy", ".*")
 }
+
+/// The HTTP client of the end-to-end tests: never through a proxy (the tests talk to loopback
+/// only), and a request that takes over 30 s fails the test instead of hanging it.
+///
+/// # Panics
+///
+/// When the client cannot be built.
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("HTTP client")
+}
+
+/// Runs `promtool` with `args` in `dir` and fails with its output unless it succeeds.
+///
+/// # Panics
+///
+/// When promtool is missing (the message says how to install it), or it fails.
+pub fn promtool<S: AsRef<std::ffi::OsStr>>(args: &[S], dir: &Path) {
+    let out = Command::new(require_program("promtool", "prometheus"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool {:?} failed:\n{}{}",
+        args.iter()
+            .map(|a| a.as_ref().to_string_lossy().into_owned())
+            .collect::<Vec<_>>(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -4,37 +4,21 @@
 //! exports, and docs/operations.md shows exactly that file.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use tollgate_tests::{require_program, series_named};
+use tollgate_tests::{promtool, series_named};
 
 fn alerts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/alerts")
 }
 
-fn promtool(args: &[&str]) {
-    let promtool = require_program("promtool", "prometheus");
-    let out = Command::new(promtool)
-        .args(args)
-        .current_dir(alerts())
-        .output()
-        .expect("promtool runs");
-    assert!(
-        out.status.success(),
-        "promtool {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[test]
 fn the_rules_are_valid() {
-    promtool(&["check", "rules", "tollgate.rules.yml"]);
+    promtool(&["check", "rules", "tollgate.rules.yml"], &alerts());
 }
 
 #[test]
 fn each_alert_fires_when_it_should_and_only_then() {
-    promtool(&["test", "rules", "tollgate.rules.test.yml"]);
+    promtool(&["test", "rules", "tollgate.rules.test.yml"], &alerts());
     // Every alert of the rules file has a test.
     let rules = std::fs::read_to_string(alerts().join("tollgate.rules.yml")).unwrap();
     let tests = std::fs::read_to_string(alerts().join("tollgate.rules.test.yml")).unwrap();

@@ -10,17 +10,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use tollgate_tests::{Demo, config_file, metric_sum};
+use tollgate_tests::{Demo, config_file, http_client, metric_sum};
 
 const DEMO: &str = env!("CARGO_BIN_EXE_demo-under-test");
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client")
-}
 
 /// Starts the demo with `config` (TOML) and any extra flags.
 fn demo(config: &str, extra: &[&str]) -> (Demo, tempfile::NamedTempFile) {
@@ -59,7 +51,7 @@ async fn head_cannot_step_around_a_get_limit() {
         "[[policy]]\nname = \"export\"\nroute = \"/export\"\nmethod = \"GET\"\nquota = \"2/m\"\n",
         &[],
     );
-    let client = client();
+    let client = http_client();
     let mut got = Vec::new();
     for _ in 0..6 {
         got.push(
@@ -85,7 +77,7 @@ async fn an_unclosed_quote_in_forwarded_cannot_hide_the_proxys_element() {
          [[policy]]\nname = \"hello\"\nroute = \"/hello\"\nquota = \"3/m\"\n",
         &[],
     );
-    let client = client();
+    let client = http_client();
     let mut got = Vec::new();
     for i in 0..6 {
         // The client wrote `for=9.9.9.<i>;x="`; its proxy appended its element on the same line.
@@ -139,7 +131,7 @@ async fn a_flood_of_new_addresses_cannot_free_a_limited_login() {
          [[policy]]\nname = \"hello\"\nroute = \"/hello\"\nquota = \"100/1d\"\ncost = 5\n",
         &[],
     );
-    let client = client();
+    let client = http_client();
     let login = || {
         client
             .post(demo.url("/login"))
@@ -190,7 +182,7 @@ async fn a_huge_forwarding_header_is_answered_in_bounded_time_and_memory() {
          [[policy]]\nname = \"hello\"\nroute = \"/hello\"\nquota = \"5/m\"\n",
         &[],
     );
-    let client = client();
+    let client = http_client();
     // Warm up (allocator, connection pool), then measure.
     client.get(demo.url("/metrics")).send().await.unwrap();
     let before = demo.rss_bytes();

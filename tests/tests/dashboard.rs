@@ -4,10 +4,9 @@
 //! against a real Prometheus scraping the demo.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use tollgate_tests::{
-    as_prometheus_sees_it, dashboard_path, dashboard_queries, require_program, series_named,
+    as_prometheus_sees_it, dashboard_path, dashboard_queries, promtool, series_named,
 };
 
 #[test]
@@ -44,16 +43,11 @@ fn every_query_is_valid_promql() {
         ));
     }
     let file = tollgate_tests::config_file(&rules);
-    let out = Command::new(require_program("promtool", "prometheus"))
-        .args(["check", "rules"])
-        .arg(file.path())
-        .output()
-        .expect("promtool runs");
-    assert!(
-        out.status.success(),
-        "promtool check rules failed:\n{}{}\n{rules}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let dir = file.path().parent().expect("a temp dir").to_owned();
+    let name = file.path().file_name().expect("a file name").to_owned();
+    promtool(
+        &[std::ffi::OsStr::new("check"), "rules".as_ref(), &name],
+        &dir,
     );
 }
 

@@ -7,17 +7,9 @@ use std::time::{Duration, Instant};
 
 use tollgate_tests::prometheus::Prometheus;
 use tollgate_tests::redis::RedisServer;
-use tollgate_tests::{Demo, as_prometheus_sees_it, dashboard_queries};
+use tollgate_tests::{Demo, as_prometheus_sees_it, dashboard_queries, http_client};
 
 const DEMO: &str = env!("CARGO_BIN_EXE_demo-under-test");
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
 
 /// Polls `expr` until it equals `want` (at most 30 s, several scrapes); returns the last value.
 async fn settle(prom: &Prometheus, client: &reqwest::Client, expr: &str, want: f64) -> Option<f64> {
@@ -46,7 +38,7 @@ async fn prometheus_counts_every_request_let_through_undecided() {
         ],
     );
     let prom = Prometheus::start("demo", &[demo.addr.to_string()]);
-    let client = client();
+    let client = http_client();
     let fail_open = r#"sum(ratelimit_fail_open_total{job="demo", policy="hello"})"#;
 
     // Registered at zero before the first failure, so an alert on it works from the start.

@@ -126,7 +126,7 @@ async fn the_demo_says_once_that_its_password_is_refused_and_never_shows_it() {
             "500",
         ],
     );
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let http = tollgate_tests::http_client();
     // Fewer requests than the breaker's threshold, so each reaches the store.
     for _ in 0..3 {
         let res = http.get(demo.url("/hello")).send().await.unwrap();

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use tollgate_tests::redis::{RedisServer, free_port};
-use tollgate_tests::{Demo, metric_sum};
+use tollgate_tests::{Demo, http_client, metric_sum};
 
 const DEMO: &str = env!("CARGO_BIN_EXE_demo-under-test");
 /// The demo's Redis deadline in the tests about the deadline (a frozen server).
@@ -14,14 +14,6 @@ const DEADLINE_MS: u64 = 300;
 /// The deadline in the others: long enough that a slow moment of a busy machine is never
 /// mistaken for the fault under test (a dead or absent server fails at once anyway).
 const LONG_DEADLINE_MS: u64 = 5_000;
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
-}
 
 fn demo_on(url: &str, extra: &[&str]) -> Demo {
     demo_with_deadline(url, LONG_DEADLINE_MS, extra)
@@ -88,7 +80,7 @@ async fn redis_killed_mid_load_fails_open_and_counts_every_undecided_request() {
     // Each request comes from its own client (through a trusted proxy), so none is refused
     // before the kill and none can be answered from the deny cache after it.
     let demo = demo_on(&server.url(), &["--trusted-proxy", "127.0.0.1/32"]);
-    let client = client();
+    let client = http_client();
     let fail_open_before = metric(
         &client,
         &demo,
@@ -190,7 +182,7 @@ async fn redis_killed_mid_load_fails_open_and_counts_every_undecided_request() {
 async fn a_frozen_redis_costs_at_most_the_deadline_then_nothing() {
     let server = RedisServer::start();
     let demo = demo_with_deadline(&server.url(), DEADLINE_MS, &[]);
-    let client = client();
+    let client = http_client();
     assert!(get(&client, &demo, "/hello").await.decided);
 
     server.pause();
@@ -263,7 +255,7 @@ async fn a_frozen_redis_costs_at_most_the_deadline_then_nothing() {
 async fn a_restarted_redis_resumes_limiting_without_restarting_the_service() {
     let mut server = RedisServer::start();
     let demo = demo_on(&server.url(), &[]);
-    let client = client();
+    let client = http_client();
     let mut before = Vec::new();
     for _ in 0..6 {
         before.push(get(&client, &demo, "/hello").await);
@@ -299,7 +291,7 @@ async fn redis_absent_at_start_up_and_appearing_later() {
     let port = free_port();
     let url = format!("redis://127.0.0.1:{port}");
     let demo = demo_on(&url, &["--redis-connect-wait", "200"]);
-    let client = client();
+    let client = http_client();
     // The service is up and answering without Redis: fail open on /hello, closed on /login.
     for _ in 0..8 {
         let seen = get(&client, &demo, "/hello").await;
@@ -352,7 +344,7 @@ async fn with_the_local_fallback_one_instance_still_refuses_past_its_limit() {
     // The short deadline: while the client reconnects to the dead server, calls wait for it
     // before the fallback decides, and requests 5 s apart would each find a refilled budget.
     let demo = demo_with_deadline(&server.url(), DEADLINE_MS, &["--redis-fallback"]);
-    let client = client();
+    let client = http_client();
     assert!(get(&client, &demo, "/hello").await.decided);
     server.stop();
 
@@ -413,7 +405,7 @@ async fn a_login_refused_while_redis_was_frozen_costs_the_client_nothing() {
     // late and spent the budget.
     let server = RedisServer::start();
     let demo = demo_with_deadline(&server.url(), DEADLINE_MS, &[]);
-    let client = client();
+    let client = http_client();
     until_redis_decides(&client, &demo).await;
 
     server.pause();
@@ -433,7 +425,7 @@ async fn a_login_refused_while_redis_was_frozen_costs_the_client_nothing() {
 async fn a_fallback_decision_is_not_spent_again_in_redis() {
     let server = RedisServer::start();
     let demo = demo_with_deadline(&server.url(), DEADLINE_MS, &["--redis-fallback"]);
-    let client = client();
+    let client = http_client();
     until_redis_decides(&client, &demo).await;
 
     server.pause();

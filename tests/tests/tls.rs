@@ -223,7 +223,7 @@ async fn two_demos_share_a_limit_through_tls_redis_with_a_private_ca() {
     );
 
     // GET /hello: 5 per 10 s per client, shared by both instances.
-    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let http = tollgate_tests::http_client();
     let mut statuses = Vec::new();
     for i in 0..8 {
         let demo = if i % 2 == 0 { &by_flags } else { &by_file };

@@ -47,6 +47,22 @@ impl Body for ChannelBody {
     }
 }
 
+/// An inner service whose every response streams until the test ends or drops it: the test
+/// receives the chunk sender of each response's body.
+fn streaming() -> (
+    impl tower::Service<Request<()>, Response = Response<ChannelBody>, Error = Infallible, Future: Send>
+    + Clone,
+    mpsc::UnboundedReceiver<mpsc::UnboundedSender<Bytes>>,
+) {
+    let (senders_tx, senders_rx) = mpsc::unbounded_channel();
+    let service = tower::service_fn(move |_req: Request<()>| {
+        let (chunks, body) = mpsc::unbounded_channel();
+        let _ = senders_tx.send(chunks);
+        async move { Ok::<_, Infallible>(Response::new(ChannelBody(body))) }
+    });
+    (service, senders_rx)
+}
+
 impl From<Bytes> for ChannelBody {
     fn from(b: Bytes) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -59,16 +75,12 @@ impl From<Bytes> for ChannelBody {
 async fn a_streaming_body_holds_its_slot_until_it_ends() {
     let store = MemoryConcurrencyStore::new();
     // The handler hands the test the sender of each response body.
-    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel();
+    let (streaming, mut senders_rx) = streaming();
     let svc = ServiceBuilder::new()
         .layer(
             ConcurrencyLimitLayer::new(store.clone()).policy(ConcurrencyPolicy::new("report", 1)),
         )
-        .service_fn(move |_req: Request<()>| {
-            let (chunks, body) = mpsc::unbounded_channel();
-            let _ = senders_tx.send(chunks);
-            async move { Ok::<_, Infallible>(Response::new(ChannelBody(body))) }
-        });
+        .service(streaming);
 
     let first = svc.clone().oneshot(request()).await.unwrap();
     let chunks = senders_rx.recv().await.unwrap();
@@ -195,18 +207,14 @@ async fn a_disconnecting_client_gives_its_slot_back() {
 #[tokio::test]
 async fn composes_with_the_rate_limiter_on_the_same_route() {
     let conc = MemoryConcurrencyStore::new();
-    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel();
+    let (streaming, mut senders_rx) = streaming();
     let mut svc = ServiceBuilder::new()
         .layer(
             RateLimitLayer::new(MemoryStore::new())
                 .policy(Policy::new("report", "3/h".parse::<Quota>().unwrap())),
         )
         .layer(ConcurrencyLimitLayer::new(conc.clone()).policy(ConcurrencyPolicy::new("report", 1)))
-        .service_fn(move |_req: Request<()>| {
-            let (chunks, body) = mpsc::unbounded_channel();
-            let _ = senders_tx.send(chunks);
-            async move { Ok::<_, Infallible>(Response::new(ChannelBody(body))) }
-        });
+        .service(streaming);
     let first = svc.ready().await.unwrap().call(request()).await.unwrap();
     assert_eq!(first.status(), StatusCode::OK);
     assert!(first.headers().contains_key("ratelimit"));
@@ -297,7 +305,7 @@ async fn a_concurrency_policy_counts_apart_from_a_rate_policy_of_the_same_name()
     let recorder = DebuggingRecorder::new();
     let counters = support::Counters::new(recorder.snapshotter());
     let _guard = metrics::set_default_local_recorder(&recorder);
-    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel();
+    let (streaming, mut senders_rx) = streaming();
     let mut svc = ServiceBuilder::new()
         .layer(
             RateLimitLayer::new(MemoryStore::new())
@@ -307,11 +315,7 @@ async fn a_concurrency_policy_counts_apart_from_a_rate_policy_of_the_same_name()
             ConcurrencyLimitLayer::new(MemoryConcurrencyStore::new())
                 .policy(ConcurrencyPolicy::new("report", 1)),
         )
-        .service_fn(move |_req: Request<()>| {
-            let (chunks, body) = mpsc::unbounded_channel();
-            let _ = senders_tx.send(chunks);
-            async move { Ok::<_, Infallible>(Response::new(ChannelBody(body))) }
-        });
+        .service(streaming);
     // One streams; the second is refused by the concurrency limit; the third by the rate limit.
     let first = svc.ready().await.unwrap().call(request()).await.unwrap();
     let _chunks = senders_rx.recv().await.unwrap();
@@ -354,17 +358,13 @@ async fn the_in_flight_gauge_follows_the_slots_held() {
     let recorder = DebuggingRecorder::new();
     let counters = support::Counters::new(recorder.snapshotter());
     let _guard = metrics::set_default_local_recorder(&recorder);
-    let (senders_tx, mut senders_rx) = mpsc::unbounded_channel();
+    let (streaming, mut senders_rx) = streaming();
     let mut svc = ServiceBuilder::new()
         .layer(
             ConcurrencyLimitLayer::new(MemoryConcurrencyStore::new())
                 .policy(ConcurrencyPolicy::new("export", 2)),
         )
-        .service_fn(move |_req: Request<()>| {
-            let (chunks, body) = mpsc::unbounded_channel();
-            let _ = senders_tx.send(chunks);
-            async move { Ok::<_, Infallible>(Response::new(ChannelBody(body))) }
-        });
+        .service(streaming);
     let in_flight = || counters.gauge(CONCURRENCY_IN_FLIGHT, &[("policy", "export")]);
     assert_eq!(in_flight(), Some(0.0), "registered at zero");
 
