@@ -257,42 +257,56 @@ mod tests {
 
     #[test]
     fn each_cause_is_named() {
-        // What fred reports, as seen against real servers (tests/tests/redis_errors.rs).
-        let wrongpass = "WRONGPASS invalid username-password pair or user is disabled.";
-        assert_eq!(
-            kind_of(FredErrorKind::Auth, wrongpass, false),
-            Some(StoreErrorKind::Auth)
-        );
-        let noauth = "NOAUTH Authentication required.";
-        assert_eq!(
-            kind_of(FredErrorKind::Auth, noauth, false),
-            Some(StoreErrorKind::Auth)
-        );
-        let refused = r#"Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }"#;
-        assert_eq!(
-            kind_of(FredErrorKind::IO, refused, false),
-            Some(StoreErrorKind::ConnectionRefused)
-        );
-        let dns = r#"Custom { kind: Uncategorized, error: "failed to lookup address information: Name or service not known" }"#;
-        assert_eq!(
-            kind_of(FredErrorKind::IO, dns, false),
-            Some(StoreErrorKind::Dns)
-        );
-        let untrusted = "Custom { kind: InvalidData, error: InvalidCertificate(UnknownIssuer) }";
-        assert_eq!(
-            kind_of(FredErrorKind::IO, untrusted, true),
-            Some(StoreErrorKind::Tls)
-        );
-        assert_eq!(
-            kind_of(FredErrorKind::Timeout, "Request timed out.", true),
-            Some(StoreErrorKind::Tls),
-            "TLS spoken to a plaintext port never completes its handshake"
-        );
-        assert_eq!(
-            kind_of(FredErrorKind::Timeout, "Request timed out.", false),
-            None
-        );
-        assert_eq!(kind_of(FredErrorKind::Parse, "garbage", false), None);
+        // What fred reports, as seen against real servers (tests/tests/redis_errors.rs):
+        // (kind, details, TLS URL, the cause's kind).
+        let cases = [
+            (
+                FredErrorKind::Auth,
+                "WRONGPASS invalid username-password pair or user is disabled.",
+                false,
+                Some(StoreErrorKind::Auth),
+            ),
+            (
+                FredErrorKind::Auth,
+                "NOAUTH Authentication required.",
+                false,
+                Some(StoreErrorKind::Auth),
+            ),
+            (
+                FredErrorKind::IO,
+                r#"Os { code: 111, kind: ConnectionRefused, message: "Connection refused" }"#,
+                false,
+                Some(StoreErrorKind::ConnectionRefused),
+            ),
+            (
+                FredErrorKind::IO,
+                r#"Custom { kind: Uncategorized, error: "failed to lookup address information: Name or service not known" }"#,
+                false,
+                Some(StoreErrorKind::Dns),
+            ),
+            (
+                FredErrorKind::IO,
+                "Custom { kind: InvalidData, error: InvalidCertificate(UnknownIssuer) }",
+                true,
+                Some(StoreErrorKind::Tls),
+            ),
+            // TLS spoken to a plaintext port never completes its handshake.
+            (
+                FredErrorKind::Timeout,
+                "Request timed out.",
+                true,
+                Some(StoreErrorKind::Tls),
+            ),
+            (FredErrorKind::Timeout, "Request timed out.", false, None),
+            (FredErrorKind::Parse, "garbage", false, None),
+        ];
+        for (kind, details, tls, want) in cases {
+            assert_eq!(
+                kind_of(kind.clone(), details, tls),
+                want,
+                "{kind:?} {details}"
+            );
+        }
     }
 
     #[test]
