@@ -268,6 +268,17 @@ impl RedisServer {
         }
     }
 
+    /// How many times the server has run `command` (lower case, as `INFO commandstats` names
+    /// it: `evalsha`, `zadd`), since it started or its last `CONFIG RESETSTAT`.
+    pub fn calls(&self, command: &str) -> u64 {
+        let prefix = format!("cmdstat_{command}:calls=");
+        self.cli(&["info", "commandstats"])
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Freezes the process (SIGSTOP): connections stay open, nothing answers.
     pub fn pause(&self) {
         self.signal(Signal::SIGSTOP);

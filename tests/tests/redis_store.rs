@@ -512,14 +512,7 @@ async fn a_lease_whose_acquire_timed_out_is_not_held() {
     ));
     wait_until_gone(&server, &redis_key).await;
 
-    let zadds = || -> u64 {
-        server
-            .cli(&["info", "commandstats"])
-            .lines()
-            .find_map(|l| l.strip_prefix("cmdstat_zadd:calls="))
-            .and_then(|rest| rest.split(',').next()?.parse().ok())
-            .unwrap_or(0)
-    };
+    let zadds = || server.calls("zadd");
     let zadds_before = zadds();
     server.pause();
     let err = slots.acquire(&key, 2).await.unwrap_err();

@@ -7,10 +7,12 @@ use std::time::{Duration, Instant};
 
 use fred::prelude::{Builder, ClientLike, Config, Options, ReconnectPolicy};
 use fred::types::config::UnresponsiveConfig;
+use fred::types::scripts::Script;
 use tollgate::MemoryStore;
 use tollgate::clock::Clock;
 use tollgate::metrics::StoreMetrics;
 
+use crate::batch::{Coalescer, Runner};
 use crate::breaker::Breaker;
 use crate::deny;
 use crate::error::*;
@@ -26,6 +28,8 @@ pub(crate) const DEFAULT_BREAKER_THRESHOLD: u32 = 5;
 pub(crate) const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_millis(500);
 pub(crate) const DEFAULT_DENY_CACHE: usize = 10_000;
 pub(crate) const DEFAULT_DENY_CACHE_TTL: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_MAX_BATCH: usize = 64;
+pub(crate) const MAX_BATCH: usize = 1_024;
 /// The oldest Redis this store runs on: `redis.replicate_commands()`, which lets the script
 /// write after reading `TIME`, came with 3.2 (and is the only behaviour from 5 on).
 pub(crate) const MIN_REDIS_VERSION: (u32, u32) = (3, 2);
@@ -63,6 +67,7 @@ pub struct RedisStoreBuilder {
     pub(crate) name: String,
     pub(crate) deny_cache: usize,
     pub(crate) deny_cache_ttl: Duration,
+    pub(crate) max_batch: usize,
     #[cfg(feature = "tls")]
     pub(crate) tls: Option<crate::RedisTls>,
 }
@@ -85,6 +90,16 @@ impl RedisStoreBuilder {
     /// long; with this cap they ask Redis again after at most this long.
     pub fn deny_cache_ttl(mut self, ttl: Duration) -> Self {
         self.deny_cache_ttl = ttl;
+        self
+    }
+
+    /// The most checks sent in one script call (default 64; 1 to 1024). The checks that are in
+    /// flight at the same moment go to Redis together, as one `EVALSHA` that decides them one
+    /// after the other: the same decisions as one call each, for a fraction of the work on both
+    /// sides (docs/redis.md, "Coalescing"). A check never waits for others to join it. 1 sends
+    /// every check in a call of its own.
+    pub fn max_batch(mut self, checks: usize) -> Self {
+        self.max_batch = checks.clamp(1, MAX_BATCH);
         self
     }
 
@@ -146,8 +161,9 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// The most commands queued in the client (default 10 000). Past it, calls fail at once
-    /// instead of piling up behind a slow server.
+    /// The most commands queued in the client, and the most checks waiting to be sent
+    /// (default 10 000 each). Past it, calls fail at once instead of piling up behind a slow
+    /// server.
     pub fn max_queued(mut self, max: usize) -> Self {
         self.max_queued = max;
         self
@@ -192,6 +208,7 @@ impl RedisStoreBuilder {
             return Err(Error::NoRuntime);
         }
         let mut config = self.config;
+        let clustered = config.server.is_clustered();
         #[cfg(feature = "tls")]
         if let Some(tls) = &self.tls {
             let Some(current) = &config.tls else {
@@ -259,8 +276,24 @@ impl RedisStoreBuilder {
         };
         Ok(RedisStore {
             inner: Arc::new(Inner {
+                checks: Coalescer::start(
+                    Runner {
+                        client: client.clone(),
+                        options: options.clone(),
+                        script: Script::from_lua(crate::script::RATE_LIMIT_SCRIPT),
+                        source: crate::script::RATE_LIMIT_SCRIPT,
+                    },
+                    self.max_batch,
+                    max_queued,
+                    clustered,
+                ),
+                concurrency: Runner {
+                    client: client.clone(),
+                    options: options.clone(),
+                    script: Script::from_lua(crate::script::CONCURRENCY_SCRIPT),
+                    source: crate::script::CONCURRENCY_SCRIPT,
+                },
                 client,
-                script: fred::types::scripts::Script::from_lua(crate::script::RATE_LIMIT_SCRIPT),
                 options,
                 prefix: self.prefix,
                 timeout,
@@ -274,9 +307,6 @@ impl RedisStoreBuilder {
                 },
                 metrics,
                 name: self.name,
-                concurrency_script: fred::types::scripts::Script::from_lua(
-                    crate::script::CONCURRENCY_SCRIPT,
-                ),
                 deny: (self.deny_cache > 0)
                     .then(|| deny::DenyCache::new(self.deny_cache, self.deny_cache_ttl)),
                 origin: Instant::now(),
@@ -316,6 +346,7 @@ impl fmt::Debug for RedisStoreBuilder {
             .field("probe_interval", &self.probe_interval)
             .field("deny_cache", &self.deny_cache)
             .field("deny_cache_ttl", &self.deny_cache_ttl)
+            .field("max_batch", &self.max_batch)
             .finish_non_exhaustive()
     }
 }

@@ -15,7 +15,6 @@ use tollgate::concurrency::{Acquire, ConcurrencyStore};
 use tollgate::{Key, StoreError, StoreErrorKind};
 
 use crate::error::classify;
-use crate::script::CONCURRENCY_SCRIPT;
 use crate::store::{Inner, RedisStore};
 
 /// A [`ConcurrencyStore`] in Redis: at most N requests of a key in flight across every instance.
@@ -124,12 +123,7 @@ async fn lease_op(
         limit.into(),
         deadline_ms.into(),
     ];
-    let call = inner.eval_script(
-        &inner.concurrency_script,
-        CONCURRENCY_SCRIPT,
-        vec![key],
-        args,
-    );
+    let call = inner.concurrency.eval(vec![key], args);
     let reply = match tokio::time::timeout(inner.timeout, call).await {
         Err(_) => return Err(inner.explain(StoreError::new(StoreErrorKind::Timeout))),
         Ok(Err(e)) => return Err(inner.explain(classify(e))),

@@ -48,6 +48,8 @@ pub struct RedisConfig {
     pub deny_cache: Option<usize>,
     /// The longest a remembered refusal is trusted.
     pub deny_cache_ttl: Option<Duration>,
+    /// The most checks sent in one script call (1: each its own call).
+    pub max_batch: Option<usize>,
     /// PEM file of the CA certificates to trust instead of the system's (a private CA); see
     /// [`RedisTls`](crate::RedisTls). Needs a TLS URL.
     pub tls_ca_file: Option<PathBuf>,
@@ -69,6 +71,7 @@ struct RedisFile {
     breaker_threshold: Option<u32>,
     deny_cache: Option<usize>,
     deny_cache_ttl: Option<String>,
+    max_batch: Option<usize>,
     tls_ca_file: Option<PathBuf>,
     tls_client_cert_file: Option<PathBuf>,
     tls_client_key_file: Option<PathBuf>,
@@ -85,6 +88,7 @@ impl RedisConfig {
             breaker_threshold: None,
             deny_cache: None,
             deny_cache_ttl: None,
+            max_batch: None,
             tls_ca_file: None,
             tls_client_cert_file: None,
             tls_client_key_file: None,
@@ -142,6 +146,15 @@ impl RedisConfig {
                 "must be at least 1",
             ));
         }
+        if let Some(n) = file.max_batch
+            && !(1..=crate::builder::MAX_BATCH).contains(&n)
+        {
+            return Err(ConfigError::at(
+                "store.max_batch",
+                n,
+                format!("must be from 1 to {}", crate::builder::MAX_BATCH),
+            ));
+        }
         match (&file.tls_client_cert_file, &file.tls_client_key_file) {
             (Some(_), None) => {
                 return Err(ConfigError::field(
@@ -175,6 +188,7 @@ impl RedisConfig {
             breaker_threshold: file.breaker_threshold,
             deny_cache: file.deny_cache,
             deny_cache_ttl,
+            max_batch: file.max_batch,
             tls_ca_file: file.tls_ca_file,
             tls_client_cert_file: file.tls_client_cert_file,
             tls_client_key_file: file.tls_client_key_file,
@@ -207,6 +221,9 @@ impl RedisConfig {
         }
         if let Some(ttl) = self.deny_cache_ttl {
             builder = builder.deny_cache_ttl(ttl);
+        }
+        if let Some(n) = self.max_batch {
+            builder = builder.max_batch(n);
         }
         #[cfg(feature = "tls")]
         if let Some(tls) = self.tls()? {
@@ -260,6 +277,7 @@ mod tests {
             breaker_threshold = 3
             deny_cache = 500
             deny_cache_ttl = "30s"
+            max_batch = 16
             tls_ca_file = "/etc/tollgate/ca.pem"
             tls_client_cert_file = "/etc/tollgate/client.pem"
             tls_client_key_file = "/etc/tollgate/client.key"
@@ -276,6 +294,7 @@ mod tests {
                 breaker_threshold: Some(3),
                 deny_cache: Some(500),
                 deny_cache_ttl: Some(Duration::from_secs(30)),
+                max_batch: Some(16),
                 tls_ca_file: Some("/etc/tollgate/ca.pem".into()),
                 tls_client_cert_file: Some("/etc/tollgate/client.pem".into()),
                 tls_client_key_file: Some("/etc/tollgate/client.key".into()),
@@ -319,6 +338,14 @@ mod tests {
                 "store.breaker_threshold = 0: must be at least 1",
             ),
             (
+                "[store]\ntype = \"redis\"\nurl = \"redis://x\"\nmax_batch = 0",
+                "store.max_batch = 0: must be from 1 to 1024",
+            ),
+            (
+                "[store]\ntype = \"redis\"\nurl = \"redis://x\"\nmax_batch = 5000",
+                "store.max_batch = 5000: must be from 1 to 1024",
+            ),
+            (
                 "[store]\ntype = \"redis\"\nurl = \"redis://x\"\ntimout = \"1s\"",
                 "store: unknown field `timout`",
             ),
@@ -354,6 +381,7 @@ mod tests {
         config.deny_cache_ttl = Some(Duration::from_secs(2));
         config.breaker_threshold = Some(9);
         config.fallback = true;
+        config.max_batch = Some(8);
         let shown = format!("{:?}", config.builder().unwrap());
         for field in [
             "timeout: 7ms",
@@ -361,6 +389,7 @@ mod tests {
             "deny_cache_ttl: 2s",
             "breaker_threshold: 9",
             "fallback: true",
+            "max_batch: 8",
         ] {
             assert!(shown.contains(field), "{field} missing from {shown}");
         }

@@ -1,9 +1,11 @@
 //! A Redis store for [`tollgate`]: every instance of a service shares one limit.
 //!
-//! [`RedisStore`] decides each request with one `EVALSHA` of a script (`rate_limit.lua`: GCRA,
-//! fixed and sliding windows) that reads, decides and writes every quota of the request
-//! atomically, on the Redis server's clock, so instances with skewed clocks agree. It is built on
-//! [`fred`] and connects to a standalone server, a Redis Cluster or Sentinel from a URL.
+//! [`RedisStore`] decides each request with a script (`rate_limit.lua`: GCRA, fixed and sliding
+//! windows) that reads, decides and writes every quota of the request atomically, on the Redis
+//! server's clock, so instances with skewed clocks agree. The checks in flight at the same
+//! moment go in one `EVALSHA` ([`RedisStoreBuilder::max_batch`]), decided one after the other.
+//! It is built on [`fred`] and connects to a standalone server, a Redis Cluster or Sentinel
+//! from a URL.
 //!
 //! ```no_run
 //! use axum::{routing::get, Router};
@@ -38,6 +40,7 @@
 
 pub use fred;
 
+mod batch;
 mod breaker;
 mod builder;
 mod concurrency;

@@ -1,13 +1,22 @@
--- tollgate: every quota of one request, decided atomically.
+-- tollgate: the checks of one or more requests, each deciding every quota of its request
+-- atomically, one after the other in the order given.
 --
--- KEYS[i]  the state of quota i, named by the quota itself (so reordering or adding quotas in a
---          deploy never mixes states up). All keys of one call share a hash tag: one slot.
--- ARGV[1]  now in microseconds, or -1 to use the server's clock (TIME). Only tests pass a time.
--- ARGV[2]  cost of the request in units (0 <= cost <= the smallest burst; checked by the caller)
--- ARGV[3]  deadline in microseconds of the server's clock, or -1 for none: the caller gives up
---          then, so a script that runs later (a server thawing from a freeze, a queue that
---          drained late) writes nothing and answers { -1, now }.
--- ARGV[4i .. 4i+3]  for quota i: algorithm, then
+-- The store sends the checks that are in flight at the same moment in one call: the decisions
+-- are the ones separate calls in that order would give, at the same server time (a check sees
+-- what the checks before it wrote, and a check past its own deadline writes nothing).
+--
+-- KEYS     the states of each check's quotas, check after check. A state is named by its quota
+--          (so reordering or adding quotas in a deploy never mixes states up). All keys of one
+--          check share a hash tag; on a cluster all keys of one call share a slot.
+-- ARGV     for each check, 4 + 4n numbers, n being its number of quotas:
+--   now      in microseconds, or -1 to use the server's clock (TIME, read once per call). Only
+--            tests pass a time.
+--   cost     of the request in units (0 <= cost <= the smallest burst; checked by the caller)
+--   deadline in microseconds of the server's clock, or -1 for none: the caller gives up then,
+--            so a check that runs later (a server thawing from a freeze, a queue that drained
+--            late) writes nothing and answers { -1, now }.
+--   n        the check's number of quotas, its next n keys
+--   then for each of its quotas: algorithm, then
 --          0 (GCRA):           emission interval T (us), burst span B*T (us), unused
 --          1 (fixed window):   window W (ms), limit L, this key's window offset (ms)
 --          2 (sliding window): window W (ms), limit L, this key's window offset (ms)
@@ -19,7 +28,8 @@
 -- expiry, by the next allowed request. A state of the next window (the clock stepped back)
 -- still counts, in its own window: docs/algorithms.md, "When the clock steps back".
 --
--- Returns a flat array of integers: allowed (1 or 0), now (us), then for each quota
+-- Returns one reply per check, in order, each a flat array of integers: allowed (1 or 0), now
+-- (us), then for each quota
 --   allowed, remaining, reset_after_us, retry_after_us, next_unit_us
 -- (next_unit_us: until one more unit than `remaining` is available, 0 when the quota is full).
 --
@@ -35,28 +45,14 @@ if redis.replicate_commands then
   pcall(redis.replicate_commands)
 end
 
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
-local deadline = tonumber(ARGV[3])
-if deadline >= 0 and now > deadline then
-  return { -1, now }
-end
-local now_ms = math.floor(now / 1000)
-local cost = tonumber(ARGV[2])
-local n = #KEYS
-
-local function window_start(w, offset)
-  local x = now_ms + offset
-  return x - (x % w) - offset
-end
-
-local function px_until(t_ms)
-  local px = t_ms - now_ms
-  if px < 1 then px = 1 end
-  return px
+-- The server's time, read once per call, when a check needs it.
+local server_now
+local function server_time()
+  if server_now == nil then
+    local t = redis.call('TIME')
+    server_now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  end
+  return server_now
 end
 
 -- The stored string, or nil when the key is absent or holds another type.
@@ -73,181 +69,215 @@ local function int(s, digits)
   return nil
 end
 
--- Each entry: allowed, write (a function or nil), spent {remaining, reset_us, retry_us},
--- unspent {remaining, reset_us, retry_us}, repair (a function or nil).
-local evals = {}
-local all = 1
+-- One check: its keys are KEYS[k + 1 .. k + n], its arguments start at ARGV[a].
+local function check(k, a)
+  local now = tonumber(ARGV[a])
+  if now < 0 then now = server_time() end
+  local cost = tonumber(ARGV[a + 1])
+  local deadline = tonumber(ARGV[a + 2])
+  local n = tonumber(ARGV[a + 3])
+  if deadline >= 0 and now > deadline then
+    return { -1, now }
+  end
+  local now_ms = math.floor(now / 1000)
 
-for i = 1, n do
-  local algo = tonumber(ARGV[4 * i])
-  local p1 = tonumber(ARGV[4 * i + 1])
-  local p2 = tonumber(ARGV[4 * i + 2])
-  local p3 = tonumber(ARGV[4 * i + 3])
-  local key = KEYS[i]
-  local raw = read(key)
-  local e = {}
+  local function window_start(w, offset)
+    local x = now_ms + offset
+    return x - (x % w) - offset
+  end
 
-  if algo == 0 then
-    local T, span = p1, p2
-    local tat = int(raw, 16)
-    if tat == nil or tat < now then
-      tat = now
-    elseif tat > now + span then
-      -- Impossible for a state this script wrote, unless the clock moved back (a failover to a
-      -- server whose clock is behind) or something else wrote the key: cap it at a spent burst
-      -- rather than refuse the client for however long the bad value says.
-      tat = now + span
-      e.repair = function()
-        redis.call('SET', key, string.format('%.0f', tat), 'PX', math.max(1, math.ceil((tat - now) / 1000)))
-      end
-    end
-    local new_tat = tat + cost * T
-    local ahead = new_tat - now
-    local used = tat - now
-    local free = span - used
-    if free < 0 then free = 0 end
-    e.allowed = ahead <= span
-    -- Units come back one interval apart, the last at the reset.
-    local B = span / T
-    local function next_unit(left, reset)
-      if left >= B then return 0 end
-      local n = reset - (B - left - 1) * T
-      if n < 0 then n = 0 end
-      return n
-    end
-    local left = math.floor(free / T)
-    e.unspent = { left, used, 0, next_unit(left, used) }
-    if e.allowed then
-      local spent_left = math.floor((span - ahead) / T)
-      e.spent = { spent_left, ahead, 0, next_unit(spent_left, ahead) }
-      if ahead > 0 then
-        e.write = function()
-          redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil(ahead / 1000)))
+  local function px_until(t_ms)
+    local px = t_ms - now_ms
+    if px < 1 then px = 1 end
+    return px
+  end
+
+  -- Each entry: allowed, write (a function or nil), spent {remaining, reset_us, retry_us},
+  -- unspent {remaining, reset_us, retry_us}, repair (a function or nil).
+  local evals = {}
+  local all = 1
+
+  for i = 1, n do
+    local algo = tonumber(ARGV[a + 4 * i])
+    local p1 = tonumber(ARGV[a + 4 * i + 1])
+    local p2 = tonumber(ARGV[a + 4 * i + 2])
+    local p3 = tonumber(ARGV[a + 4 * i + 3])
+    local key = KEYS[k + i]
+    local raw = read(key)
+    local e = {}
+
+    if algo == 0 then
+      local T, span = p1, p2
+      local tat = int(raw, 16)
+      if tat == nil or tat < now then
+        tat = now
+      elseif tat > now + span then
+        -- Impossible for a state this script wrote, unless the clock moved back (a failover to a
+        -- server whose clock is behind) or something else wrote the key: cap it at a spent burst
+        -- rather than refuse the client for however long the bad value says.
+        tat = now + span
+        e.repair = function()
+          redis.call('SET', key, string.format('%.0f', tat), 'PX', math.max(1, math.ceil((tat - now) / 1000)))
         end
       end
-    else
-      e.unspent[3] = ahead - span
-    end
-
-  elseif algo == 1 then
-    local w, limit, offset = p1, p2, p3
-    local start_ms = window_start(w, offset)
-    local end_ms = start_ms + w
-    local count = 0
-    if raw then
-      local s_end, s_count = string.match(raw, '^(%d+) (%d+)$')
-      s_end, s_count = int(s_end, 15), int(s_count, 10)
-      -- A stored window that has not ended is the current one, or (after the server's clock
-      -- stepped back) the next one: its count stands and the request is decided in it. One
-      -- further ahead counts as absent. As algorithm.rs.
-      if s_end and s_count and s_end > now_ms and s_end <= end_ms + w and s_count <= limit then
-        count = s_count
-        if s_end > end_ms then end_ms = end_ms + w end
+      local new_tat = tat + cost * T
+      local ahead = new_tat - now
+      local used = tat - now
+      local free = span - used
+      if free < 0 then free = 0 end
+      e.allowed = ahead <= span
+      -- Units come back one interval apart, the last at the reset.
+      local B = span / T
+      local function next_unit(left, reset)
+        if left >= B then return 0 end
+        local n = reset - (B - left - 1) * T
+        if n < 0 then n = 0 end
+        return n
       end
-    end
-    local until_end = (end_ms - now_ms) * 1000
-    local after = count + cost
-    e.allowed = after <= limit
-    local reset_spent, reset_unspent = 0, 0
-    if after > 0 then reset_spent = until_end end
-    if count > 0 then reset_unspent = until_end end
-    -- A fixed window gives every unit back when it ends.
-    e.spent = { math.max(limit - after, 0), reset_spent, 0, reset_spent }
-    e.unspent = { math.max(limit - count, 0), reset_unspent, 0, reset_unspent }
-    if not e.allowed then e.unspent[3] = until_end end
-    if e.allowed and after > 0 then
-      e.write = function()
-        redis.call('SET', key, string.format('%.0f %.0f', end_ms, after), 'PX', px_until(end_ms))
-      end
-    end
-
-  else
-    local w, limit, offset = p1, p2, p3
-    local start_ms = window_start(w, offset)
-    local end_ms = start_ms + w
-    local curr, prev = 0, 0
-    if raw then
-      local s_end, s_curr, s_prev = string.match(raw, '^(%d+) (%d+) (%d+)$')
-      s_end, s_curr, s_prev = int(s_end, 15), int(s_curr, 10), int(s_prev, 10)
-      if s_end and s_curr and s_prev and s_curr <= limit and s_prev <= limit
-          and s_end <= end_ms + w then
-        if s_end >= end_ms then
-          -- The current window, or (after the clock stepped back) the next one: then the
-          -- request is decided at the start of that window. As algorithm.rs.
-          curr, prev = s_curr, s_prev
-          if s_end > end_ms then
-            start_ms = end_ms
-            end_ms = end_ms + w
+      local left = math.floor(free / T)
+      e.unspent = { left, used, 0, next_unit(left, used) }
+      if e.allowed then
+        local spent_left = math.floor((span - ahead) / T)
+        e.spent = { spent_left, ahead, 0, next_unit(spent_left, ahead) }
+        if ahead > 0 then
+          e.write = function()
+            redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil(ahead / 1000)))
           end
-        elseif s_end == end_ms - w then
-          curr, prev = 0, s_curr
+        end
+      else
+        e.unspent[3] = ahead - span
+      end
+
+    elseif algo == 1 then
+      local w, limit, offset = p1, p2, p3
+      local start_ms = window_start(w, offset)
+      local end_ms = start_ms + w
+      local count = 0
+      if raw then
+        local s_end, s_count = string.match(raw, '^(%d+) (%d+)$')
+        s_end, s_count = int(s_end, 15), int(s_count, 10)
+        -- A stored window that has not ended is the current one, or (after the server's clock
+        -- stepped back) the next one: its count stands and the request is decided in it. One
+        -- further ahead counts as absent. As algorithm.rs.
+        if s_end and s_count and s_end > now_ms and s_end <= end_ms + w and s_count <= limit then
+          count = s_count
+          if s_end > end_ms then end_ms = end_ms + w end
+        end
+      end
+      local until_end = (end_ms - now_ms) * 1000
+      local after = count + cost
+      e.allowed = after <= limit
+      local reset_spent, reset_unspent = 0, 0
+      if after > 0 then reset_spent = until_end end
+      if count > 0 then reset_unspent = until_end end
+      -- A fixed window gives every unit back when it ends.
+      e.spent = { math.max(limit - after, 0), reset_spent, 0, reset_spent }
+      e.unspent = { math.max(limit - count, 0), reset_unspent, 0, reset_unspent }
+      if not e.allowed then e.unspent[3] = until_end end
+      if e.allowed and after > 0 then
+        e.write = function()
+          redis.call('SET', key, string.format('%.0f %.0f', end_ms, after), 'PX', px_until(end_ms))
+        end
+      end
+
+    else
+      local w, limit, offset = p1, p2, p3
+      local start_ms = window_start(w, offset)
+      local end_ms = start_ms + w
+      local curr, prev = 0, 0
+      if raw then
+        local s_end, s_curr, s_prev = string.match(raw, '^(%d+) (%d+) (%d+)$')
+        s_end, s_curr, s_prev = int(s_end, 15), int(s_curr, 10), int(s_prev, 10)
+        if s_end and s_curr and s_prev and s_curr <= limit and s_prev <= limit
+            and s_end <= end_ms + w then
+          if s_end >= end_ms then
+            -- The current window, or (after the clock stepped back) the next one: then the
+            -- request is decided at the start of that window. As algorithm.rs.
+            curr, prev = s_curr, s_prev
+            if s_end > end_ms then
+              start_ms = end_ms
+              end_ms = end_ms + w
+            end
+          elseif s_end == end_ms - w then
+            curr, prev = 0, s_curr
+          end
+        end
+      end
+      local elapsed = math.max(now_ms, start_ms) - start_ms
+      local lw = limit * w
+      -- The estimate, scaled by the window length to stay in integers.
+      local est = prev * (w - elapsed) + curr * w
+      e.allowed = est + cost * w <= lw
+      local function reset(c)
+        if c > 0 then return (end_ms + w - now_ms) * 1000 end
+        if prev > 0 then return (end_ms - now_ms) * 1000 end
+        return 0
+      end
+      -- How long until `need` more units fit, with `c` counted in this window, when they do not
+      -- fit now (us). As algorithm.rs.
+      local function wait(c, need)
+        if c + need <= limit then
+          -- Within this window, once enough of the previous window has slid out.
+          local room = (limit - c - need) * w
+          local d = (end_ms - now_ms) - math.floor(room / math.max(prev, 1))
+          if d < 1 then d = 1 end
+          return d * 1000
+        end
+        -- In the next window, once enough of this one has slid out.
+        local room = math.max(limit - need, 0) * w
+        local t = w - math.floor(room / math.max(c, 1))
+        if t < 0 then t = 0 end
+        return ((end_ms - now_ms) + t) * 1000
+      end
+      local retry = 0
+      if not e.allowed then retry = wait(curr, cost) end
+      -- Units left with `c` counted and the estimate `x`, and the wait for one more.
+      local function left(c, x)
+        local r = math.floor(math.max(lw - x, 0) / w)
+        if r >= limit then return r, 0 end
+        return r, wait(c, r + 1)
+      end
+      local spent_left, spent_next = left(curr + cost, est + cost * w)
+      local unspent_left, unspent_next = left(curr, est)
+      e.spent = { spent_left, reset(curr + cost), 0, spent_next }
+      e.unspent = { unspent_left, reset(curr), retry, unspent_next }
+      if e.allowed and curr + cost > 0 then
+        e.write = function()
+          redis.call('SET', key, string.format('%.0f %.0f %.0f', end_ms, curr + cost, prev), 'PX', px_until(end_ms + w))
         end
       end
     end
-    local elapsed = math.max(now_ms, start_ms) - start_ms
-    local lw = limit * w
-    -- The estimate, scaled by the window length to stay in integers.
-    local est = prev * (w - elapsed) + curr * w
-    e.allowed = est + cost * w <= lw
-    local function reset(c)
-      if c > 0 then return (end_ms + w - now_ms) * 1000 end
-      if prev > 0 then return (end_ms - now_ms) * 1000 end
-      return 0
-    end
-    -- How long until `need` more units fit, with `c` counted in this window, when they do not
-    -- fit now (us). As algorithm.rs.
-    local function wait(c, need)
-      if c + need <= limit then
-        -- Within this window, once enough of the previous window has slid out.
-        local room = (limit - c - need) * w
-        local d = (end_ms - now_ms) - math.floor(room / math.max(prev, 1))
-        if d < 1 then d = 1 end
-        return d * 1000
-      end
-      -- In the next window, once enough of this one has slid out.
-      local room = math.max(limit - need, 0) * w
-      local t = w - math.floor(room / math.max(c, 1))
-      if t < 0 then t = 0 end
-      return ((end_ms - now_ms) + t) * 1000
-    end
-    local retry = 0
-    if not e.allowed then retry = wait(curr, cost) end
-    -- Units left with `c` counted and the estimate `x`, and the wait for one more.
-    local function left(c, x)
-      local r = math.floor(math.max(lw - x, 0) / w)
-      if r >= limit then return r, 0 end
-      return r, wait(c, r + 1)
-    end
-    local spent_left, spent_next = left(curr + cost, est + cost * w)
-    local unspent_left, unspent_next = left(curr, est)
-    e.spent = { spent_left, reset(curr + cost), 0, spent_next }
-    e.unspent = { unspent_left, reset(curr), retry, unspent_next }
-    if e.allowed and curr + cost > 0 then
-      e.write = function()
-        redis.call('SET', key, string.format('%.0f %.0f %.0f', end_ms, curr + cost, prev), 'PX', px_until(end_ms + w))
-      end
-    end
+
+    if not e.allowed then all = 0 end
+    evals[i] = e
   end
 
-  if not e.allowed then all = 0 end
-  evals[i] = e
+  local out = { all, now }
+  for i = 1, n do
+    local e = evals[i]
+    local r
+    if all == 1 then
+      if e.write then e.write() end
+      r = e.spent
+    else
+      if e.repair then e.repair() end
+      r = e.unspent
+    end
+    out[#out + 1] = e.allowed and 1 or 0
+    out[#out + 1] = r[1]
+    out[#out + 1] = r[2]
+    out[#out + 1] = r[3]
+    out[#out + 1] = r[4]
+  end
+  return out
 end
 
-local out = { all, now }
-for i = 1, n do
-  local e = evals[i]
-  local r
-  if all == 1 then
-    if e.write then e.write() end
-    r = e.spent
-  else
-    if e.repair then e.repair() end
-    r = e.unspent
-  end
-  out[#out + 1] = e.allowed and 1 or 0
-  out[#out + 1] = r[1]
-  out[#out + 1] = r[2]
-  out[#out + 1] = r[3]
-  out[#out + 1] = r[4]
+local replies = {}
+local k, a = 0, 1
+while a <= #ARGV do
+  local n = tonumber(ARGV[a + 3])
+  replies[#replies + 1] = check(k, a)
+  k = k + n
+  a = a + 4 + 4 * n
 end
-return out
+return replies

@@ -14,7 +14,11 @@ pub(crate) const RATE_LIMIT_SCRIPT: &str = include_str!("rate_limit.lua");
 /// The Lua source of the concurrency-lease script.
 pub(crate) const CONCURRENCY_SCRIPT: &str = include_str!("concurrency.lua");
 
-/// The script's arguments for one request (see the header of `rate_limit.lua`).
+/// Where the deadline is in a check's arguments.
+pub(crate) const DEADLINE: usize = 2;
+
+/// The script's arguments for one check (see the header of `rate_limit.lua`): the arguments of
+/// several checks, one after the other, are the arguments of a call that decides them all.
 pub(crate) fn args(
     key: &Key<'_>,
     quotas: &[Quota],
@@ -22,8 +26,9 @@ pub(crate) fn args(
     now_us: i64,
     deadline_us: i64,
 ) -> Vec<i64> {
-    let mut args = Vec::with_capacity(3 + 4 * quotas.len());
-    args.extend([now_us, i64::from(cost), deadline_us]);
+    let mut args = Vec::with_capacity(4 + 4 * quotas.len());
+    let n = i64::try_from(quotas.len()).unwrap_or(i64::MAX);
+    args.extend([now_us, i64::from(cost), deadline_us, n]);
     for q in quotas {
         match q.algorithm() {
             Algorithm::FixedWindow | Algorithm::SlidingWindow => {
@@ -72,7 +77,7 @@ impl Reply {
 /// The numbers the script reports for each quota.
 const REPLY_FIELDS: usize = 5;
 
-/// Reads the script's reply: `[allowed, now_us, (allowed, remaining, reset_after_us,
+/// Reads the script's reply to one check: `[allowed, now_us, (allowed, remaining, reset_after_us,
 /// retry_after_us, next_unit_us) for each quota]`, or `[-1, now_us]` when it ran past the deadline. Anything
 /// else is an invalid response, never a panic or a guess.
 pub(crate) fn parse_reply(reply: &Value, quotas: &[Quota]) -> Result<Reply, StoreError> {

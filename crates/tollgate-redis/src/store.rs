@@ -8,16 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use fred::prelude::{
-    ClientLike, Config, Error as FredError, ErrorKind as FredErrorKind, KeysInterface,
-    LuaInterface, Options, ReconnectPolicy, Value,
-};
+use fred::prelude::{ClientLike, Config, KeysInterface, Options, ReconnectPolicy, Value};
 use fred::types::{ClusterHash, CustomCommand};
 use tollgate::clock::Clock;
 use tollgate::metrics::StoreMetrics;
 use tollgate::store::OwnedKey;
 use tollgate::{Decision, Key, MemoryStore, Quota, Store, StoreError, StoreErrorKind};
 
+use crate::batch::{Coalescer, Runner};
 use crate::breaker::Breaker;
 use crate::builder::*;
 use crate::deny;
@@ -35,7 +33,8 @@ pub struct RedisStore {
 
 pub(crate) struct Inner {
     pub(crate) client: fred::clients::Client,
-    pub(crate) script: fred::types::scripts::Script,
+    /// Sends the rate-limit checks, coalescing those in flight at the same moment.
+    pub(crate) checks: Coalescer,
     pub(crate) options: Options,
     pub(crate) prefix: String,
     pub(crate) timeout: Duration,
@@ -46,7 +45,7 @@ pub(crate) struct Inner {
     /// Names the store in logs (metrics take it from `StoreMetrics`).
     #[cfg_attr(not(feature = "tracing"), allow(dead_code))]
     pub(crate) name: String,
-    pub(crate) concurrency_script: fred::types::scripts::Script,
+    pub(crate) concurrency: Runner,
     pub(crate) deny: Option<deny::DenyCache>,
     pub(crate) origin: Instant,
     pub(crate) server_clock: ServerClock,
@@ -188,6 +187,7 @@ impl RedisStore {
             name: "redis".to_owned(),
             deny_cache: DEFAULT_DENY_CACHE,
             deny_cache_ttl: DEFAULT_DENY_CACHE_TTL,
+            max_batch: DEFAULT_MAX_BATCH,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -293,53 +293,6 @@ impl fmt::Debug for RedisStore {
     }
 }
 
-impl Inner {
-    /// EVALSHA, and on NOSCRIPT (a restarted or failed-over server lost its script cache)
-    /// SCRIPT LOAD on every primary and EVALSHA once more. NOSCRIPT means the script did not
-    /// run, so the retry cannot count the request twice; nothing else is retried.
-    pub(crate) async fn eval(&self, keys: Vec<String>, args: Vec<i64>) -> Result<Value, FredError> {
-        self.eval_script(&self.script, crate::script::RATE_LIMIT_SCRIPT, keys, args)
-            .await
-    }
-
-    pub(crate) async fn eval_script<A>(
-        &self,
-        script: &fred::types::scripts::Script,
-        source: &'static str,
-        keys: Vec<String>,
-        args: Vec<A>,
-    ) -> Result<Value, FredError>
-    where
-        A: Into<Value> + Clone + Send,
-    {
-        // fred fails most commands at once while it is not connected (`fail_fast`), but not
-        // EVAL/EVALSHA, which wait in its queue for the whole deadline (seen with fred
-        // 10.1.0): check the connection here, so that a call while the connection is down
-        // fails at once, as documented, instead of costing every request the deadline.
-        if !self.client.is_connected() {
-            return Err(FredError::new(
-                FredErrorKind::Canceled,
-                "not connected to Redis",
-            ));
-        }
-        let client = self.client.with_options(&self.options);
-        let sha = script.sha1().clone();
-        let args: Vec<Value> = args.into_iter().map(Into::into).collect();
-        match client
-            .evalsha::<Value, _, _, _>(sha.clone(), keys.clone(), args.clone())
-            .await
-        {
-            Err(e) if e.details().starts_with("NOSCRIPT") => {
-                #[cfg(feature = "tracing")]
-                tracing::info!("rate-limit script not in the Redis script cache; loading it");
-                client.script_load_cluster::<(), _>(source).await?;
-                client.evalsha(sha, keys, args).await
-            }
-            other => other,
-        }
-    }
-}
-
 pub(crate) type CheckFuture = Pin<Box<dyn Future<Output = Result<Decision, StoreError>> + Send>>;
 
 impl Store for RedisStore {
@@ -392,13 +345,14 @@ impl Store for RedisStore {
             if test_now_us.is_none() {
                 // The script must not write once the caller has given up: tell it when, on the
                 // server's clock.
-                args[2] = inner.server_clock.deadline(sent, inner.timeout_us());
+                args[script::DEADLINE] = inner.server_clock.deadline(sent, inner.timeout_us());
             }
-            let result = match tokio::time::timeout(inner.timeout, inner.eval(keys, args)).await {
-                Err(_) => Err(inner.explain(StoreError::new(StoreErrorKind::Timeout))),
-                Ok(Err(e)) => Err(inner.explain(classify(e))),
-                Ok(Ok(reply)) => script::parse_reply(&reply, &quotas),
-            };
+            let result =
+                match tokio::time::timeout(inner.timeout, inner.checks.check(keys, args)).await {
+                    Err(_) => Err(inner.explain(StoreError::new(StoreErrorKind::Timeout))),
+                    Ok(Err(e)) => Err(inner.explain(classify(e))),
+                    Ok(Ok(reply)) => script::parse_reply(&reply, &quotas),
+                };
             inner.metrics.duration(started.elapsed());
             let result = result.and_then(|reply| {
                 if test_now_us.is_none() {

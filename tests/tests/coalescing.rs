@@ -1,0 +1,230 @@
+//! The Redis store sends the checks in flight at the same moment in one script call
+//! (`RedisStoreBuilder::max_batch`), against real `redis-server` processes: the same decisions
+//! as one call per check, fewer calls, a cluster's calls within one slot, checks nobody waits
+//! for never sent, and a full queue failing at once.
+//!
+//! Each test first polls every check once, without letting the store's sending task run (a
+//! test's runtime has one thread), so that all of them are queued before the first call
+//! leaves: how many calls that makes is then exact.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use tollgate::{Decision, Key, Quota, Store, StoreError, StoreErrorKind};
+use tollgate_redis::{RedisStore, RedisStoreBuilder};
+use tollgate_tests::redis::{RedisCluster, RedisServer};
+
+type Check = <RedisStore as Store>::Future;
+
+fn builder(url: &str) -> RedisStoreBuilder {
+    RedisStore::builder(url)
+        .expect("url")
+        .timeout(Duration::from_secs(10))
+        .deny_cache(0)
+}
+
+/// A connected store whose script is in the server's cache (on every master of a cluster), so
+/// that no `EVALSHA` answered `NOSCRIPT` is counted below.
+async fn connected(builder: RedisStoreBuilder) -> RedisStore {
+    let store = builder.build().expect("build store");
+    store
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connect to the test server");
+    let warm_up = Key::new("warm-up", "/", None, Some("-"));
+    store
+        .check(&warm_up, &quota("1/s"), 0)
+        .await
+        .expect("first check");
+    store
+}
+
+fn quota(spec: &str) -> Vec<Quota> {
+    vec![spec.parse().expect("quota")]
+}
+
+/// Polls `check` once: far enough to be queued (or refused at once).
+fn poll_once(check: &mut Check) -> Poll<Result<Decision, StoreError>> {
+    Pin::new(check).poll(&mut Context::from_waker(Waker::noop()))
+}
+
+/// Starts every check and polls it once, so that all are queued before any call is sent.
+fn queue_all(store: &RedisStore, checks: &[(Key<'_>, Vec<Quota>)]) -> Vec<Check> {
+    checks
+        .iter()
+        .map(|(key, quotas)| {
+            let mut check = store.check(key, quotas, 1);
+            assert!(poll_once(&mut check).is_pending(), "a check did not queue");
+            check
+        })
+        .collect()
+}
+
+async fn all(checks: Vec<Check>) -> Vec<Decision> {
+    let mut out = Vec::with_capacity(checks.len());
+    for check in checks {
+        out.push(check.await.expect("decision"));
+    }
+    out
+}
+
+/// 300 checks: 200 of one client under 50 per hour, and two clients under 5 per hour whose
+/// states hold garbage and a value of another type, interleaved.
+fn mixed_checks() -> Vec<(Key<'static>, Vec<Quota>)> {
+    (0..300)
+        .map(|i| match i % 6 {
+            4 => (Key::new("c", "/x", None, Some("garbage")), quota("5/h")),
+            5 => (Key::new("c", "/x", None, Some("list")), quota("5/h")),
+            _ => (Key::new("c", "/x", None, Some("hot")), quota("50/h")),
+        })
+        .collect()
+}
+
+fn spoil(server: &RedisServer, store: &RedisStore) {
+    let q = &quota("5/h")[0];
+    let garbage = store.redis_key(&Key::new("c", "/x", None, Some("garbage")), q);
+    let list = store.redis_key(&Key::new("c", "/x", None, Some("list")), q);
+    server.cli(&["set", &garbage, "not a number"]);
+    server.cli(&["rpush", &list, "a", "b"]);
+}
+
+#[tokio::test]
+async fn checks_in_flight_together_share_calls_and_get_the_decisions_of_one_call_each() {
+    let server = RedisServer::start();
+    let checks = mixed_checks();
+
+    // The reference: every check in a call of its own, one after the other.
+    let alone = connected(builder(&server.url()).prefix("alone:").max_batch(1)).await;
+    spoil(&server, &alone);
+    let before = server.calls("evalsha");
+    let mut expected = Vec::new();
+    for (key, quotas) in &checks {
+        expected.push(alone.check(key, quotas, 1).await.expect("decision"));
+    }
+    assert_eq!(server.calls("evalsha") - before, 300);
+
+    for (max_batch, calls) in [(64, 5), (16, 19), (1, 300)] {
+        let prefix = format!("batch{max_batch}:");
+        let store = connected(builder(&server.url()).prefix(&prefix).max_batch(max_batch)).await;
+        spoil(&server, &store);
+        let before = server.calls("evalsha");
+        let got = all(queue_all(&store, &checks)).await;
+        assert_eq!(
+            server.calls("evalsha") - before,
+            calls,
+            "300 queued checks, at most {max_batch} per call"
+        );
+        for (i, (got, want)) in got.iter().zip(&expected).enumerate() {
+            assert_eq!(
+                (got.is_allowed(), got.remaining()),
+                (want.is_allowed(), want.remaining()),
+                "check {i} with max_batch {max_batch}"
+            );
+        }
+    }
+    // What the reference decided: every unit of each budget exactly once, in order.
+    let hot: Vec<u32> = expected
+        .iter()
+        .enumerate()
+        .filter(|(i, d)| i % 6 < 4 && d.is_allowed())
+        .map(|(_, d)| d.remaining())
+        .collect();
+    assert_eq!(hot, (0..50).rev().collect::<Vec<_>>());
+    for spoilt in [4, 5] {
+        let allowed = expected
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| i % 6 == spoilt && d.is_allowed())
+            .count();
+        assert_eq!(allowed, 5, "a spoilt state counts as absent");
+    }
+}
+
+#[tokio::test]
+async fn a_check_nobody_waits_for_is_never_sent() {
+    let server = RedisServer::start();
+    let store = connected(builder(&server.url())).await;
+    let key = Key::new("gone", "/x", None, Some("u"));
+    let q = quota("1000/h");
+    let checks: Vec<_> = (0..500).map(|_| (key.clone(), q.clone())).collect();
+    let before = server.calls("evalsha");
+    // Queued, then dropped (the requests went away) before the store could send them.
+    drop(queue_all(&store, &checks));
+    let next = store.check(&key, &q, 1).await.expect("decision");
+    assert_eq!(next.remaining(), 999, "a dropped check was counted");
+    assert_eq!(server.calls("evalsha") - before, 1);
+}
+
+#[tokio::test]
+async fn a_full_queue_fails_at_once() {
+    let server = RedisServer::start();
+    // A breaker that stays closed: the refusals below would open the default one, and then
+    // the rest would be refused by the open circuit instead of the full queue.
+    let store = connected(
+        builder(&server.url())
+            .max_queued(10)
+            .breaker_threshold(1_000),
+    )
+    .await;
+    let key = Key::new("full", "/x", None, Some("u"));
+    let q = quota("1000/h");
+    let mut queued = Vec::new();
+    let mut refused = 0;
+    for _ in 0..100 {
+        let mut check = store.check(&key, &q, 1);
+        match poll_once(&mut check) {
+            Poll::Pending => queued.push(check),
+            Poll::Ready(Err(e)) => {
+                assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e}");
+                assert!(format!("{e:#}").contains("max_queued"), "{e:#}");
+                refused += 1;
+            }
+            Poll::Ready(Ok(d)) => panic!("decided without Redis: {d:?}"),
+        }
+    }
+    assert_eq!((queued.len(), refused), (10, 90));
+    let decided = all(queued).await;
+    assert!(decided.iter().all(Decision::is_allowed));
+}
+
+#[tokio::test]
+async fn on_a_cluster_each_call_carries_the_checks_of_one_slot() {
+    let cluster = RedisCluster::start();
+    let store = connected(builder(&cluster.url())).await;
+    let q = quota("5/h");
+    let users: Vec<String> = (0..30).map(|u| format!("user{u}")).collect();
+    // Ten checks of each of 30 clients, interleaved: client after client, ten times.
+    let checks: Vec<_> = (0..300)
+        .map(|i| {
+            (
+                Key::new("c", "/x", None, Some(users[i % 30].as_str())),
+                q.clone(),
+            )
+        })
+        .collect();
+    let slots: BTreeSet<u16> = users
+        .iter()
+        .map(|u| {
+            let key = store.redis_key(&Key::new("c", "/x", None, Some(u.as_str())), &q[0]);
+            tollgate_redis::fred::util::redis_keyslot(key.as_bytes())
+        })
+        .collect();
+    let calls = || -> u64 { cluster.nodes.iter().map(|n| n.calls("evalsha")).sum() };
+    let before = calls();
+    let decided = all(queue_all(&store, &checks)).await;
+    // No call mixed slots (the cluster would have refused it with CROSSSLOT) and every slot
+    // took one.
+    assert_eq!(calls() - before, slots.len() as u64);
+    for user in 0..30 {
+        let allowed = decided
+            .iter()
+            .skip(user)
+            .step_by(30)
+            .filter(|d| d.is_allowed())
+            .count();
+        assert_eq!(allowed, 5, "client {user}");
+    }
+}
