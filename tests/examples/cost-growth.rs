@@ -20,6 +20,9 @@ use tollgate::{Key, MemoryStore, Quota};
 /// every key of 1M is visited about twice.
 const CHECKS: u32 = 2_000_000;
 
+/// A burst no round of checks on one key comes near: every check is allowed, in both limiters.
+const BURST: u32 = 100_000_000;
+
 /// The `i`th client's address: consecutive indices land far apart.
 fn ip(i: u32) -> IpAddr {
     IpAddr::V4(Ipv4Addr::from(i.wrapping_mul(2_654_435_761)))
@@ -38,12 +41,16 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn memory(keys: u32, quotas: usize, rounds: usize) -> f64 {
     let policy: Vec<Quota> = (0..quotas)
-        .map(|q| Quota::per_second(1_000_000 - q as u32).expect("quota"))
+        .map(|q| {
+            Quota::per_second(1_000_000 - q as u32)
+                .and_then(|q| q.with_burst(BURST))
+                .expect("quota")
+        })
         .collect();
     let states = keys as usize * quotas;
     // Shards fill unevenly: room enough that none evicts (max_keys counts states).
     let store = MemoryStore::builder()
-        .max_keys(states + states / 8 + 1024)
+        .max_keys(states + states / 2 + 4096)
         .build();
     for i in 0..keys {
         let key = Key::new("hello", "/hello", Some(ip(i)), None::<&str>);
@@ -70,7 +77,8 @@ fn memory(keys: u32, quotas: usize, rounds: usize) -> f64 {
 }
 
 fn governor(keys: u32, rounds: usize) -> f64 {
-    let quota = GovernorQuota::per_second(NonZeroU32::new(1_000_000).expect("non-zero"));
+    let quota = GovernorQuota::per_second(NonZeroU32::new(1_000_000).expect("non-zero"))
+        .allow_burst(NonZeroU32::new(BURST).expect("non-zero"));
     let limiter: DefaultKeyedRateLimiter<IpAddr> = RateLimiter::keyed(quota);
     for i in 0..keys {
         let _ = limiter.check_key(&ip(i));
