@@ -228,3 +228,52 @@ async fn on_a_cluster_each_call_carries_the_checks_of_one_slot() {
         assert_eq!(allowed, 5, "client {user}");
     }
 }
+
+#[tokio::test]
+async fn on_a_cluster_a_stuck_slot_does_not_hold_up_the_others() {
+    let cluster = RedisCluster::start();
+    // Three checks per call: the twelve below fill the frozen slot's four calls.
+    let store = connected(
+        builder(&cluster.url())
+            .timeout(Duration::from_secs(3))
+            .max_batch(3),
+    )
+    .await;
+    let q = quota("100/h");
+    let slot_of = |key: &Key<'_>| {
+        let name = store.redis_key(key, &q[0]);
+        tollgate_redis::fred::util::redis_keyslot(name.as_bytes())
+    };
+    let stuck = Key::new("c", "/x", None, Some("stuck"));
+    let stuck_node = cluster.owner_of(slot_of(&stuck));
+    // A client whose state lives on another master.
+    let free_user = (0..)
+        .map(|u| format!("free{u}"))
+        .find(|u| {
+            let key = Key::new("c", "/x", None, Some(u.as_str()));
+            cluster.owner_of(slot_of(&key)) != stuck_node
+        })
+        .expect("a key on another master");
+    let free = Key::new("c", "/x", None, Some(free_user.as_str()));
+
+    cluster.nodes[stuck_node].pause();
+    // More checks of the frozen slot than it may have calls out: some are sent and hang, the
+    // rest wait for them.
+    let mut waiting = queue_all(&store, &vec![(stuck.clone(), q.clone()); 12]);
+    let decided = store
+        .check(&free, &q, 1)
+        .await
+        .expect("the other master answers");
+    assert!(decided.is_allowed());
+    // Decided while every check of the frozen slot still waits.
+    for check in &mut waiting {
+        assert!(poll_once(check).is_pending());
+    }
+    cluster.nodes[stuck_node].resume();
+    for check in waiting {
+        // Answered after the thaw or timed out meanwhile; never a wrong decision.
+        if let Ok(d) = check.await {
+            assert!(d.is_allowed());
+        }
+    }
+}

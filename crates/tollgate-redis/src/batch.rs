@@ -1,20 +1,23 @@
 //! Coalescing: the checks in flight at the same moment go to Redis in one script call.
 //!
-//! Every check is queued to one task per store, which takes whatever has queued since it last
-//! looked (at most [`RedisStoreBuilder::max_batch`](crate::RedisStoreBuilder::max_batch)
-//! checks; on a cluster, checks of one hash slot) and sends it as one `EVALSHA`, without
-//! waiting for the answer before it looks again. The script decides the checks one after the
-//! other, as separate calls in that order would, so coalescing changes how many calls Redis
-//! runs, never a decision. Under light load a check finds the queue empty and goes alone, at
-//! once: nothing waits for company.
+//! Every check is queued to one task per store. Each hash slot (the one slot 0 off a cluster)
+//! has at most four calls out at once; a check whose slot has a call free goes at once, with
+//! the checks of its slot that queued meanwhile (at most
+//! [`RedisStoreBuilder::max_batch`](crate::RedisStoreBuilder::max_batch) per call). The script
+//! decides the checks of a call one after the other, as separate calls in that order would, so
+//! coalescing changes how many calls Redis runs, never a decision. Under light load every
+//! check goes alone, at once: nothing waits for company.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::Poll;
 
 use fred::clients::Client;
 use fred::prelude::{ClientLike, Error as FredError, ErrorKind as FredErrorKind, LuaInterface};
 use fred::prelude::{Options, Value};
 use fred::types::scripts::Script;
-use std::sync::Arc;
-
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 /// A script and what runs it.
 #[derive(Clone)]
@@ -75,17 +78,22 @@ struct Pending {
 pub(crate) struct Coalescer {
     runner: Runner,
     /// `None` when every check goes alone (`max_batch(1)`).
-    queue: Option<mpsc::Sender<Pending>>,
+    queue: Option<mpsc::UnboundedSender<Pending>>,
     clustered: bool,
+    /// Checks queued and not sent (nor dropped) yet, at most `max_queued`.
+    queued: Arc<AtomicUsize>,
+    max_queued: usize,
 }
 
-/// How many queued checks the task looks at at once on a cluster, where they are sent per
-/// slot: enough to find checks of one slot together under load.
-const CLUSTER_WINDOW: usize = 16;
-
-/// How many calls are in flight at once: enough to keep Redis busy while a reply travels back
-/// and the next call is built; past it, checks queue and the next call takes them together.
+/// How many calls of one slot are in flight at once: enough to keep Redis busy while a reply
+/// travels back and the next call is built; past it, that slot's checks queue and its next
+/// call takes them together.
 const IN_FLIGHT: usize = 4;
+
+/// The most checks the task takes from its queue at once: all of them under any real load, so
+/// that the checks of each slot are seen together; a bound on the work between two looks at
+/// the calls that came back.
+const TAKE: usize = 1_024;
 
 impl Coalescer {
     /// Starts the task that sends the queued checks, at most `max_batch` per call; past
@@ -97,15 +105,18 @@ impl Coalescer {
         max_queued: usize,
         clustered: bool,
     ) -> Self {
+        let queued = Arc::new(AtomicUsize::new(0));
         let queue = (max_batch > 1).then(|| {
-            let (tx, rx) = mpsc::channel(max_queued.max(1));
-            tokio::spawn(run(rx, runner.clone(), max_batch, clustered));
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(run(rx, runner.clone(), max_batch, Arc::clone(&queued)));
             tx
         });
         Coalescer {
             runner,
             queue,
             clustered,
+            queued,
+            max_queued,
         }
     }
 
@@ -127,6 +138,13 @@ impl Coalescer {
             (true, Some(k)) => fred::util::redis_keyslot(k.as_bytes()),
             _ => 0,
         };
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queued {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(FredError::new(
+                FredErrorKind::Backpressure,
+                "too many rate-limit checks waiting for Redis (max_queued)",
+            ));
+        }
         let (reply, answer) = oneshot::channel();
         let check = Pending {
             keys,
@@ -134,13 +152,10 @@ impl Coalescer {
             slot,
             reply,
         };
-        queue.try_send(check).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => FredError::new(
-                FredErrorKind::Backpressure,
-                "too many rate-limit checks waiting for Redis (max_queued)",
-            ),
-            mpsc::error::TrySendError::Closed(_) => stopped(),
-        })?;
+        if queue.send(check).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(stopped());
+        }
         answer.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
@@ -152,68 +167,100 @@ fn stopped() -> FredError {
     )
 }
 
-/// The task: waits for one of its `IN_FLIGHT` calls to be free, takes what has queued
-/// meanwhile, and sends it in calls of at most `max_batch` checks (of one slot, on a cluster).
-/// Under light load a check finds a free call and goes at once; under load the checks queue
-/// while Redis works, and the next call takes them all.
+/// The task. Each slot (the one slot 0 off a cluster) has at most `IN_FLIGHT` calls out; a
+/// check of a slot with a call free goes at once, with every check of its slot that queued
+/// meanwhile (at most `max_batch` per call). Under light load every call carries one check;
+/// under load the checks of a busy slot queue while Redis works on its calls, and the next call
+/// takes them together. Checks of different slots never wait for each other.
 async fn run(
-    mut queue: mpsc::Receiver<Pending>,
+    mut queue: mpsc::UnboundedReceiver<Pending>,
     runner: Runner,
     max_batch: usize,
-    clustered: bool,
+    queued: Arc<AtomicUsize>,
 ) {
-    let window = if clustered {
-        max_batch.saturating_mul(CLUSTER_WINDOW)
-    } else {
-        max_batch
-    };
-    let calls = Arc::new(Semaphore::new(IN_FLIGHT));
-    let mut taken = Vec::with_capacity(window);
+    let (done_tx, mut done) = mpsc::unbounded_channel::<u16>();
+    let mut slots: HashMap<u16, Slot> = HashMap::new();
+    let mut taken = Vec::new();
     loop {
-        let Ok(first) = Arc::clone(&calls).acquire_owned().await else {
-            return;
-        };
-        if queue.recv_many(&mut taken, window).await == 0 {
-            return;
-        }
-        // A caller that gave up (its deadline passed, its request was dropped) is not sent:
-        // what nobody waits for must not count against the client. Its place is taken by
-        // the next check waiting, if any.
-        taken.retain(|p| !p.reply.is_closed());
-        while taken.len() < window
-            && let Ok(p) = queue.try_recv()
-        {
-            if !p.reply.is_closed() {
-                taken.push(p);
+        let event = std::future::poll_fn(|cx| {
+            if let Poll::Ready(Some(slot)) = done.poll_recv(cx) {
+                return Poll::Ready(Event::Done(slot));
+            }
+            queue
+                .poll_recv_many(cx, &mut taken, TAKE)
+                .map(Event::Queued)
+        })
+        .await;
+        let mut ready: Vec<u16> = Vec::new();
+        match event {
+            Event::Queued(0) => return,
+            Event::Queued(_) => {
+                for check in taken.drain(..) {
+                    // A caller that gave up (its deadline passed, its request was dropped) is
+                    // not sent: what nobody waits for must not count against the client.
+                    if check.reply.is_closed() {
+                        queued.fetch_sub(1, Ordering::AcqRel);
+                        continue;
+                    }
+                    let slot = slots.entry(check.slot).or_default();
+                    if slot.waiting.is_empty() {
+                        ready.push(check.slot);
+                    }
+                    slot.waiting.push_back(check);
+                }
+            }
+            Event::Done(slot) => {
+                if let Some(s) = slots.get_mut(&slot) {
+                    s.in_flight -= 1;
+                }
+                ready.push(slot);
             }
         }
-        if clustered {
-            // Stable: checks of one slot keep their order.
-            taken.sort_by_key(|p| p.slot);
-        }
-        let mut free = Some(first);
-        while !taken.is_empty() {
-            let call = match free.take() {
-                Some(call) => call,
-                None => match Arc::clone(&calls).acquire_owned().await {
-                    Ok(call) => call,
-                    Err(_) => return,
-                },
+        for id in ready {
+            let Some(slot) = slots.get_mut(&id) else {
+                continue;
             };
-            let slot = taken[0].slot;
-            let end = taken
-                .iter()
-                .take(max_batch)
-                .position(|p| p.slot != slot)
-                .unwrap_or_else(|| taken.len().min(max_batch));
-            let checks: Vec<Pending> = taken.drain(..end).collect();
-            let runner = runner.clone();
-            tokio::spawn(async move {
-                send(runner, checks).await;
-                drop(call);
-            });
+            while slot.in_flight < IN_FLIGHT && !slot.waiting.is_empty() {
+                let mut checks = Vec::with_capacity(max_batch.min(slot.waiting.len()));
+                while checks.len() < max_batch
+                    && let Some(check) = slot.waiting.pop_front()
+                {
+                    queued.fetch_sub(1, Ordering::AcqRel);
+                    if !check.reply.is_closed() {
+                        checks.push(check);
+                    }
+                }
+                if checks.is_empty() {
+                    break;
+                }
+                slot.in_flight += 1;
+                let runner = runner.clone();
+                let done = done_tx.clone();
+                tokio::spawn(async move {
+                    send(runner, checks).await;
+                    let _ = done.send(id);
+                });
+            }
+            if slot.in_flight == 0 && slot.waiting.is_empty() {
+                slots.remove(&id);
+            }
         }
     }
+}
+
+/// What woke the task.
+enum Event {
+    /// This many checks were taken from the queue (0: the store is gone).
+    Queued(usize),
+    /// A call of this slot came back.
+    Done(u16),
+}
+
+/// A slot's calls out and checks waiting for one.
+#[derive(Default)]
+struct Slot {
+    in_flight: usize,
+    waiting: VecDeque<Pending>,
 }
 
 /// One call for `checks`, and each its own reply.
