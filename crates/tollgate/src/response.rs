@@ -222,18 +222,29 @@ impl PolicyHeaders {
     pub(crate) fn values(&self, mode: RateLimitHeaders, decision: &Decision) -> HeaderValues {
         let mut values = HeaderValues::default();
         if mode.ietf() {
-            let mut value = Vec::with_capacity(self.capacity);
+            // Written on the stack, then copied once into the header value: one allocation of
+            // exactly its size, where a `Vec` handed to `Bytes` took two (the buffer, then the
+            // shared handle its spare capacity needs).
+            let mut stack = [0u8; 256];
+            let mut heap = Vec::new();
+            let buf = if self.capacity <= stack.len() {
+                &mut stack[..]
+            } else {
+                heap.resize(self.capacity, 0);
+                &mut heap[..]
+            };
+            let mut value = Cursor { buf, len: 0 };
             let mut number = itoa::Buffer::new();
-            for (prefix, state) in self.prefixes.iter().zip(decision.states()) {
-                if !value.is_empty() {
-                    value.extend_from_slice(b", ");
+            for (i, (prefix, state)) in self.prefixes.iter().zip(decision.states()).enumerate() {
+                if i > 0 {
+                    value.put(b", ");
                 }
-                value.extend_from_slice(prefix);
-                value.extend_from_slice(number.format(state.remaining()).as_bytes());
-                value.extend_from_slice(b";t=");
-                value.extend_from_slice(number.format(t_of(state)).as_bytes());
+                value.put(prefix);
+                value.put(number.format(state.remaining()).as_bytes());
+                value.put(b";t=");
+                value.put(number.format(t_of(state)).as_bytes());
             }
-            if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
+            if let Ok(v) = HeaderValue::from_bytes(value.written()) {
                 values.ietf = Some((self.policy.clone(), v));
             }
         }
@@ -265,6 +276,27 @@ impl PolicyHeaders {
         headers: &mut HeaderMap,
     ) {
         self.values(mode, decision).write(headers);
+    }
+}
+
+/// Bytes written into a buffer sized for the most they can be ([`PolicyHeaders`]'s
+/// `capacity`). A write that would not fit is dropped rather than a panic: the value is then
+/// short, never wrong in what it holds.
+struct Cursor<'a> {
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl Cursor<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        if let Some(dst) = self.buf.get_mut(self.len..self.len + bytes.len()) {
+            dst.copy_from_slice(bytes);
+            self.len += bytes.len();
+        }
+    }
+
+    fn written(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 

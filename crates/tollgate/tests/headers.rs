@@ -227,4 +227,7 @@ async fn names_at_the_edges_of_what_is_allowed() {
     run("0", &["3/s", "9/m"], STEPS).await;
     run("-_-", &["3/s"], STEPS).await;
     run("UPPER_lower-123", &["3/s", "9/m"], STEPS).await;
+    // The longest names over several quotas: a `RateLimit` value longer than the stack buffer
+    // the layer writes short ones in.
+    run(&"y".repeat(64), &["3/s", "9/m", "20/h", "100/d"], STEPS).await;
 }
