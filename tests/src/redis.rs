@@ -385,6 +385,20 @@ impl RedisSentinel {
     }
 }
 
+/// Builds `builder`'s store and waits, at most 10 s, until it is connected to its server.
+///
+/// # Panics
+///
+/// When the store cannot be built or does not connect in time.
+pub async fn connected(builder: tollgate_redis::RedisStoreBuilder) -> tollgate_redis::RedisStore {
+    let store = builder.build().expect("build store");
+    store
+        .wait_connected(Duration::from_secs(10))
+        .await
+        .expect("connect to the test server");
+    store
+}
+
 /// A Redis Cluster of three masters (and optionally one replica each), built by the test itself.
 #[derive(Debug)]
 pub struct RedisCluster {

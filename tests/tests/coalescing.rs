@@ -29,11 +29,7 @@ fn builder(url: &str) -> RedisStoreBuilder {
 /// A connected store whose script is in the server's cache (on every master of a cluster), so
 /// that no `EVALSHA` answered `NOSCRIPT` is counted below.
 async fn connected(builder: RedisStoreBuilder) -> RedisStore {
-    let store = builder.build().expect("build store");
-    store
-        .wait_connected(Duration::from_secs(10))
-        .await
-        .expect("connect to the test server");
+    let store = tollgate_tests::redis::connected(builder).await;
     let warm_up = Key::new("warm-up", "/", None, Some("-"));
     store
         .check(&warm_up, &quota("1/s"), 0)

@@ -10,7 +10,7 @@ use tollgate::concurrency::{Acquire, ConcurrencyStore};
 use tollgate::conformance;
 use tollgate::{Key, MemoryStore, Quota, Store, StoreErrorKind};
 use tollgate_redis::{RedisStore, RedisStoreBuilder};
-use tollgate_tests::redis::{RedisCluster, RedisServer};
+use tollgate_tests::redis::{RedisCluster, RedisServer, connected};
 
 /// A store on `url` whose deadline is long enough that a slow moment of a busy test machine is
 /// not mistaken for a failure. Tests about the deadline set their own.
@@ -18,15 +18,6 @@ fn builder(url: &str) -> RedisStoreBuilder {
     RedisStore::builder(url)
         .expect("url")
         .timeout(Duration::from_secs(5))
-}
-
-async fn connected(builder: RedisStoreBuilder) -> RedisStore {
-    let store = builder.build().expect("build store");
-    store
-        .wait_connected(Duration::from_secs(10))
-        .await
-        .expect("connect to the test server");
-    store
 }
 
 fn quotas(specs: &[&str]) -> Vec<Quota> {
