@@ -77,9 +77,9 @@ impl Reply {
 /// The numbers the script reports for each quota.
 const REPLY_FIELDS: usize = 5;
 
-/// Reads the script's reply to one check: `[allowed, now_us, (allowed, remaining, reset_after_us,
-/// retry_after_us, next_unit_us) for each quota]`, or `[-1, now_us]` when it ran past the deadline. Anything
-/// else is an invalid response, never a panic or a guess.
+/// Reads the script's reply to one check: `[allowed, now_us, (allowed, remaining,
+/// reset_after_us, retry_after_us, next_unit_us) for each quota]`, or `[-1, now_us]` when it ran
+/// past the deadline. Anything else is an invalid response, never a panic or a guess.
 pub(crate) fn parse_reply(reply: &Value, quotas: &[Quota]) -> Result<Reply, StoreError> {
     let invalid = |why: &str| {
         StoreError::with_source(

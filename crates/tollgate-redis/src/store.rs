@@ -1,5 +1,5 @@
-//! The store: one script call per check, on the server's clock, with the deny cache, the
-//! fallback and the breaker in front.
+//! The store: a script on the server's clock decides each check (calls shared by the checks in
+//! flight at once, `batch.rs`), with the deny cache, the fallback and the breaker in front.
 
 use std::fmt;
 use std::future::Future;
