@@ -13,6 +13,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use metrics_util::debugging::{DebugValue, DebuggingRecorder};
 use tollgate::{Decision, Key, Quota, Store, StoreError, StoreErrorKind};
 use tollgate_redis::{RedisStore, RedisStoreBuilder};
 use tollgate_tests::redis::{RedisCluster, RedisServer};
@@ -272,4 +273,50 @@ async fn on_a_cluster_a_stuck_slot_does_not_hold_up_the_others() {
             assert!(d.is_allowed());
         }
     }
+}
+
+#[tokio::test]
+async fn every_call_is_counted_so_checks_per_call_can_be_watched() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    // The store registers its series when it is built: within this recorder's scope.
+    let _guard = metrics::set_default_local_recorder(&recorder);
+    let server = RedisServer::start();
+    let store = connected(builder(&server.url()).name("counted")).await;
+    let checks: Vec<_> = (0..300)
+        .map(|_| (Key::new("c", "/x", None, Some("u")), quota("1000/h")))
+        .collect();
+    let decided = all(queue_all(&store, &checks)).await;
+    assert_eq!(decided.len(), 300);
+    // One snapshot (reading one drains it): each series of this store, as a number.
+    let ours: Vec<(String, u64)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .filter(|(key, ..)| {
+            key.key()
+                .labels()
+                .any(|l| l.key() == "store" && l.value() == "counted")
+        })
+        .filter_map(|(key, _, _, value)| {
+            let n = match value {
+                DebugValue::Counter(n) => n,
+                DebugValue::Histogram(v) => v.len() as u64,
+                DebugValue::Gauge(_) => return None,
+            };
+            Some((key.key().name().to_owned(), n))
+        })
+        .collect();
+    let counted = |name: &str| ours.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+    // What the server ran (the warm-up's NOSCRIPT and its retry included) is what was counted,
+    // and each check's round trip (the warm-up's too) is in the latency histogram: the two
+    // give the checks per call.
+    let calls = server.calls("evalsha");
+    assert_eq!(counted("ratelimit_store_calls_total"), Some(calls));
+    assert_eq!(counted("ratelimit_store_duration_seconds"), Some(301));
+    assert_eq!(
+        calls,
+        2 + 5,
+        "the warm-up twice, then 300 checks in calls of 64"
+    );
 }

@@ -91,7 +91,8 @@ async fn prometheus_counts_every_request_let_through_undecided() {
     );
 
     // Every query of the dashboard runs on the real series; those that read what this run
-    // produced (decisions, fail-open, store latency and errors, the degraded gauge) have data.
+    // produced (decisions, fail-open, store latency, errors and calls, the degraded gauge) have
+    // data.
     for q in dashboard_queries() {
         let expr = as_prometheus_sees_it(&q);
         let answer = prom.query(&client, &expr).await;
@@ -102,6 +103,7 @@ async fn prometheus_counts_every_request_let_through_undecided() {
             "ratelimit_store_duration_seconds",
             "ratelimit_store_errors_total",
             "ratelimit_store_degraded",
+            "ratelimit_store_calls_total",
         ]
         .iter()
         .any(|name| expr.contains(name));

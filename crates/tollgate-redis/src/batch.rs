@@ -18,6 +18,7 @@ use fred::prelude::{ClientLike, Error as FredError, ErrorKind as FredErrorKind, 
 use fred::prelude::{Options, Value};
 use fred::types::scripts::Script;
 use tokio::sync::{mpsc, oneshot};
+use tollgate::metrics::StoreMetrics;
 
 /// A script and what runs it.
 #[derive(Clone)]
@@ -26,6 +27,8 @@ pub(crate) struct Runner {
     pub(crate) options: Options,
     pub(crate) script: Script,
     pub(crate) source: &'static str,
+    /// Counts every call sent.
+    pub(crate) metrics: StoreMetrics,
 }
 
 impl Runner {
@@ -46,6 +49,7 @@ impl Runner {
         let client = self.client.with_options(&self.options);
         let sha = self.script.sha1().clone();
         let args: Vec<Value> = args.into_iter().map(Into::into).collect();
+        self.metrics.call();
         match client
             .evalsha::<Value, _, _, _>(sha.clone(), keys.clone(), args.clone())
             .await
@@ -54,6 +58,7 @@ impl Runner {
                 #[cfg(feature = "tracing")]
                 tracing::info!("rate-limit script not in the Redis script cache; loading it");
                 client.script_load_cluster::<(), _>(self.source).await?;
+                self.metrics.call();
                 client.evalsha(sha, keys, args).await
             }
             other => other,

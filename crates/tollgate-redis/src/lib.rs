@@ -31,8 +31,8 @@
 //! applies the policy's [`FailureMode`](tollgate::FailureMode). The client reconnects by itself
 //! with exponential backoff, and reloads the script when a restarted or failed-over server
 //! answers `NOSCRIPT`. Health is reported in `ratelimit_store_errors_total`,
-//! `ratelimit_store_degraded` and `ratelimit_store_duration_seconds` (see
-//! [`tollgate::metrics`]).
+//! `ratelimit_store_degraded`, `ratelimit_store_duration_seconds` and
+//! `ratelimit_store_calls_total` (see [`tollgate::metrics`]).
 //!
 //! See `docs/redis.md` in the repository for topologies, the key layout and tuning.
 

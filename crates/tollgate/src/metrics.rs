@@ -19,6 +19,7 @@
 //! | `ratelimit_store_errors_total` | counter | `store`, `reason` | failed store calls (shared stores) |
 //! | `ratelimit_store_degraded` | gauge | `store` | 1 while the store is known to be down (circuit open), else 0 |
 //! | `ratelimit_store_duration_seconds` | histogram | `store` | time of each store round trip, failed ones included |
+//! | `ratelimit_store_calls_total` | counter | `store` | calls sent to the store: a Redis store's script calls (one may carry several checks; with the histogram's count, checks per call); registered at zero |
 //! | `ratelimit_deny_cache_hits_total` | counter | `store` | requests refused from the store's local deny cache, without a round trip |
 //!
 //! Reasons: `timeout`, `unavailable`, `auth`, `tls`, `connection_refused`, `dns`,
@@ -51,10 +52,13 @@ pub const STORE_DEGRADED: &str = "ratelimit_store_degraded";
 pub const STORE_DURATION_SECONDS: &str = "ratelimit_store_duration_seconds";
 /// Requests refused from a store's local deny cache, without a round trip.
 pub const DENY_CACHE_HITS_TOTAL: &str = "ratelimit_deny_cache_hits_total";
+/// Calls sent to a store (a Redis store's script calls, each of which may carry several
+/// checks).
+pub const STORE_CALLS_TOTAL: &str = "ratelimit_store_calls_total";
 
 /// Every series name above, for tools that check dashboards and alert rules against what is
 /// exported.
-pub const NAMES: [&str; 13] = [
+pub const NAMES: [&str; 14] = [
     REQUESTS_TOTAL,
     FAIL_OPEN_TOTAL,
     FAIL_CLOSED_TOTAL,
@@ -68,6 +72,7 @@ pub const NAMES: [&str; 13] = [
     STORE_DEGRADED,
     STORE_DURATION_SECONDS,
     DENY_CACHE_HITS_TOTAL,
+    STORE_CALLS_TOTAL,
 ];
 
 /// The `decision` label values of [`REQUESTS_TOTAL`].
@@ -140,6 +145,11 @@ pub fn describe() {
             STORE_DURATION_SECONDS,
             Unit::Seconds,
             "Duration of rate-limit store round trips, failed ones included."
+        );
+        describe_counter!(
+            STORE_CALLS_TOTAL,
+            Unit::Count,
+            "Calls sent to a rate-limit store; a Redis script call may carry several checks."
         );
         describe_counter!(
             DENY_CACHE_HITS_TOTAL,
@@ -352,6 +362,8 @@ pub struct StoreMetrics {
     duration: metrics::Histogram,
     #[cfg(feature = "metrics")]
     deny_cache_hits: metrics::Counter,
+    #[cfg(feature = "metrics")]
+    calls: metrics::Counter,
 }
 
 impl StoreMetrics {
@@ -372,11 +384,14 @@ impl StoreMetrics {
             let deny_cache_hits =
                 metrics::counter!(DENY_CACHE_HITS_TOTAL, "store" => store.clone());
             deny_cache_hits.increment(0);
+            let calls = metrics::counter!(STORE_CALLS_TOTAL, "store" => store.clone());
+            calls.increment(0);
             StoreMetrics {
                 errors,
                 degraded,
                 duration: metrics::histogram!(STORE_DURATION_SECONDS, "store" => store),
                 deny_cache_hits,
+                calls,
             }
         }
         #[cfg(not(feature = "metrics"))]
@@ -409,6 +424,13 @@ impl StoreMetrics {
     pub fn deny_cache_hit(&self) {
         #[cfg(feature = "metrics")]
         self.deny_cache_hits.increment(1);
+    }
+
+    /// Counts one call sent to the store (which may carry several operations).
+    #[cfg_attr(not(feature = "metrics"), allow(clippy::unused_self))]
+    pub fn call(&self) {
+        #[cfg(feature = "metrics")]
+        self.calls.increment(1);
     }
 
     /// Records one round trip.
