@@ -50,16 +50,18 @@ impl Runner {
         let sha = self.script.sha1().clone();
         let args: Vec<Value> = args.into_iter().map(Into::into).collect();
         self.metrics.call();
-        match client
-            .evalsha::<Value, _, _, _>(sha.clone(), keys.clone(), args.clone())
+        // fred's command futures are large (kilobytes): boxed, so that every future holding
+        // this one (a check's, the sending task's) stays small, and spawning or boxing it
+        // moves a few words instead of copying them all.
+        match Box::pin(client.evalsha::<Value, _, _, _>(sha.clone(), keys.clone(), args.clone()))
             .await
         {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
                 #[cfg(feature = "tracing")]
                 tracing::info!("rate-limit script not in the Redis script cache; loading it");
-                client.script_load_cluster::<(), _>(self.source).await?;
+                Box::pin(client.script_load_cluster::<(), _>(self.source)).await?;
                 self.metrics.call();
-                client.evalsha(sha, keys, args).await
+                Box::pin(client.evalsha(sha, keys, args)).await
             }
             other => other,
         }
@@ -81,7 +83,7 @@ struct Pending {
 
 /// Sends the rate-limit checks, coalesced.
 pub(crate) struct Coalescer {
-    runner: Runner,
+    runner: Arc<Runner>,
     /// `None` when every check goes alone (`max_batch(1)`).
     queue: Option<mpsc::UnboundedSender<Pending>>,
     clustered: bool,
@@ -110,10 +112,11 @@ impl Coalescer {
         max_queued: usize,
         clustered: bool,
     ) -> Self {
+        let runner = Arc::new(runner);
         let queued = Arc::new(AtomicUsize::new(0));
         let queue = (max_batch > 1).then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run(rx, runner.clone(), max_batch, Arc::clone(&queued)));
+            tokio::spawn(run(rx, Arc::clone(&runner), max_batch, Arc::clone(&queued)));
             tx
         });
         Coalescer {
@@ -179,7 +182,7 @@ fn stopped() -> FredError {
 /// takes them together. Checks of different slots never wait for each other.
 async fn run(
     mut queue: mpsc::UnboundedReceiver<Pending>,
-    runner: Runner,
+    runner: Arc<Runner>,
     max_batch: usize,
     queued: Arc<AtomicUsize>,
 ) {
@@ -239,7 +242,7 @@ async fn run(
                     break;
                 }
                 slot.in_flight += 1;
-                let runner = runner.clone();
+                let runner = Arc::clone(&runner);
                 let done = done_tx.clone();
                 tokio::spawn(async move {
                     send(runner, checks).await;
@@ -269,7 +272,7 @@ struct Slot {
 }
 
 /// One call for `checks`, and each its own reply.
-async fn send(runner: Runner, mut checks: Vec<Pending>) {
+async fn send(runner: Arc<Runner>, mut checks: Vec<Pending>) {
     let mut keys = Vec::with_capacity(checks.iter().map(|c| c.keys.len()).sum());
     let mut args = Vec::with_capacity(checks.iter().map(|c| c.args.len()).sum());
     for c in &mut checks {
