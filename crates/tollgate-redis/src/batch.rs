@@ -243,16 +243,27 @@ async fn run(
                 }
                 slot.in_flight += 1;
                 let runner = Arc::clone(&runner);
-                let done = done_tx.clone();
+                let done = Returned(done_tx.clone(), id);
                 tokio::spawn(async move {
                     send(runner, checks).await;
-                    let _ = done.send(id);
+                    drop(done);
                 });
             }
             if slot.in_flight == 0 && slot.waiting.is_empty() {
                 slots.remove(&id);
             }
         }
+    }
+}
+
+/// Reports a slot's call as back when dropped: when the call ends, and also if its task is
+/// cancelled or panics, so that a slot can never be left with a call counted out forever.
+struct Returned(mpsc::UnboundedSender<u16>, u16);
+
+impl Drop for Returned {
+    fn drop(&mut self) {
+        // The task may have ended (the store is gone): then nobody counts any more.
+        let _ = self.0.send(self.1);
     }
 }
 
@@ -315,6 +326,23 @@ fn one_reply(reply: Value, checks: usize) -> Result<Vec<Value>, FredError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_is_reported_back_however_its_task_ends() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        drop(Returned(tx.clone(), 7));
+        // Unwinding drops it too: a panicking call still frees its slot's place.
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _returned = Returned(tx.clone(), 9);
+            panic!("a call that panics");
+        }));
+        assert!(unwound.is_err());
+        assert_eq!(rx.try_recv().ok(), Some(7));
+        assert_eq!(rx.try_recv().ok(), Some(9));
+        // With the task gone, dropping one is no error.
+        drop(rx);
+        drop(Returned(tx, 1));
+    }
 
     #[test]
     fn a_reply_that_is_not_one_per_check_is_a_parse_error() {
