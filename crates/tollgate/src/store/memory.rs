@@ -22,12 +22,12 @@ const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 ///
 /// - **Concurrent**: keys are spread over independently locked shards, so threads deciding
 ///   different keys rarely wait on each other.
-/// - **Bounded**: each tracked quota costs one 33-byte map bucket (an 8-byte key identity, a
-///   24-byte state, a control byte; the key itself is not kept). Keys whose state has expired
-///   are swept by the shards themselves as requests pass (every 5 seconds per shard by
-///   default); no background task and no call from the user is needed. A maximum number of
-///   states (1 000 000 by default: at most 64 shards of 32 768 buckets, 69 MB) holds even
-///   under a flood of new keys.
+/// - **Bounded**: each tracked quota costs one 25-byte map bucket (an 8-byte key identity, a
+///   16-byte state with what eviction needs packed in, a control byte; the key itself is not
+///   kept). Keys whose state has expired are swept by the shards themselves as requests pass
+///   (every 5 seconds per shard by default); no background task and no call from the user is
+///   needed. A maximum number of states (1 000 000 by default: 75 shards of 16 384 buckets,
+///   31 MB, when full) holds even under a flood of new keys.
 /// - **Floods do not free limited clients**: when a shard is full it drops expired states,
 ///   then an eighth of the rest, choosing the states whose loss hands back the fewest units
 ///   (a key that spent 1 of 100 goes before one that spent all of 3), and the states of
@@ -70,7 +70,6 @@ pub struct MemoryStore<C = MonotonicClock> {
 struct Inner<C> {
     clock: C,
     shards: Box<[Shard]>,
-    shard_mask: usize,
     hasher: KeyHasher,
     max_keys_per_shard: usize,
     sweep_interval_ns: u64,
@@ -83,6 +82,15 @@ struct Inner<C> {
 struct PolicyNames {
     seen: Box<[AtomicU64]>,
     names: Mutex<hashbrown::HashMap<u16, Arc<str>>>,
+}
+
+impl<C> Inner<C> {
+    /// The shard of a key whose shard half of the hash is `h`: `h` scaled to the number of
+    /// shards (one multiplication; the count need not be a power of two).
+    #[inline]
+    fn shard_of(&self, h: u64) -> usize {
+        ((u128::from(h) * self.shards.len() as u128) >> 64) as usize
+    }
 }
 
 impl PolicyNames {
@@ -152,7 +160,7 @@ impl ShardState {
     /// Drops the states that hold nothing at `now` (a state whose time has come decides as a
     /// fresh one) and the protections that have ended.
     fn drop_expired(&mut self, now: u64) {
-        self.map.retain(|e| e.state.t > now);
+        self.map.retain(|e| e.expiry() > now);
         self.protected.retain(|&mut (_, until)| until > now);
     }
 
@@ -166,32 +174,121 @@ impl ShardState {
     }
 }
 
-/// One quota's state and what eviction needs to know about it.
+/// One quota's state and what eviction needs to know about it, packed into 24 bytes (a
+/// bucket of 25 with hashbrown's control byte). The two kinds of algorithm leave different
+/// room: GCRA keeps only a time, the windows keep whole milliseconds and counts.
+///
+/// | field | GCRA | fixed and sliding windows |
+/// |---|---|---|
+/// | `slot` | [`entry_key`], bit [`WINDOW`] clear | [`entry_key`], bit [`WINDOW`] set |
+/// | `t` | the state's `t` (ns) | the state's `t` in ms (low 48 bits), the policy tag (high 16) |
+/// | `a` | the policy tag | the state's `a` |
+/// | `b` | the emission interval in ns, an `f32` rounded down | the state's `b` |
 #[derive(Debug, Clone, Copy)]
 struct Entry {
-    /// Which key and quota this state belongs to: [`entry_key`].
     slot: u64,
-    state: State,
-    /// GCRA: the emission interval in microseconds, as an `f32` rounded down (24 bits of
-    /// precision at any size, so it only ever overstates the units a state holds, by less
-    /// than one in ten million); 0 for the window algorithms.
-    interval_us: f32,
-    /// A 16-bit tag of the policy's name, to count evictions per policy.
-    policy: u16,
+    t: u64,
+    a: u32,
+    b: u32,
 }
 
+/// The bit of a slot that says its state is a window algorithm's. It lies above every bit
+/// hashbrown takes for a bucket's position (the low ones) and for its control byte (the top
+/// seven), so fixing it costs the key identity one of its 64 bits and the table nothing.
+const WINDOW: u64 = 1 << 48;
+/// The part of a window entry's `t` that holds the time (ms): 2^48 ms is 8 900 years, and any
+/// `u64` of nanoseconds is less than 2^45 ms.
+const MS_BITS: u64 = (1 << 48) - 1;
+const NS_PER_MS: u64 = 1_000_000;
+
 impl Entry {
+    fn new(slot: u64, state: State, quota: &Quota, policy: u16) -> Entry {
+        let mut entry = if slot & WINDOW != 0 {
+            Entry {
+                slot,
+                t: u64::from(policy) << 48,
+                a: 0,
+                b: 0,
+            }
+        } else {
+            Entry {
+                slot,
+                t: 0,
+                a: u32::from(policy),
+                b: interval_ns(quota).to_bits(),
+            }
+        };
+        entry.set(state);
+        entry
+    }
+
+    #[inline]
+    fn is_window(&self) -> bool {
+        self.slot & WINDOW != 0
+    }
+
+    /// Stores `state`, keeping what eviction needs.
+    #[inline]
+    fn set(&mut self, state: State) {
+        if self.is_window() {
+            // A window's times are whole milliseconds, so this is exact.
+            self.t = (self.t & !MS_BITS) | state.t.div_ceil(NS_PER_MS);
+            self.a = state.a;
+            self.b = state.b;
+        } else {
+            self.t = state.t;
+        }
+    }
+
+    /// The state as the algorithms read it.
+    #[inline]
+    fn state(&self) -> State {
+        if self.is_window() {
+            State {
+                t: self.expiry(),
+                a: self.a,
+                b: self.b,
+            }
+        } else {
+            State {
+                t: self.t,
+                a: 0,
+                b: 0,
+            }
+        }
+    }
+
+    /// The moment (ns) from which this state holds nothing: its `t`.
+    #[inline]
+    fn expiry(&self) -> u64 {
+        if self.is_window() {
+            (self.t & MS_BITS).saturating_mul(NS_PER_MS)
+        } else {
+            self.t
+        }
+    }
+
+    /// The 16-bit tag of the policy's name, to count evictions per policy.
+    fn policy(&self) -> u16 {
+        if self.is_window() {
+            (self.t >> 48) as u16
+        } else {
+            self.a as u16
+        }
+    }
+
     /// About how many units this state holds spent at `now`: what dropping it would hand back.
     /// Never less than the truth.
     fn units_at(&self, now: u64) -> u64 {
-        if self.interval_us > 0.0 {
-            let left = self.state.t.saturating_sub(now) as f64;
-            // Exact enough for an order: a u64 of nanoseconds in an f64 loses nothing below
-            // 2^53 ns (104 days), and rounding up never understates.
-            (left / (f64::from(self.interval_us) * 1_000.0)).ceil() as u64
-        } else {
+        if self.is_window() {
             // A fixed window's count; a sliding window's current and (at most) previous count.
-            u64::from(self.state.a) + u64::from(self.state.b)
+            u64::from(self.a) + u64::from(self.b)
+        } else {
+            let left = self.t.saturating_sub(now) as f64;
+            // Exact enough for an order: a u64 of nanoseconds in an f64 loses nothing below
+            // 2^53 ns (104 days), and rounding up never understates. The interval is at least
+            // 1 ns, so this never divides by zero.
+            (left / f64::from(f32::from_bits(self.b))).ceil() as u64
         }
     }
 }
@@ -236,7 +333,7 @@ impl<C: Clock> MemoryStore<C> {
         // One half picks the shard, the other identifies the key within it: every quota of
         // one key lives in one shard, so one lock makes the decision atomic.
         let (shard, base) = key.hash128(&inner.hasher);
-        let shard = &inner.shards[(shard as usize) & inner.shard_mask];
+        let shard = &inner.shards[inner.shard_of(shard)];
         let mut state = lock(&shard.state);
         let now = inner.clock.now_ns();
         if now >= state.next_sweep_ns {
@@ -249,7 +346,7 @@ impl<C: Clock> MemoryStore<C> {
         // key with no state writes nothing, and must not make room by evicting others).
         let mut new_entries = 0;
         for quota in quotas {
-            let stored = state.get(entry_key(base, quota)).map(|e| e.state);
+            let stored = state.get(entry_key(base, quota)).map(Entry::state);
             let offset = algorithm::window_offset(key, quota);
             let e = algorithm::eval(quota, now, stored, cost, offset);
             new_entries += usize::from(stored.is_none() && e.write.is_some());
@@ -262,20 +359,21 @@ impl<C: Clock> MemoryStore<C> {
             if state.map.len() + new_entries > inner.max_keys_per_shard {
                 evicted = make_room(&mut state, now, inner.max_keys_per_shard, new_entries);
             }
+            // The table would grow on its own here: it is full, or its free buckets are used
+            // up by the marks its removals left. The store grows it instead, never past what
+            // its maximum needs.
+            if state.map.capacity() - state.map.len() < new_entries {
+                regrow(&mut state.map, new_entries, inner.max_keys_per_shard);
+            }
             for (quota, e) in quotas.iter().zip(&evals) {
                 let Some(write) = e.write else { continue };
                 let slot = entry_key(base, quota);
                 match state.map.find_mut(slot, |e| e.slot == slot) {
-                    Some(stored) => stored.state = write,
+                    Some(stored) => stored.set(write),
                     None => {
                         let tag = policy_tag(key.policy());
                         inner.policies.note(tag, key.policy());
-                        let entry = Entry {
-                            slot,
-                            state: write,
-                            interval_us: interval_us(quota),
-                            policy: tag,
-                        };
+                        let entry = Entry::new(slot, write, quota, tag);
                         state.map.insert_unique(slot, entry, |e| e.slot);
                     }
                 }
@@ -307,7 +405,7 @@ impl<C: Clock> MemoryStore<C> {
     pub fn reset(&self, key: &Key<'_>, quotas: &[Quota]) {
         let inner = &*self.inner;
         let (shard, base) = key.hash128(&inner.hasher);
-        let shard = &inner.shards[(shard as usize) & inner.shard_mask];
+        let shard = &inner.shards[inner.shard_of(shard)];
         let mut state = lock(&shard.state);
         for quota in quotas {
             state.remove(entry_key(base, quota));
@@ -344,28 +442,93 @@ impl<C: Clock> MemoryStore<C> {
 /// The map key of `quota`'s state for the key whose identity in its shard is `base`: a 64-bit
 /// keyed hash (the shard was picked by the other, independent 64 bits) mixed with the quota's
 /// fingerprint, so a state belongs to the quota itself, not to its place in the policy.
+/// Bit [`WINDOW`] says whether the quota is a window's (the identity keeps the other 63).
 /// Accidental collisions are about one in 10^9 at a million keys; deliberate ones need the
 /// random seeds.
+#[inline]
 fn entry_key(base: u64, quota: &Quota) -> u64 {
-    base ^ quota.fingerprint()
+    let kind = match quota.algorithm() {
+        crate::Algorithm::Gcra => 0,
+        crate::Algorithm::FixedWindow | crate::Algorithm::SlidingWindow => WINDOW,
+    };
+    ((base ^ quota.fingerprint()) & !WINDOW) | kind
 }
 
-/// The emission interval of a GCRA quota in microseconds, rounded down to an `f32`; 0 for
-/// windows.
-fn interval_us(quota: &Quota) -> f32 {
-    match quota.algorithm() {
-        crate::Algorithm::FixedWindow | crate::Algorithm::SlidingWindow => 0.0,
-        _ => {
-            let exact = quota.emission_interval().as_micros() as f64;
-            let rounded = exact as f32;
-            if f64::from(rounded) > exact {
-                // The next f32 below: never above the true interval.
-                f32::from_bits(rounded.to_bits() - 1)
-            } else {
-                rounded
-            }
+/// The emission interval of a GCRA quota in nanoseconds, rounded down to an `f32` (24 bits of
+/// precision at any size, so it only ever overstates the units a state holds, by less than one
+/// in ten million). Quotas' intervals are whole microseconds, so it is never 0.
+fn interval_ns(quota: &Quota) -> f32 {
+    let exact = quota.emission_ns() as f64;
+    let rounded = exact as f32;
+    if f64::from(rounded) > exact {
+        // The next f32 below: never above the true interval.
+        f32::from_bits(rounded.to_bits() - 1)
+    } else {
+        rounded
+    }
+}
+
+/// Moves a shard's states into a table with room for `needed` more: twice as many as it holds,
+/// but never more than the shard's maximum needs. The store calls this rather than let
+/// hashbrown grow the table itself, which doubles a table whose free buckets were used up by
+/// the marks that removals leave (tombstones) even when it holds no more states than before:
+/// a full shard under churn would double again and again. Rebuilt at its own size, a table
+/// loses its marks. Each shard's tables are sized so that at its maximum a sixteenth of a
+/// table stays free ([`layout`]), so a rebuild costs at most about sixteen moves per state
+/// inserted since the last one.
+#[cold]
+fn regrow(map: &mut HashTable<Entry>, needed: usize, max: usize) {
+    let len = map.len();
+    let room = (len * 2).min(max).max(len + needed);
+    let mut fresh = HashTable::with_capacity(room);
+    for entry in map.drain() {
+        fresh.insert_unique(entry.slot, entry, |e| e.slot);
+    }
+    *map = fresh;
+}
+
+/// The most states a table of `buckets` buckets is given: hashbrown's limit (seven eighths,
+/// or one less than the count for the smallest tables) less a sixteenth, kept free so that
+/// the marks removals leave do not force a rebuild too often ([`regrow`]).
+fn dense_capacity(buckets: usize) -> usize {
+    let full = if buckets < 8 {
+        buckets - 1
+    } else {
+        buckets / 8 * 7
+    };
+    full - full / 16
+}
+
+/// The largest number of shards a store uses.
+const MAX_SHARDS: usize = 1 << 17;
+
+/// How `max_keys` states are spread over at least `min_shards` shards: `(shards, the most
+/// states per shard)`. Hash tables have a power-of-two number of buckets, so `min_shards`
+/// shards of `max_keys / min_shards` states may need tables of twice the buckets they would
+/// fill (1 000 000 over 64 shards is just past what 16 384 buckets hold: 32 768 each, 48% full
+/// at the maximum). When it takes fewer buckets in all, the store uses more shards, up to
+/// twice as many, of the next smaller table, each as full as [`dense_capacity`] allows: 75
+/// shards of 16 384 buckets for 1 000 000.
+fn layout(max_keys: usize, min_shards: usize) -> (usize, usize) {
+    let min_shards = min_shards.clamp(1, MAX_SHARDS / 2);
+    let max_keys = max_keys.max(min_shards);
+    let per_shard = max_keys.div_ceil(min_shards);
+    let mut buckets: usize = 8;
+    while dense_capacity(buckets) < per_shard {
+        match buckets.checked_mul(2) {
+            Some(more) => buckets = more,
+            None => return (min_shards, per_shard),
         }
     }
+    if buckets > 8 {
+        let half = buckets / 2;
+        let shards = max_keys.div_ceil(dense_capacity(half));
+        if shards <= MAX_SHARDS && shards.saturating_mul(half) < min_shards.saturating_mul(buckets)
+        {
+            return (shards, max_keys.div_ceil(shards));
+        }
+    }
+    (min_shards, per_shard)
 }
 
 /// Marks a state as one whose client is limited until `until`.
@@ -431,7 +594,7 @@ fn make_room(state: &mut ShardState, now: u64, cap: usize, needed: usize) -> Evi
             (
                 limited_until.is_some(),
                 e.units_at(now),
-                limited_until.unwrap_or(e.state.t),
+                limited_until.unwrap_or(e.expiry()),
                 e.slot,
             )
         })
@@ -446,10 +609,10 @@ fn make_room(state: &mut ShardState, now: u64, cap: usize, needed: usize) -> Evi
             match evicted
                 .by_policy
                 .iter_mut()
-                .find(|(tag, l, _)| *tag == e.policy && *l == limited)
+                .find(|(tag, l, _)| *tag == e.policy() && *l == limited)
             {
                 Some((_, _, n)) => *n += 1,
-                None => evicted.by_policy.push((e.policy, limited, 1)),
+                None => evicted.by_policy.push((e.policy(), limited, 1)),
             }
         }
     }
@@ -502,15 +665,20 @@ pub struct MemoryStoreBuilder<C> {
 
 impl<C: Clock> MemoryStoreBuilder<C> {
     /// The most quota states the store holds (default 1 000 000). Each shard's map has a
-    /// power-of-two number of 33-byte buckets, at most 7/8 full: about 38 to 76 bytes per state,
-    /// 69 MB at the default (plus 17 bytes for each state of a client that is limited now).
-    /// Values below the number of shards are raised to it.
+    /// power-of-two number of 25-byte buckets, and the store picks its number of shards so
+    /// that at the maximum they are about 82% full (below hashbrown's 7/8, so that removals
+    /// never make a full table grow): about 31 bytes per state when full, 30.7 MB at the
+    /// default; up to twice that per state while a table has just doubled on the way (plus 17
+    /// bytes for each state of a client that is limited now). Values below the number of
+    /// shards are raised to it.
     pub fn max_keys(mut self, max_keys: usize) -> Self {
         self.max_keys = max_keys;
         self
     }
 
-    /// The number of shards, rounded up to a power of two (default 64).
+    /// The fewest shards (default 64, at most 65 536). The store uses up to about twice as
+    /// many when that fits `max_keys` in fewer buckets (75 for the default 1 000 000); its
+    /// `Debug` form shows the count it uses.
     pub fn shards(mut self, shards: usize) -> Self {
         self.shards = shards;
         self
@@ -534,8 +702,7 @@ impl<C: Clock> MemoryStoreBuilder<C> {
 
     /// Builds the store.
     pub fn build(self) -> MemoryStore<C> {
-        let shards = self.shards.clamp(1, 1 << 16).next_power_of_two();
-        let max_keys_per_shard = self.max_keys.div_ceil(shards).max(1);
+        let (shards, max_keys_per_shard) = layout(self.max_keys, self.shards);
         let sweep_interval_ns = u64::try_from(self.sweep_interval.as_nanos())
             .unwrap_or(u64::MAX)
             .max(1_000_000);
@@ -552,7 +719,6 @@ impl<C: Clock> MemoryStoreBuilder<C> {
             inner: Arc::new(Inner {
                 clock: self.clock,
                 shards,
-                shard_mask: (self.shards.clamp(1, 1 << 16).next_power_of_two()) - 1,
                 hasher: KeyHasher::new(),
                 max_keys_per_shard,
                 sweep_interval_ns,
@@ -1231,12 +1397,13 @@ mod tests {
 
     #[test]
     fn an_entry_never_understates_the_interval_it_rounds() {
-        // 2^24 + 3 us lies halfway between two f32s and rounds up to the even one: the case
-        // where the next f32 below must be taken.
+        // 3/s (333 334 000 ns) lies halfway between two f32s and rounds up to the even one, as
+        // does (2^24 + 3) us in ns: the cases where the next f32 below must be taken.
         let halfway = Quota::new(1, Duration::from_micros(16_777_219)).unwrap();
         assert!(
-            f64::from(16_777_219_f32) > 16_777_219.0,
-            "the f32 rounds up"
+            f64::from(333_334_000_f32) > 333_334_000.0
+                && f64::from(16_777_219_000_f32) > 16_777_219_000.0,
+            "the f32s round up"
         );
         let texts = ["1/s", "3/s", "7/m", "8/d", "1/366d", "999999/s", "13/7s"];
         let quotas = texts.iter().map(|t| t.parse::<Quota>().unwrap());
@@ -1245,8 +1412,8 @@ mod tests {
             .chain(["2^24 + 3 us"].iter())
             .zip(quotas.chain([halfway]))
         {
-            let stored = f64::from(interval_us(&quota));
-            let exact = quota.emission_interval().as_micros() as f64;
+            let stored = f64::from(interval_ns(&quota));
+            let exact = quota.emission_ns() as f64;
             assert!(
                 stored <= exact && stored > exact * (1.0 - 1e-7),
                 "{text}: {stored} vs {exact}"
@@ -1255,9 +1422,237 @@ mod tests {
     }
 
     #[test]
-    fn a_state_takes_32_bytes_and_a_control_byte() {
+    fn a_state_takes_24_bytes_and_a_control_byte() {
         // What docs/operations.md and the builder's docs promise per state.
-        assert_eq!(std::mem::size_of::<Entry>(), 32);
+        assert_eq!(std::mem::size_of::<Entry>(), 24);
+    }
+
+    #[test]
+    fn an_entry_gives_back_the_state_and_policy_it_was_given() {
+        let gcra = q("7/s");
+        let fixed = q("100/h fixed-window");
+        let sliding = q("100/m sliding-window");
+        let ms = |n: u64| n * NS_PER_MS;
+        let cases = [
+            (
+                gcra,
+                State { t: 1, a: 0, b: 0 },
+                State {
+                    t: 123_456_789_123,
+                    a: 0,
+                    b: 0,
+                },
+            ),
+            (
+                gcra,
+                State {
+                    t: u64::MAX,
+                    a: 0,
+                    b: 0,
+                },
+                State { t: 5, a: 0, b: 0 },
+            ),
+            (
+                fixed,
+                State {
+                    t: ms(3_600_000),
+                    a: 1,
+                    b: 0,
+                },
+                State {
+                    t: ms(7),
+                    a: 99,
+                    b: 0,
+                },
+            ),
+            (
+                sliding,
+                State {
+                    t: ms(60_001),
+                    a: u32::MAX,
+                    b: u32::MAX - 1,
+                },
+                State {
+                    t: ms(u64::MAX / NS_PER_MS),
+                    a: 0,
+                    b: 17,
+                },
+            ),
+        ];
+        for (quota, first, second) in cases {
+            for tag in [0, 1, 0x8001, u16::MAX] {
+                let slot = entry_key(0xfedc_ba98_7654_3210, &quota);
+                let mut e = Entry::new(slot, first, &quota, tag);
+                assert_eq!((e.state(), e.expiry(), e.policy()), (first, first.t, tag));
+                e.set(second);
+                assert_eq!((e.state(), e.expiry(), e.policy()), (second, second.t, tag));
+                assert_eq!(e.slot, slot);
+            }
+        }
+        // A GCRA entry keeps its interval: 7/s spent 3 units ahead holds 3.
+        let now = 1_000_000_000;
+        let e = Entry::new(
+            entry_key(1, &gcra),
+            State {
+                t: now + 3 * gcra.emission_ns(),
+                a: 0,
+                b: 0,
+            },
+            &gcra,
+            9,
+        );
+        assert_eq!(e.units_at(now), 3);
+        assert_eq!(e.units_at(now + 1), 3, "rounded up, never under");
+    }
+
+    #[test]
+    fn a_slot_says_its_algorithm_and_keeps_the_rest_of_its_identity() {
+        for base in [0, u64::MAX, 0x0123_4567_89ab_cdef] {
+            for quota in [q("7/s"), q("7/s fixed-window"), q("7/s sliding-window")] {
+                let slot = entry_key(base, &quota);
+                let window = quota.algorithm() != crate::Algorithm::Gcra;
+                assert_eq!(slot & WINDOW != 0, window, "{quota:?}");
+                assert_eq!(slot & !WINDOW, (base ^ quota.fingerprint()) & !WINDOW);
+            }
+        }
+    }
+
+    #[test]
+    fn a_million_states_take_75_dense_shards() {
+        // What the builder's docs and docs/operations.md promise for the default.
+        assert_eq!(layout(1_000_000, 64), (75, 13_334));
+        let table = HashTable::<Entry>::with_capacity(13_334).allocation_size();
+        assert!(
+            table > 8_192 * 25 && table <= 16_384 * 25 + 64,
+            "16 384 buckets: {table}"
+        );
+        assert_eq!(layout(1_125_000, 64), (84, 13_393));
+        // Where more shards would not save buckets, the count asked for stays.
+        assert_eq!(layout(100, 4), (4, 25));
+        assert_eq!(layout(96, 1), (1, 96));
+    }
+
+    #[test]
+    fn every_layout_holds_its_maximum_in_dense_tables() {
+        let sizes = [
+            1,
+            2,
+            7,
+            8,
+            9,
+            63,
+            64,
+            65,
+            1_000,
+            10_000,
+            99_999,
+            1 << 20,
+            10_000_000,
+        ];
+        for max_keys in sizes {
+            for min_shards in [1, 2, 3, 4, 7, 64, 100, 1 << 16, 1 << 20] {
+                let (shards, per_shard) = layout(max_keys, min_shards);
+                let min = min_shards.min(MAX_SHARDS / 2);
+                let case = format!("{max_keys} over {min_shards}: {shards} x {per_shard}");
+                assert!(shards >= min && shards <= 2 * min + 1, "{case}");
+                assert!(shards * per_shard >= max_keys.max(min), "{case}");
+                assert!(per_shard >= 1, "{case}");
+                // Never more buckets than the count asked for would take.
+                let buckets = |per: usize| {
+                    let mut b = 8;
+                    while dense_capacity(b) < per {
+                        b *= 2;
+                    }
+                    b
+                };
+                let asked = max_keys.max(min).div_ceil(min);
+                assert!(
+                    shards * buckets(per_shard) <= min * buckets(asked),
+                    "{case}"
+                );
+            }
+        }
+        // Absurd maxima neither overflow nor panic.
+        assert_eq!(layout(usize::MAX, 64).0, 64);
+    }
+
+    #[test]
+    fn every_shard_is_reached_and_none_beyond() {
+        let s = MemoryStore::builder().max_keys(1_000_000).build();
+        let n = s.inner.shards.len();
+        assert_eq!(n, 75);
+        assert_eq!(s.inner.shard_of(0), 0);
+        assert_eq!(s.inner.shard_of(u64::MAX), n - 1);
+        let mut hit = vec![0u32; n];
+        for i in 0..(n as u64 * 100) {
+            hit[s.inner.shard_of(i.wrapping_mul(0x9e37_79b9_7f4a_7c15))] += 1;
+        }
+        assert!(hit.iter().all(|&h| h > 50), "{hit:?}");
+    }
+
+    /// The bytes of every shard's state table.
+    fn table_bytes<C>(s: &MemoryStore<C>) -> usize {
+        s.inner
+            .shards
+            .iter()
+            .map(|shard| lock(&shard.state).map.allocation_size())
+            .sum()
+    }
+
+    #[test]
+    fn a_full_shard_under_a_flood_keeps_its_table() {
+        // Every new key makes room by evicting an eighth: the removals leave marks in the
+        // table, which hashbrown would answer by doubling it.
+        let max = dense_capacity(4_096);
+        let s = MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(max)
+            .shards(1)
+            .build();
+        let q = [Quota::per_day(10).unwrap()];
+        for i in 0..max as u32 {
+            s.decide(&key(i), &q, 1).unwrap();
+        }
+        let full = table_bytes(&s);
+        assert!(full <= 4_096 * 25 + 64, "{full}");
+        for i in 0..100_000 {
+            s.decide(&key(1_000_000 + i), &q, 1).unwrap();
+            assert_eq!(table_bytes(&s), full, "after {i} new keys");
+        }
+        assert!(s.len() <= max);
+    }
+
+    #[test]
+    fn a_shard_near_its_maximum_under_churn_keeps_its_table() {
+        // States expire and new keys come at the same rate, the shard just under its maximum:
+        // each sweep's removals leave marks, and without the store's rebuild the table would
+        // double once they used up its free buckets.
+        let clock = ManualClock::new();
+        let max = dense_capacity(4_096);
+        let s = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_keys(max)
+            .shards(1)
+            .sweep_interval(Duration::from_millis(10))
+            .build();
+        let q = [Quota::per_second(1).unwrap()];
+        let mut next = 0u32;
+        let mut largest = 0;
+        for ms in (0..30_000).step_by(10) {
+            clock.advance(Duration::from_millis(10));
+            for _ in 0..30 {
+                next += 1;
+                assert!(s.decide(&key(next), &q, 1).unwrap().is_allowed());
+            }
+            if ms == 2_000 {
+                largest = table_bytes(&s);
+            }
+            if ms > 2_000 {
+                assert_eq!(table_bytes(&s), largest, "at {ms} ms");
+            }
+        }
+        assert!(largest <= 4_096 * 25 + 64, "{largest}");
+        assert!((2_900..=3_030).contains(&s.len()), "{}", s.len());
     }
 
     #[test]
