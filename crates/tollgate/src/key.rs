@@ -139,10 +139,14 @@ impl<'a> Key<'a> {
     /// what the memory stores index by (the memory store picks the shard by the first and
     /// finds the key in it by the second).
     pub(crate) fn hash128(&self, seeds: &KeyHasher) -> (u64, u64) {
-        (
-            self.hash_with(seeds.0.build_hasher()),
-            self.hash_with(seeds.1.build_hasher()),
-        )
+        (self.hash64(seeds), self.hash_with(seeds.1.build_hasher()))
+    }
+
+    /// The first half of [`hash128`](Self::hash128) alone: what the rate-limit memory store
+    /// indexes by.
+    #[inline]
+    pub(crate) fn hash64(&self, seeds: &KeyHasher) -> u64 {
+        self.hash_with(seeds.0.build_hasher())
     }
 
     fn hash_with(&self, mut h: impl Hasher) -> u64 {

@@ -85,11 +85,13 @@ struct PolicyNames {
 }
 
 impl<C> Inner<C> {
-    /// The shard of a key whose shard half of the hash is `h`: `h` scaled to the number of
-    /// shards (one multiplication; the count need not be a power of two).
+    /// The shard of a key whose hash is `h`: its bits from 47 down, scaled to the number of
+    /// shards (one multiplication; the count need not be a power of two). A shard's tables
+    /// read other bits of the same hash: the low ones place a state, the top seven fill its
+    /// control byte. So the shard is picked by bits those never see (below 2^31 buckets).
     #[inline]
     fn shard_of(&self, h: u64) -> usize {
-        ((u128::from(h) * self.shards.len() as u128) >> 64) as usize
+        ((u128::from(h.rotate_left(16)) * self.shards.len() as u128) >> 64) as usize
     }
 }
 
@@ -330,10 +332,10 @@ impl<C: Clock> MemoryStore<C> {
     ) -> Result<Decision, StoreError> {
         StoreError::check_cost(quotas, cost)?;
         let inner = &*self.inner;
-        // One half picks the shard, the other identifies the key within it: every quota of
-        // one key lives in one shard, so one lock makes the decision atomic.
-        let (shard, base) = key.hash128(&inner.hasher);
-        let shard = &inner.shards[inner.shard_of(shard)];
+        // One hash picks the shard and identifies the key within it: every quota of one key
+        // lives in one shard, so one lock makes the decision atomic.
+        let base = key.hash64(&inner.hasher);
+        let shard = &inner.shards[inner.shard_of(base)];
         let mut state = lock(&shard.state);
         let now = inner.clock.now_ns();
         if now >= state.next_sweep_ns {
@@ -404,8 +406,8 @@ impl<C: Clock> MemoryStore<C> {
     /// operators unblocking a client (see docs/operations.md).
     pub fn reset(&self, key: &Key<'_>, quotas: &[Quota]) {
         let inner = &*self.inner;
-        let (shard, base) = key.hash128(&inner.hasher);
-        let shard = &inner.shards[inner.shard_of(shard)];
+        let base = key.hash64(&inner.hasher);
+        let shard = &inner.shards[inner.shard_of(base)];
         let mut state = lock(&shard.state);
         for quota in quotas {
             state.remove(entry_key(base, quota));
@@ -439,12 +441,13 @@ impl<C: Clock> MemoryStore<C> {
     }
 }
 
-/// The map key of `quota`'s state for the key whose identity in its shard is `base`: a 64-bit
-/// keyed hash (the shard was picked by the other, independent 64 bits) mixed with the quota's
-/// fingerprint, so a state belongs to the quota itself, not to its place in the policy.
-/// Bit [`WINDOW`] says whether the quota is a window's (the identity keeps the other 63).
-/// Accidental collisions are about one in 10^9 at a million keys; deliberate ones need the
-/// random seeds.
+/// The map key of `quota`'s state for the key whose hash is `base`: a 64-bit keyed hash mixed
+/// with the quota's fingerprint, so a state belongs to the quota itself, not to its place in
+/// the policy. Bit [`WINDOW`] says whether the quota is a window's, and the states of one shard
+/// share the bits that picked it ([`Inner::shard_of`]): within its shard a state is told apart
+/// by the other 56 or so. Two states of a full store of a million share one with a chance of
+/// about one in 20 million; for one new key among them, about one in 10^13. Deliberate
+/// collisions need the random seeds.
 #[inline]
 fn entry_key(base: u64, quota: &Quota) -> u64 {
     let kind = match quota.algorithm() {
