@@ -1593,6 +1593,27 @@ mod tests {
         assert!(hit.iter().all(|&h| h > 50), "{hit:?}");
     }
 
+    #[test]
+    fn a_shards_states_spread_over_the_bits_its_table_reads() {
+        // The shard is picked by bits the table does not read: within one shard, the top
+        // seven bits (the control byte) and the low ones (the bucket) take every value.
+        // Picking the shard by the top bits would leave its states two or three control
+        // bytes, and every search would compare many more of them.
+        let s = MemoryStore::builder().max_keys(1_000_000).build();
+        let q = Quota::per_second(1).unwrap();
+        let mut top = std::collections::HashSet::new();
+        let mut low = std::collections::HashSet::new();
+        for i in 0..200_000u32 {
+            let h = key(i).hash64(&s.inner.hasher);
+            if s.inner.shard_of(h) == 0 {
+                let slot = entry_key(h, &q);
+                top.insert(slot >> 57);
+                low.insert(slot & 127);
+            }
+        }
+        assert_eq!((top.len(), low.len()), (128, 128));
+    }
+
     /// The bytes of every shard's state table.
     fn table_bytes<C>(s: &MemoryStore<C>) -> usize {
         s.inner
