@@ -53,6 +53,8 @@ pub struct Quota {
     /// `period / limit`, rounded up to a whole microsecond, in nanoseconds.
     emission_ns: u64,
     algorithm: Algorithm,
+    /// [`fingerprint`](Self::fingerprint), computed once (it fills what would be padding).
+    fingerprint: u32,
 }
 
 /// How a quota counts.
@@ -136,7 +138,9 @@ impl Quota {
             burst: limit,
             emission_ns,
             algorithm: Algorithm::Gcra,
-        };
+            fingerprint: 0,
+        }
+        .fingerprinted();
         quota.check_span()?;
         Ok(quota)
     }
@@ -188,7 +192,7 @@ impl Quota {
         if self.algorithm != Algorithm::Gcra && burst != self.limit {
             return Err(QuotaError::BurstWithWindow(self.algorithm));
         }
-        let quota = Quota { burst, ..self };
+        let quota = Quota { burst, ..self }.fingerprinted();
         quota.check_span()?;
         Ok(quota)
     }
@@ -217,7 +221,7 @@ impl Quota {
                 });
             }
         }
-        Ok(Quota { algorithm, ..self })
+        Ok(Quota { algorithm, ..self }.fingerprinted())
     }
 
     /// How the quota counts.
@@ -295,10 +299,18 @@ impl Quota {
         Id(self)
     }
 
-    /// A 64-bit fingerprint of what [`id`](Self::id) names, for stores that index by hash.
+    /// A 32-bit fingerprint of what [`id`](Self::id) names, for stores that index by hash.
+    #[inline]
     pub(crate) fn fingerprint(&self) -> u64 {
-        // A fixed multiply-xorshift mix: distinct quotas of one policy never collide in
-        // practice, and nothing here comes from a client.
+        u64::from(self.fingerprint)
+    }
+
+    /// The quota with its fingerprint computed from its other fields: every constructor ends
+    /// here.
+    fn fingerprinted(self) -> Self {
+        // A fixed multiply-xorshift mix, folded to 32 bits: distinct quotas of one policy
+        // collide with a chance of one in 4 billion a pair, and nothing here comes from a
+        // client.
         let mut h = self.period_ns ^ 0x9e37_79b9_7f4a_7c15;
         for word in [
             u64::from(self.limit.get()),
@@ -308,7 +320,10 @@ impl Quota {
             h = (h ^ word).wrapping_mul(0xff51_afd7_ed55_8ccd);
             h ^= h >> 33;
         }
-        h
+        Quota {
+            fingerprint: (h ^ (h >> 32)) as u32,
+            ..self
+        }
     }
 
     /// `burst * emission interval` in nanoseconds: how far ahead of now a key's theoretical
@@ -546,6 +561,45 @@ impl Error for QuotaError {}
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_quota_keeps_its_fingerprint_in_its_padding() {
+        // Evaluations carry a quota and must stay within 128 bytes (algorithm.rs).
+        assert_eq!(std::mem::size_of::<Quota>(), 32);
+    }
+
+    #[test]
+    fn every_constructor_fingerprints_what_it_built() {
+        // The cached fingerprint is the one the quota's fields give, however it was made, and
+        // quotas that differ in any field the id names differ in it.
+        let base = Quota::per_second(10).unwrap();
+        let variants = [
+            base,
+            base.with_burst(20).unwrap(),
+            base.with_algorithm(Algorithm::FixedWindow).unwrap(),
+            base.with_algorithm(Algorithm::SlidingWindow).unwrap(),
+            Quota::per_second(11).unwrap(),
+            Quota::new(10, Duration::from_secs(2)).unwrap(),
+            "10/s".parse().unwrap(),
+        ];
+        for q in variants {
+            assert_eq!(
+                q.fingerprint(),
+                u64::from(
+                    Quota {
+                        fingerprint: 0,
+                        ..q
+                    }
+                    .fingerprinted()
+                    .fingerprint
+                )
+            );
+        }
+        let distinct: std::collections::HashSet<u64> =
+            variants[..6].iter().map(Quota::fingerprint).collect();
+        assert_eq!(distinct.len(), 6);
+        assert_eq!(variants[6].fingerprint(), base.fingerprint());
+    }
 
     #[test]
     fn names_mean_what_they_say() {
