@@ -166,6 +166,7 @@ impl Decision {
 
     /// The decision of evaluations the policy decided as `allowed` (every quota allowed it),
     /// built in place: no intermediate collection to copy.
+    #[inline]
     pub(crate) fn from_evals(evals: &[crate::algorithm::Eval], allowed: bool) -> Self {
         let mut decision = Decision {
             allowed,

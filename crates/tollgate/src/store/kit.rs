@@ -120,6 +120,7 @@ pub fn decide(
 
 /// The decision the evaluations of a request's quotas make together: each quota's outcome
 /// spent when all of them allow it, unspent otherwise.
+#[inline]
 pub(crate) fn decision(evals: &[Eval], allowed: bool) -> Decision {
     Decision::from_evals(evals, allowed)
 }

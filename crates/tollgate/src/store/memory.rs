@@ -343,7 +343,8 @@ impl<C: Clock> MemoryStore<C> {
             state.next_sweep_ns = now.saturating_add(inner.sweep_interval_ns);
         }
 
-        let mut evals: SmallVec<[Eval; 2]> = SmallVec::with_capacity(quotas.len());
+        // Not `with_capacity`: its result, 248 bytes, would be copied into place.
+        let mut evals: SmallVec<[Eval; 2]> = SmallVec::new();
         // States this request would add (an allowed request writes; a zero-cost peek at a
         // key with no state writes nothing, and must not make room by evicting others).
         let mut new_entries = 0;
