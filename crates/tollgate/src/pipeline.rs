@@ -104,7 +104,9 @@ pub(crate) trait Compiled {
 }
 
 /// What a layer does with a request.
-pub(crate) enum Classified<'a, P> {
+/// The policy is borrowed from the layer (`'p`), the key from the request too (`'r`), so that
+/// a layer can let go of the request once the store was asked, and still read the policy.
+pub(crate) enum Classified<'p, 'r, P> {
     /// Call the inner service, undecided: no policy applies, the allowlist exempts it, or its
     /// key is missing and the layer lets such requests through.
     Pass,
@@ -112,8 +114,8 @@ pub(crate) enum Classified<'a, P> {
     Respond(Response<Bytes>),
     /// Ask the store about `key`, spending `cost`.
     Decide {
-        policy: &'a Arc<P>,
-        key: Key<'a>,
+        policy: &'p Arc<P>,
+        key: Key<'r>,
         cost: u32,
     },
 }
@@ -149,7 +151,7 @@ impl<P: Compiled, K: KeyExtractor> Classifier<P, K> {
         }
     }
 
-    pub(crate) fn classify<'a, B>(&'a self, req: &'a Request<B>) -> Classified<'a, P> {
+    pub(crate) fn classify<'p: 'r, 'r, B>(&'p self, req: &'r Request<B>) -> Classified<'p, 'r, P> {
         let Some((policy, matched)) = self.routes.lookup(req) else {
             return Classified::Pass;
         };

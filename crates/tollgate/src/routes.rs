@@ -66,10 +66,11 @@ impl<P> RouteTable<P> {
     /// The policy of `req` and its matched route template, if any policy applies. A
     /// method-specific entry wins over one for any method (`HEAD` falls back to `GET`'s); a
     /// matched route without an entry falls back to the default.
-    pub(crate) fn lookup<'a, B>(
-        &'a self,
-        req: &'a Request<B>,
-    ) -> Option<(&'a Arc<P>, Option<&'a str>)> {
+    /// The policy is borrowed from the table, the template from the request.
+    pub(crate) fn lookup<'p: 'r, 'r, B>(
+        &'p self,
+        req: &'r Request<B>,
+    ) -> Option<(&'p Arc<P>, Option<&'r str>)> {
         #[cfg(feature = "axum")]
         if let Some(matched) = req.extensions().get::<axum::extract::MatchedPath>() {
             let matched = matched.as_str();

@@ -36,12 +36,10 @@ pin_project! {
     where
         S: Service<Request<ReqBody>>,
     {
+        // Boxed: only stores that cannot answer at once come here (their check costs far
+        // more than the allocation), and the future every other request moves stays small.
         Checking {
-            #[pin]
-            check: F,
-            inner: S,
-            req: Option<Request<ReqBody>>,
-            policy: Arc<CompiledPolicy>,
+            waiting: Pin<Box<Waiting<S, F, ReqBody>>>,
         },
         Calling {
             #[pin]
@@ -55,13 +53,29 @@ pin_project! {
     }
 }
 
+pin_project! {
+    /// A request waiting for its store's answer.
+    struct Waiting<S, F, ReqBody> {
+        #[pin]
+        check: F,
+        inner: S,
+        req: Option<Request<ReqBody>>,
+        policy: Arc<CompiledPolicy>,
+    }
+}
+
 impl<S, F, ReqBody> ResponseFuture<S, F, ReqBody>
 where
     S: Service<Request<ReqBody>>,
 {
     pub(crate) fn passthrough(fut: S::Future) -> Self {
+        Self::calling(fut, None)
+    }
+
+    /// The inner service called, its response to get `report`'s headers.
+    pub(crate) fn calling(fut: S::Future, report: Option<HeaderValues>) -> Self {
         ResponseFuture {
-            state: State::Calling { fut, report: None },
+            state: State::Calling { fut, report },
         }
     }
 
@@ -79,10 +93,12 @@ where
     ) -> Self {
         ResponseFuture {
             state: State::Checking {
-                check,
-                inner,
-                req: Some(req),
-                policy,
+                waiting: Box::pin(Waiting {
+                    check,
+                    inner,
+                    req: Some(req),
+                    policy,
+                }),
             },
         }
     }
@@ -110,12 +126,10 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Checking {
-                    check,
-                    inner,
-                    req,
-                    policy,
-                } => {
+                StateProj::Checking { waiting } => {
+                    let waiting = waiting.as_mut().project();
+                    let (check, inner, req, policy) =
+                        (waiting.check, waiting.inner, waiting.req, waiting.policy);
                     let decision = ready!(check.poll(cx));
                     let Some(mut req) = req.take() else {
                         // Only reachable if polled again after a panic in this very arm.
@@ -125,57 +139,9 @@ where
                         )
                         .map(ResBody::from)));
                     };
-                    let report = match decision {
-                        Ok(decision) if decision.is_allowed() || policy.common.shadow => {
-                            if let Some(reason) = decision.fallback_reason() {
-                                policy.common.counters.fallback(reason);
-                            }
-                            if decision.is_allowed() {
-                                policy.common.counters.outcome(Outcome::Allowed);
-                            } else {
-                                shadow_limited(policy, &decision);
-                            }
-                            // A shadow policy is not enforced: it tells clients nothing.
-                            let report = (policy.respond.headers.any() && !policy.common.shadow)
-                                .then(|| policy.headers.values(policy.respond.headers, &decision));
-                            if policy.respond.decision_extension {
-                                req.extensions_mut().insert(decision);
-                            }
-                            report
-                        }
-                        Ok(decision) => {
-                            if let Some(reason) = decision.fallback_reason() {
-                                policy.common.counters.fallback(reason);
-                            }
-                            policy.common.counters.outcome(Outcome::Limited);
-                            return Poll::Ready(Ok(limited(
-                                policy,
-                                &decision,
-                                crate::grpc::is_grpc(&req),
-                            )));
-                        }
-                        Err(err) => match err.kind() {
-                            // A shadow policy never changes a response: it counts what it
-                            // would have done and lets the request through.
-                            StoreErrorKind::CostExceedsBurst { cost, .. }
-                                if policy.common.shadow =>
-                            {
-                                shadow_over_capacity(policy, cost);
-                                None
-                            }
-                            StoreErrorKind::CostExceedsBurst { cost, .. } => {
-                                return Poll::Ready(Ok(over_capacity_response(
-                                    policy,
-                                    cost,
-                                    crate::grpc::is_grpc(&req),
-                                )));
-                            }
-                            _ => match policy.common.store_failed(&err, crate::grpc::is_grpc(&req))
-                            {
-                                Some(res) => return Poll::Ready(Ok(res.map(ResBody::from))),
-                                None => None,
-                            },
-                        },
+                    let report = match after_check(policy, decision, &mut req) {
+                        Next::Call(report) => report,
+                        Next::Respond(res) => return Poll::Ready(Ok(res)),
                     };
                     let fut = inner.call(req);
                     this.state.set(State::Calling { fut, report });
@@ -199,6 +165,63 @@ where
                 }
             }
         }
+    }
+}
+
+/// What the layer does with a request once its store decided: call the inner service, adding
+/// these headers to its response, or answer itself.
+pub(crate) enum Next<B> {
+    Call(Option<HeaderValues>),
+    Respond(Response<B>),
+}
+
+/// Counts and logs a store's answer for `req` and says what comes next. The one place every
+/// decision goes through, whether the store answered at once (in `call`) or later (in `poll`).
+pub(crate) fn after_check<ReqBody, B: From<Bytes>>(
+    policy: &CompiledPolicy,
+    decision: Result<Decision, StoreError>,
+    req: &mut Request<ReqBody>,
+) -> Next<B> {
+    match decision {
+        Ok(decision) if decision.is_allowed() || policy.common.shadow => {
+            if let Some(reason) = decision.fallback_reason() {
+                policy.common.counters.fallback(reason);
+            }
+            if decision.is_allowed() {
+                policy.common.counters.outcome(Outcome::Allowed);
+            } else {
+                shadow_limited(policy, &decision);
+            }
+            // A shadow policy is not enforced: it tells clients nothing.
+            let report = (policy.respond.headers.any() && !policy.common.shadow)
+                .then(|| policy.headers.values(policy.respond.headers, &decision));
+            if policy.respond.decision_extension {
+                req.extensions_mut().insert(decision);
+            }
+            Next::Call(report)
+        }
+        Ok(decision) => {
+            if let Some(reason) = decision.fallback_reason() {
+                policy.common.counters.fallback(reason);
+            }
+            policy.common.counters.outcome(Outcome::Limited);
+            Next::Respond(limited(policy, &decision, grpc::is_grpc(req)))
+        }
+        Err(err) => match err.kind() {
+            // A shadow policy never changes a response: it counts what it would have done and
+            // lets the request through.
+            StoreErrorKind::CostExceedsBurst { cost, .. } if policy.common.shadow => {
+                shadow_over_capacity(policy, cost);
+                Next::Call(None)
+            }
+            StoreErrorKind::CostExceedsBurst { cost, .. } => {
+                Next::Respond(over_capacity_response(policy, cost, grpc::is_grpc(req)))
+            }
+            _ => match policy.common.store_failed(&err, grpc::is_grpc(req)) {
+                Some(res) => Next::Respond(res.map(B::from)),
+                None => Next::Call(None),
+            },
+        },
     }
 }
 

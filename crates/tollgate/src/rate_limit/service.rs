@@ -7,7 +7,7 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::RateLimitLayer;
-use super::future::{ResponseFuture, shadow_over_capacity};
+use super::future::{Next, ResponseFuture, after_check, shadow_over_capacity};
 use super::layer::Shared;
 use crate::key::{ClientAddress, KeyExtractor};
 use crate::pipeline::Classified;
@@ -98,6 +98,16 @@ where
                         return ResponseFuture::passthrough(self.inner.call(req));
                     }
                     return ResponseFuture::over_capacity(policy, cost, crate::grpc::is_grpc(&req));
+                }
+                // A store that decides at once (the memory store) is answered here: the
+                // request then goes straight to the inner service, never held in the future.
+                if let Some(decision) = shared.store.check_now(&key, &policy.quotas, cost) {
+                    drop(key);
+                    let mut req = req;
+                    return match after_check(policy, decision, &mut req) {
+                        Next::Call(report) => ResponseFuture::calling(self.inner.call(req), report),
+                        Next::Respond(res) => ResponseFuture::respond(res),
+                    };
                 }
                 let check = shared.store.check(&key, &policy.quotas, cost);
                 (Arc::clone(policy), check)

@@ -629,6 +629,15 @@ impl<C: Clock> Store for MemoryStore<C> {
     fn check(&self, key: &Key<'_>, quotas: &[Quota], cost: u32) -> Self::Future {
         ready(self.decide(key, quotas, cost))
     }
+
+    fn check_now(
+        &self,
+        key: &Key<'_>,
+        quotas: &[Quota],
+        cost: u32,
+    ) -> Option<Result<Decision, StoreError>> {
+        Some(self.decide(key, quotas, cost))
+    }
 }
 
 impl Default for MemoryStore<MonotonicClock> {
