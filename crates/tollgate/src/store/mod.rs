@@ -62,9 +62,9 @@ pub trait Store {
     ///
     /// The layer asks this first: a decision made here lets it call the inner service at
     /// once, without holding the request in its future until the store answers (the memory
-    /// store's allowed path through the layer costs about 6% fewer instructions). A store that answers
-    /// `Some` must answer exactly what `check` would have; one that answers `None` must not
-    /// have decided anything.
+    /// store's allowed path through the layer costs about 6% fewer instructions). A store
+    /// that answers `Some` must answer exactly what `check` would have; one that answers
+    /// `None` must not have decided anything.
     #[inline]
     fn check_now(
         &self,
