@@ -136,8 +136,7 @@ impl<'a> Key<'a> {
     }
 
     /// A 128-bit keyed hash of the key, as two independently, randomly seeded 64-bit hashes:
-    /// what the memory stores index by (the memory store picks the shard by the first and
-    /// finds the key in it by the second).
+    /// what the memory concurrency store identifies a key by.
     pub(crate) fn hash128(&self, seeds: &KeyHasher) -> (u64, u64) {
         (self.hash64(seeds), self.hash_with(seeds.1.build_hasher()))
     }
