@@ -288,8 +288,8 @@ impl Entry {
         } else {
             let left = self.t.saturating_sub(now) as f64;
             // Exact enough for an order: a u64 of nanoseconds in an f64 loses nothing below
-            // 2^53 ns (104 days), and rounding up never understates. The interval is at least
-            // 1 ns, so this never divides by zero.
+            // 2^53 ns (104 days), and rounding up never understates. Quotas' intervals are
+            // whole microseconds, so this never divides by zero.
             (left / f64::from(f32::from_bits(self.b))).ceil() as u64
         }
     }
