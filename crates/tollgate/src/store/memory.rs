@@ -151,6 +151,12 @@ struct ShardState {
     /// entry here, and it never outlives its state. `(slot, until)`.
     protected: HashTable<(u64, u64)>,
     next_sweep_ns: u64,
+    /// How many times [`regrow`] rebuilt the table, and how many states it moved: what the
+    /// tests bound.
+    #[cfg(test)]
+    rebuilds: u64,
+    #[cfg(test)]
+    moved: u64,
 }
 
 impl ShardState {
@@ -366,7 +372,7 @@ impl<C: Clock> MemoryStore<C> {
             // up by the marks its removals left. The store grows it instead, never past what
             // its maximum needs.
             if state.map.capacity() - state.map.len() < new_entries {
-                regrow(&mut state.map, new_entries, inner.max_keys_per_shard);
+                regrow(&mut state, new_entries, inner.max_keys_per_shard);
             }
             for (quota, e) in quotas.iter().zip(&evals) {
                 let Some(write) = e.write else { continue };
@@ -481,25 +487,26 @@ fn interval_ns(quota: &Quota) -> f32 {
 /// table stays free ([`layout`]), so a rebuild costs at most about sixteen moves per state
 /// inserted since the last one.
 #[cold]
-fn regrow(map: &mut HashTable<Entry>, needed: usize, max: usize) {
-    let len = map.len();
+fn regrow(state: &mut ShardState, needed: usize, max: usize) {
+    let len = state.map.len();
     let room = (len * 2).min(max).max(len + needed);
     let mut fresh = HashTable::with_capacity(room);
-    for entry in map.drain() {
+    for entry in state.map.drain() {
         fresh.insert_unique(entry.slot, entry, |e| e.slot);
     }
-    *map = fresh;
+    state.map = fresh;
+    #[cfg(test)]
+    {
+        state.rebuilds += 1;
+        state.moved += len as u64;
+    }
 }
 
-/// The most states a table of `buckets` buckets is given: hashbrown's limit (seven eighths,
-/// or one less than the count for the smallest tables) less a sixteenth, kept free so that
-/// the marks removals leave do not force a rebuild too often ([`regrow`]).
+/// The most states a table of `buckets` buckets (at least 8) is given: hashbrown's limit,
+/// seven eighths, less a sixteenth, kept free so that the marks removals leave do not force a
+/// rebuild too often ([`regrow`]).
 fn dense_capacity(buckets: usize) -> usize {
-    let full = if buckets < 8 {
-        buckets - 1
-    } else {
-        buckets / 8 * 7
-    };
+    let full = buckets / 8 * 7;
     full - full / 16
 }
 
@@ -725,6 +732,10 @@ impl<C: Clock> MemoryStoreBuilder<C> {
                     map: HashTable::new(),
                     protected: HashTable::new(),
                     next_sweep_ns: sweep_interval_ns,
+                    #[cfg(test)]
+                    rebuilds: 0,
+                    #[cfg(test)]
+                    moved: 0,
                 }),
             })
             .collect();
@@ -1547,15 +1558,18 @@ mod tests {
 
     #[test]
     fn every_layout_holds_its_maximum_in_dense_tables() {
+        // 49 over 8 and 385 over 64 fill exactly the smallest table's dense capacity.
         let sizes = [
             1,
             2,
             7,
             8,
             9,
+            49,
             63,
             64,
             65,
+            385,
             1_000,
             10_000,
             99_999,
@@ -1563,7 +1577,7 @@ mod tests {
             10_000_000,
         ];
         for max_keys in sizes {
-            for min_shards in [1, 2, 3, 4, 7, 64, 100, 1 << 16, 1 << 20] {
+            for min_shards in [1, 2, 3, 4, 7, 8, 64, 100, 1 << 16, 1 << 20] {
                 let (shards, per_shard) = layout(max_keys, min_shards);
                 let min = min_shards.min(MAX_SHARDS / 2);
                 let case = format!("{max_keys} over {min_shards}: {shards} x {per_shard}");
@@ -1649,11 +1663,115 @@ mod tests {
         }
         let full = table_bytes(&s);
         assert!(full <= 4_096 * 25 + 64, "{full}");
+        let before = rebuilds(&s);
         for i in 0..100_000 {
             s.decide(&key(1_000_000 + i), &q, 1).unwrap();
             assert_eq!(table_bytes(&s), full, "after {i} new keys");
         }
         assert!(s.len() <= max);
+        // What the docs promise: a rebuild moves at most about sixteen states per state
+        // inserted since the last one.
+        let moved = (rebuilds(&s) - before) * max as u64;
+        assert!(moved <= 16 * 100_000, "{moved} moves");
+    }
+
+    /// How many times every shard's table was rebuilt.
+    fn rebuilds<C>(s: &MemoryStore<C>) -> u64 {
+        s.inner
+            .shards
+            .iter()
+            .map(|shard| lock(&shard.state).rebuilds)
+            .sum()
+    }
+
+    #[test]
+    fn a_growing_shard_doubles_its_table_and_stops_at_what_its_maximum_needs() {
+        // 10 000 states from nothing: each rebuild doubles the table (4, 8, ... 16 384
+        // buckets), 13 in all, and the last table is the one the maximum needs.
+        let max = dense_capacity(16_384);
+        let s = MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(max)
+            .shards(1)
+            .build();
+        let q = [Quota::per_day(10).unwrap()];
+        for i in 0..10_000 {
+            s.decide(&key(i), &q, 1).unwrap();
+        }
+        assert_eq!(rebuilds(&s), 13);
+        assert_eq!(lock(&s.inner.shards[0].state).map.num_buckets(), 16_384);
+    }
+
+    #[test]
+    fn the_memory_store_decides_at_once() {
+        // What `Store::check_now`'s docs and the layer rely on: the memory store answers
+        // there, and what it answers is what `decide` (and so `check`) answers.
+        let clock = ManualClock::new();
+        let (a, b) = (store(&clock, 100), store(&clock, 100));
+        let q = [Quota::per_second(2).unwrap()];
+        for _ in 0..3 {
+            let now = a
+                .check_now(&key(1), &q, 1)
+                .expect("decided at once")
+                .unwrap();
+            assert_eq!(now, b.decide(&key(1), &q, 1).unwrap());
+        }
+        assert!(a.check_now(&key(1), &q, 1).unwrap().unwrap().is_limited());
+    }
+
+    #[test]
+    fn below_its_maximum_a_shard_under_churn_moves_fewer_states_than_it_inserts() {
+        // About 3 000 states at any time in a shard that may hold a million: each sweep's
+        // removals leave marks, and every rebuild they force must leave room for as many
+        // inserts as it moved states (a rebuild into a table just big enough would come
+        // again a few inserts later).
+        let clock = ManualClock::new();
+        let s = MemoryStore::builder()
+            .clock(clock.clone())
+            .max_keys(1_000_000)
+            .shards(1)
+            .sweep_interval(Duration::from_millis(10))
+            .build();
+        let q = [Quota::per_second(1).unwrap()];
+        let mut inserted = 0u64;
+        for _ in (0..30_000).step_by(10) {
+            clock.advance(Duration::from_millis(10));
+            for _ in 0..30 {
+                inserted += 1;
+                s.decide(&key(inserted as u32), &q, 1).unwrap();
+            }
+        }
+        let moved = lock(&s.inner.shards[0].state).moved;
+        assert!(
+            moved <= inserted,
+            "{moved} states moved for {inserted} inserted"
+        );
+    }
+
+    #[test]
+    fn updating_a_state_already_held_moves_nothing() {
+        // A table with no free bucket left: a request of a key it holds adds nothing, so it
+        // neither rebuilds the table nor moves the state.
+        let s = MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(10_000)
+            .shards(1)
+            .build();
+        let q = [Quota::per_day(10).unwrap()];
+        let full = (0..10_000).find(|&i| {
+            s.decide(&key(i), &q, 1).unwrap();
+            let state = lock(&s.inner.shards[0].state);
+            state.map.capacity() == state.map.len()
+        });
+        assert!(full.is_some(), "the table always kept a free bucket");
+        let at = |s: &MemoryStore<ManualClock>| {
+            let state = lock(&s.inner.shards[0].state);
+            let slot = entry_key(key(0).hash64(&s.inner.hasher), &q[0]);
+            std::ptr::from_ref(state.map.find(slot, |e| e.slot == slot).unwrap()) as usize
+        };
+        let (before, rebuilt) = (at(&s), rebuilds(&s));
+        assert_eq!(s.decide(&key(0), &q, 1).unwrap().remaining(), 8);
+        assert_eq!((at(&s), rebuilds(&s)), (before, rebuilt));
     }
 
     #[test]
