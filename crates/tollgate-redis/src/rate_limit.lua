@@ -55,11 +55,25 @@ local function server_time()
   return server_now
 end
 
+-- What this call has written so far, by key: { value, px }. A key that several checks of one
+-- call decide (a busy client) is read once and written once, at the end of the call, with what
+-- the last of them wrote; each check still reads what the checks before it wrote.
+local written = {}
+local order = {}
+
 -- The stored string, or nil when the key is absent or holds another type.
 local function read(key)
+  local w = written[key]
+  if w then return w[1] end
   local raw = redis.pcall('GET', key)
   if type(raw) ~= 'string' then return nil end
   return raw
+end
+
+-- Stores `value` under `key`, expiring in `px` ms, when the call ends.
+local function write(key, value, px)
+  if written[key] == nil then order[#order + 1] = key end
+  written[key] = { value, px }
 end
 
 -- A non-negative integer of at most `digits` digits, else nil ("nan", "inf", "-5", "1e300",
@@ -117,7 +131,7 @@ local function check(k, a)
         -- rather than refuse the client for however long the bad value says.
         tat = now + span
         e.repair = function()
-          redis.call('SET', key, string.format('%.0f', tat), 'PX', math.max(1, math.ceil((tat - now) / 1000)))
+          write(key, string.format('%.0f', tat), math.max(1, math.ceil((tat - now) / 1000)))
         end
       end
       local new_tat = tat + cost * T
@@ -141,7 +155,7 @@ local function check(k, a)
         e.spent = { spent_left, ahead, 0, next_unit(spent_left, ahead) }
         if ahead > 0 then
           e.write = function()
-            redis.call('SET', key, string.format('%.0f', new_tat), 'PX', math.max(1, math.ceil(ahead / 1000)))
+            write(key, string.format('%.0f', new_tat), math.max(1, math.ceil(ahead / 1000)))
           end
         end
       else
@@ -176,7 +190,7 @@ local function check(k, a)
       if not e.allowed then e.unspent[3] = until_end end
       if e.allowed and after > 0 then
         e.write = function()
-          redis.call('SET', key, string.format('%.0f %.0f', end_ms, after), 'PX', px_until(end_ms))
+          write(key, string.format('%.0f %.0f', end_ms, after), px_until(end_ms))
         end
       end
 
@@ -243,7 +257,7 @@ local function check(k, a)
       e.unspent = { unspent_left, reset(curr), retry, unspent_next }
       if e.allowed and curr + cost > 0 then
         e.write = function()
-          redis.call('SET', key, string.format('%.0f %.0f %.0f', end_ms, curr + cost, prev), 'PX', px_until(end_ms + w))
+          write(key, string.format('%.0f %.0f %.0f', end_ms, curr + cost, prev), px_until(end_ms + w))
         end
       end
     end
@@ -279,5 +293,9 @@ while a <= #ARGV do
   replies[#replies + 1] = check(k, a)
   k = k + n
   a = a + 4 + 4 * n
+end
+for _, key in ipairs(order) do
+  local w = written[key]
+  redis.call('SET', key, w[1], 'PX', w[2])
 end
 return replies
