@@ -770,6 +770,15 @@ mod tests {
             .build()
     }
 
+    /// A store of one shard holding at most `max_keys` states, on a clock that never moves.
+    fn one_shard(max_keys: usize) -> MemoryStore<ManualClock> {
+        MemoryStore::builder()
+            .clock(ManualClock::new())
+            .max_keys(max_keys)
+            .shards(1)
+            .build()
+    }
+
     /// Evictions counted so far, by (policy, limited) label values.
     fn evictions(
         snapshotter: &metrics_util::debugging::Snapshotter,
@@ -941,11 +950,7 @@ mod tests {
 
     #[test]
     fn a_refusal_for_cost_protects_the_state_too() {
-        let s = MemoryStore::builder()
-            .clock(ManualClock::new())
-            .max_keys(8)
-            .shards(1)
-            .build();
+        let s = one_shard(8);
         let q = [Quota::per_hour(10).unwrap()];
         // 8 of 10 spent: a request of cost 5 is refused, though cost 1 would pass.
         let k = key(1);
@@ -961,11 +966,7 @@ mod tests {
 
     #[test]
     fn when_only_limited_clients_are_left_those_that_spent_least_go_first() {
-        let s = MemoryStore::builder()
-            .clock(ManualClock::new())
-            .max_keys(10)
-            .shards(1)
-            .build();
+        let s = one_shard(10);
         // A client that spent all of 3 per hour, and nine that spent all of 1 per hour: the
         // shard holds nothing but limited clients.
         let three = [Quota::per_hour(3).unwrap()];
@@ -994,11 +995,7 @@ mod tests {
     #[test]
     fn a_full_shard_holds_exactly_its_maximum_before_it_evicts() {
         // One shard of 50: the 50th key fits without evicting; only the 51st makes room.
-        let s = MemoryStore::builder()
-            .clock(ManualClock::new())
-            .max_keys(50)
-            .shards(1)
-            .build();
+        let s = one_shard(50);
         let q = [Quota::per_hour(10).unwrap()];
         for i in 0..50 {
             assert!(s.decide(&key(i), &q, 1).unwrap().is_allowed());
@@ -1055,11 +1052,7 @@ mod tests {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let _guard = metrics::set_default_local_recorder(&recorder);
-        let s = MemoryStore::builder()
-            .clock(ManualClock::new())
-            .max_keys(64)
-            .shards(1)
-            .build();
+        let s = one_shard(64);
         let one = [Quota::per_hour(1).unwrap()];
         let two = [Quota::per_hour(2).unwrap()];
         for i in 0..60 {
@@ -1081,11 +1074,7 @@ mod tests {
         let recorder = DebuggingRecorder::new();
         let snapshotter = recorder.snapshotter();
         let _guard = metrics::set_default_local_recorder(&recorder);
-        let s = MemoryStore::builder()
-            .clock(ManualClock::new())
-            .max_keys(64)
-            .shards(1)
-            .build();
+        let s = one_shard(64);
         let q = [Quota::per_hour(10).unwrap()];
         // 300 policies, each with a few keys: far more than fit, so every policy's states are
         // evicted at some point. Every eviction must name its policy, never "unknown".
@@ -1249,11 +1238,7 @@ mod tests {
 
     #[test]
     fn a_full_shard_drops_an_eighth_of_its_states() {
-        let s = MemoryStore::builder()
-            .clock(ManualClock::new())
-            .max_keys(96)
-            .shards(1)
-            .build();
+        let s = one_shard(96);
         let q = [Quota::per_day(10).unwrap()];
         for i in 0..96 {
             s.decide(&key(i), &q, 1).unwrap();
@@ -1268,11 +1253,7 @@ mod tests {
     fn a_policy_with_more_quotas_than_a_shard_holds_still_decides() {
         // One state per shard, a policy of two quotas: nothing to evict, and no panic; the
         // request is decided (and its states stored beyond the bound rather than not at all).
-        let s = MemoryStore::builder()
-            .clock(ManualClock::new())
-            .max_keys(1)
-            .shards(1)
-            .build();
+        let s = one_shard(1);
         let q = [Quota::per_minute(3).unwrap(), Quota::per_hour(10).unwrap()];
         let d = s.decide(&key(1), &q, 1).unwrap();
         assert!(d.is_allowed());
@@ -1283,11 +1264,7 @@ mod tests {
     fn making_room_drops_exactly_the_states_that_hold_least() {
         // 64 states holding 1, 2, ... 64 units (spent at once, 100 per day). One more key needs
         // room: an eighth of the shard goes, and exactly the 8 that hold least.
-        let s = MemoryStore::builder()
-            .clock(ManualClock::new())
-            .max_keys(64)
-            .shards(1)
-            .build();
+        let s = one_shard(64);
         let q = [Quota::per_day(100).unwrap()];
         // Inserted in a scrambled order, so no order of the map's iteration can pass by luck.
         for i in 0..64u32 {
@@ -1638,13 +1615,18 @@ mod tests {
         assert_eq!((top.len(), low.len()), (128, 128));
     }
 
-    /// The bytes of every shard's state table.
-    fn table_bytes<C>(s: &MemoryStore<C>) -> usize {
+    /// `f` of every shard's state, summed.
+    fn over_shards<C>(s: &MemoryStore<C>, f: impl Fn(&ShardState) -> u64) -> u64 {
         s.inner
             .shards
             .iter()
-            .map(|shard| lock(&shard.state).map.allocation_size())
+            .map(|shard| f(&lock(&shard.state)))
             .sum()
+    }
+
+    /// The bytes of every shard's state table.
+    fn table_bytes<C>(s: &MemoryStore<C>) -> u64 {
+        over_shards(s, |state| state.map.allocation_size() as u64)
     }
 
     #[test]
@@ -1652,18 +1634,14 @@ mod tests {
         // Every new key makes room by evicting an eighth: the removals leave marks in the
         // table, which hashbrown would answer by doubling it.
         let max = dense_capacity(4_096);
-        let s = MemoryStore::builder()
-            .clock(ManualClock::new())
-            .max_keys(max)
-            .shards(1)
-            .build();
+        let s = one_shard(max);
         let q = [Quota::per_day(10).unwrap()];
         for i in 0..max as u32 {
             s.decide(&key(i), &q, 1).unwrap();
         }
         let full = table_bytes(&s);
         assert!(full <= 4_096 * 25 + 64, "{full}");
-        let before = rebuilds(&s);
+        let before = over_shards(&s, |state| state.moved);
         for i in 0..100_000 {
             s.decide(&key(1_000_000 + i), &q, 1).unwrap();
             assert_eq!(table_bytes(&s), full, "after {i} new keys");
@@ -1671,17 +1649,13 @@ mod tests {
         assert!(s.len() <= max);
         // What the docs promise: a rebuild moves at most about sixteen states per state
         // inserted since the last one.
-        let moved = (rebuilds(&s) - before) * max as u64;
+        let moved = over_shards(&s, |state| state.moved) - before;
         assert!(moved <= 16 * 100_000, "{moved} moves");
     }
 
     /// How many times every shard's table was rebuilt.
     fn rebuilds<C>(s: &MemoryStore<C>) -> u64 {
-        s.inner
-            .shards
-            .iter()
-            .map(|shard| lock(&shard.state).rebuilds)
-            .sum()
+        over_shards(s, |state| state.rebuilds)
     }
 
     #[test]
@@ -1689,11 +1663,7 @@ mod tests {
         // 10 000 states from nothing: each rebuild doubles the table (4, 8, ... 16 384
         // buckets), 13 in all, and the last table is the one the maximum needs.
         let max = dense_capacity(16_384);
-        let s = MemoryStore::builder()
-            .clock(ManualClock::new())
-            .max_keys(max)
-            .shards(1)
-            .build();
+        let s = one_shard(max);
         let q = [Quota::per_day(10).unwrap()];
         for i in 0..10_000 {
             s.decide(&key(i), &q, 1).unwrap();
@@ -1752,11 +1722,7 @@ mod tests {
     fn updating_a_state_already_held_moves_nothing() {
         // A table with no free bucket left: a request of a key it holds adds nothing, so it
         // neither rebuilds the table nor moves the state.
-        let s = MemoryStore::builder()
-            .clock(ManualClock::new())
-            .max_keys(10_000)
-            .shards(1)
-            .build();
+        let s = one_shard(10_000);
         let q = [Quota::per_day(10).unwrap()];
         let full = (0..10_000).find(|&i| {
             s.decide(&key(i), &q, 1).unwrap();
@@ -1809,11 +1775,7 @@ mod tests {
 
     #[test]
     fn a_zero_cost_peek_at_an_unknown_key_evicts_nothing() {
-        let s = MemoryStore::builder()
-            .clock(ManualClock::new())
-            .max_keys(8)
-            .shards(1)
-            .build();
+        let s = one_shard(8);
         let q = [Quota::per_day(10).unwrap()];
         for i in 0..8 {
             s.decide(&key(i), &q, 1).unwrap();
