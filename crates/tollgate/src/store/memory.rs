@@ -337,6 +337,81 @@ impl<C: Clock> MemoryStore<C> {
         cost: u32,
     ) -> Result<Decision, StoreError> {
         StoreError::check_cost(quotas, cost)?;
+        Ok(match quotas {
+            [quota] => self.decide_one(key, quota, cost),
+            _ => self.decide_many(key, quotas, cost),
+        })
+    }
+
+    /// A policy of one quota, as most are: its state is read, decided and written back with
+    /// one probe of the table. Decides exactly as [`decide_many`](Self::decide_many) does with
+    /// that one quota (a test holds the two to the same decisions, states and evictions).
+    #[inline]
+    fn decide_one(&self, key: &Key<'_>, quota: &Quota, cost: u32) -> Decision {
+        let inner = &*self.inner;
+        let base = key.hash64(&inner.hasher);
+        let slot = entry_key(base, quota);
+        let offset = algorithm::window_offset(key, quota);
+        let shard = &inner.shards[inner.shard_of(base)];
+        let mut state = lock(&shard.state);
+        let now = inner.clock.now_ns();
+        if now >= state.next_sweep_ns {
+            state.drop_expired(now);
+            state.next_sweep_ns = now.saturating_add(inner.sweep_interval_ns);
+        }
+        let mut evicted = Evicted::default();
+        let e = match state.map.find_mut(slot, |e| e.slot == slot) {
+            Some(stored) => {
+                let e = algorithm::eval(quota, now, Some(stored.state()), cost, offset);
+                if e.allowed()
+                    && let Some(write) = e.write
+                {
+                    stored.set(write);
+                }
+                e
+            }
+            None => {
+                let e = algorithm::eval(quota, now, None, cost, offset);
+                if e.allowed()
+                    && let Some(write) = e.write
+                {
+                    let max = inner.max_keys_per_shard;
+                    if state.map.len() + 1 > max {
+                        evicted = make_room(&mut state, now, max, 1);
+                    }
+                    if state.map.capacity() == state.map.len() {
+                        regrow(&mut state, 1, max);
+                    }
+                    let tag = policy_tag(key.policy());
+                    inner.policies.note(tag, key.policy());
+                    let entry = Entry::new(slot, write, quota, tag);
+                    state.map.insert_unique(slot, entry, |e| e.slot);
+                }
+                e
+            }
+        };
+        if e.allowed() {
+            if e.write.is_some() && e.spent.remaining == 0 {
+                // Spent: see `decide_many`.
+                protect(&mut state, slot, now.saturating_add(e.spent.next_unit_ns));
+            }
+        } else if cost > 1 {
+            protect(
+                &mut state,
+                slot,
+                now.saturating_add(e.unspent.retry_after_ns),
+            );
+        }
+        drop(state);
+        if !evicted.by_policy.is_empty() {
+            evicted.count(&inner.policies);
+        }
+        Decision::from_evals(std::slice::from_ref(&e), e.allowed())
+    }
+
+    /// Any number of quotas, decided together under the shard's lock: every quota's state is
+    /// read and evaluated first, and written only when all of them allow the request.
+    fn decide_many(&self, key: &Key<'_>, quotas: &[Quota], cost: u32) -> Decision {
         let inner = &*self.inner;
         // One hash picks the shard and identifies the key within it: every quota of one key
         // lives in one shard, so one lock makes the decision atomic.
@@ -406,7 +481,7 @@ impl<C: Clock> MemoryStore<C> {
             evicted.count(&inner.policies);
         }
 
-        Ok(super::kit::decision(&evals, allowed))
+        super::kit::decision(&evals, allowed)
     }
 
     /// Forgets `key`'s state under `quotas`: its next request starts with a full budget. For
@@ -1813,5 +1888,61 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap()).sum()
         });
         assert_eq!(allowed, 1000);
+    }
+
+    /// A store like `s` (same hash seeds, so the same shards and eviction order) on `clock`.
+    fn twin(
+        s: &MemoryStore<ManualClock>,
+        clock: &ManualClock,
+        max_keys: usize,
+    ) -> MemoryStore<ManualClock> {
+        let mut t = store(clock, max_keys);
+        Arc::get_mut(&mut t.inner).unwrap().hasher = s.inner.hasher.clone();
+        t
+    }
+
+    proptest::proptest! {
+        /// The one-quota path decides as the general one: the same decisions, states held,
+        /// protections and evictions, whatever the algorithm, the costs, the time and a
+        /// store small enough to evict.
+        #[test]
+        fn one_quota_decides_as_many_quotas_do(
+            algorithm in 0usize..3,
+            limit in 1u32..6,
+            burst in 1u32..8,
+            max_keys in 4usize..12,
+            steps in proptest::collection::vec((0u32..10, 0u32..4, 0u64..1_500), 1..200),
+        ) {
+            let algorithm = [crate::Algorithm::Gcra, crate::Algorithm::FixedWindow, crate::Algorithm::SlidingWindow][algorithm];
+            let quota = Quota::new(limit, Duration::from_secs(2)).unwrap();
+            let quota = if algorithm == crate::Algorithm::Gcra {
+                quota.with_burst(burst).unwrap()
+            } else {
+                quota.with_algorithm(algorithm).unwrap()
+            };
+            let q = [quota];
+            let clock = ManualClock::new();
+            let one = store(&clock, max_keys);
+            let many = twin(&one, &clock, max_keys);
+            let (one_recorder, many_recorder) = (
+                metrics_util::debugging::DebuggingRecorder::new(),
+                metrics_util::debugging::DebuggingRecorder::new(),
+            );
+            let (one_evictions, many_evictions) =
+                (one_recorder.snapshotter(), many_recorder.snapshotter());
+            let protected =
+                |s: &MemoryStore<ManualClock>| over_shards(s, |st| st.protected.len() as u64);
+            for (k, cost, gap_ms) in steps {
+                clock.advance(Duration::from_millis(gap_ms));
+                let fast = metrics::with_local_recorder(&one_recorder, || one.decide(&key(k), &q, cost));
+                let general = metrics::with_local_recorder(&many_recorder, || {
+                    StoreError::check_cost(&q, cost).map(|()| many.decide_many(&key(k), &q, cost))
+                });
+                proptest::prop_assert_eq!(fast.map_err(|e| e.kind()), general.map_err(|e| e.kind()));
+                proptest::prop_assert_eq!(one.len(), many.len());
+                proptest::prop_assert_eq!(protected(&one), protected(&many));
+            }
+            proptest::prop_assert_eq!(evictions(&one_evictions), evictions(&many_evictions));
+        }
     }
 }
