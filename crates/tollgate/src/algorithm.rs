@@ -85,6 +85,7 @@ impl Eval {
     }
 
     /// This quota's outcome once the policy decided `request_allowed`.
+    #[inline]
     pub(crate) fn state(&self, request_allowed: bool) -> QuotaState {
         let o = if request_allowed {
             &self.spent

@@ -179,6 +179,19 @@ impl Decision {
         decision
     }
 
+    /// The decision of a policy of one quota: the request is allowed when that quota allows
+    /// it.
+    #[inline(always)]
+    pub(crate) fn one(state: QuotaState) -> Self {
+        let mut states = SmallVec::new();
+        states.push(state);
+        Decision {
+            allowed: state.allowed,
+            fallback: None,
+            states,
+        }
+    }
+
     /// Marks the decision as made by a local fallback store because the shared store failed
     /// for `reason`. The layer counts such decisions in `ratelimit_fallback_total{reason}`.
     #[must_use]

@@ -346,7 +346,7 @@ impl<C: Clock> MemoryStore<C> {
     /// A policy of one quota, as most are: its state is read, decided and written back with
     /// one probe of the table. Decides exactly as [`decide_many`](Self::decide_many) does with
     /// that one quota (a test holds the two to the same decisions, states and evictions).
-    #[inline]
+    #[inline(always)]
     fn decide_one(&self, key: &Key<'_>, quota: &Quota, cost: u32) -> Decision {
         let inner = &*self.inner;
         let base = key.hash64(&inner.hasher);
@@ -406,7 +406,7 @@ impl<C: Clock> MemoryStore<C> {
         if !evicted.by_policy.is_empty() {
             evicted.count(&inner.policies);
         }
-        Decision::from_evals(std::slice::from_ref(&e), e.allowed())
+        Decision::one(e.state(e.allowed()))
     }
 
     /// Any number of quotas, decided together under the shard's lock: every quota's state is
