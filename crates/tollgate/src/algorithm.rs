@@ -105,6 +105,7 @@ impl Eval {
 
 /// Evaluates `quota` for a request of `cost` at `now_ns`, given the stored state. `offset_ms`
 /// is the key's window offset ([`window_offset`]), below the window; GCRA ignores it.
+#[inline]
 pub(crate) fn eval(
     quota: &Quota,
     now_ns: u64,

@@ -13,6 +13,7 @@ use crate::{Quota, QuotaState};
 ///
 /// `cost` must not exceed the quota's burst (callers check this first: such a request can
 /// never pass and is reported as an error, not as a limit).
+#[inline]
 pub(crate) fn decide(now: u64, stored_tat: Option<u64>, quota: &Quota, cost: u32) -> Eval {
     let t = quota.emission_ns();
     let span = quota.burst_span_ns();
