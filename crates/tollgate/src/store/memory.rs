@@ -629,6 +629,7 @@ fn protect(state: &mut ShardState, slot: u64, until: u64) {
 
 /// A poisoned shard only means a thread panicked while holding it; its map is still a valid
 /// map of timestamps, so keep using it rather than failing every later request.
+#[inline]
 fn lock(m: &Mutex<ShardState>) -> MutexGuard<'_, ShardState> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -199,6 +199,7 @@ impl StoreError {
     /// # Errors
     ///
     /// [`StoreErrorKind::CostExceedsBurst`] when `cost` is above the smallest burst.
+    #[inline]
     pub fn check_cost(quotas: &[Quota], cost: u32) -> Result<(), StoreError> {
         match quotas.iter().map(Quota::burst).min() {
             Some(burst) if cost > burst => Err(StoreError::new(StoreErrorKind::CostExceedsBurst {
