@@ -37,8 +37,8 @@ const DEFAULT_SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// - **Exact**: GCRA on a monotonic clock in integer nanoseconds. The clock can be replaced for
 ///   tests with [`ManualClock`](crate::clock::ManualClock).
 ///
-/// Keys are identified by randomly seeded `ahash` hashes (64 bits pick the shard, 64 more
-/// identify the key in it), so clients cannot choose keys that collide.
+/// Keys are identified by one randomly seeded 64-bit `ahash` hash (some of its bits pick the
+/// shard, the rest tell states apart within it), so clients cannot choose keys that collide.
 ///
 /// A memory store limits each instance separately: behind a load balancer with N instances a
 /// client gets up to N times the limit. Use the Redis store when instances must share one limit.
