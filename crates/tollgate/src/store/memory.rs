@@ -1737,15 +1737,21 @@ mod tests {
     #[test]
     fn a_growing_shard_doubles_its_table_and_stops_at_what_its_maximum_needs() {
         // 10 000 states from nothing: each rebuild doubles the table (4, 8, ... 16 384
-        // buckets), 13 in all, and the last table is the one the maximum needs.
-        let max = dense_capacity(16_384);
-        let s = one_shard(max);
-        let q = [Quota::per_day(10).unwrap()];
-        for i in 0..10_000 {
-            s.decide(&key(i), &q, 1).unwrap();
+        // buckets), 13 in all, and the last table is the one the maximum needs; alike for a
+        // policy of one quota (one state per key) and of two (two per key, both new at once).
+        let day = Quota::per_day(10).unwrap();
+        for (quotas, keys) in [
+            (&[day][..], 10_000),
+            (&[day, Quota::per_hour(5).unwrap()], 5_000),
+        ] {
+            let s = one_shard(dense_capacity(16_384));
+            for i in 0..keys {
+                s.decide(&key(i), quotas, 1).unwrap();
+            }
+            assert_eq!(s.len(), 10_000);
+            assert_eq!(rebuilds(&s), 13, "{} quotas", quotas.len());
+            assert_eq!(lock(&s.inner.shards[0].state).map.num_buckets(), 16_384);
         }
-        assert_eq!(rebuilds(&s), 13);
-        assert_eq!(lock(&s.inner.shards[0].state).map.num_buckets(), 16_384);
     }
 
     #[test]
@@ -1797,23 +1803,31 @@ mod tests {
     #[test]
     fn updating_a_state_already_held_moves_nothing() {
         // A table with no free bucket left: a request of a key it holds adds nothing, so it
-        // neither rebuilds the table nor moves the state.
-        let s = one_shard(10_000);
-        let q = [Quota::per_day(10).unwrap()];
-        let full = (0..10_000).find(|&i| {
-            s.decide(&key(i), &q, 1).unwrap();
-            let state = lock(&s.inner.shards[0].state);
-            state.map.capacity() == state.map.len()
-        });
-        assert!(full.is_some(), "the table always kept a free bucket");
-        let at = |s: &MemoryStore<ManualClock>| {
-            let state = lock(&s.inner.shards[0].state);
-            let slot = entry_key(key(0).hash64(&s.inner.hasher), &q[0]);
-            std::ptr::from_ref(state.map.find(slot, |e| e.slot == slot).unwrap()) as usize
-        };
-        let (before, rebuilt) = (at(&s), rebuilds(&s));
-        assert_eq!(s.decide(&key(0), &q, 1).unwrap().remaining(), 8);
-        assert_eq!((at(&s), rebuilds(&s)), (before, rebuilt));
+        // neither rebuilds the table nor moves the state; alike for one quota and for two.
+        let day = Quota::per_day(10).unwrap();
+        // The second request of key 0: 8 of 10 left, or 3 of the hour's 5.
+        for (quotas, left) in [(&[day][..], 8), (&[day, Quota::per_hour(5).unwrap()], 3)] {
+            let s = one_shard(10_000);
+            let full = (0..10_000).find(|&i| {
+                s.decide(&key(i), quotas, 1).unwrap();
+                let state = lock(&s.inner.shards[0].state);
+                state.map.capacity() == state.map.len()
+            });
+            assert!(full.is_some(), "the table always kept a free bucket");
+            let at = |s: &MemoryStore<ManualClock>| {
+                let state = lock(&s.inner.shards[0].state);
+                let slot = entry_key(key(0).hash64(&s.inner.hasher), &quotas[0]);
+                std::ptr::from_ref(state.map.find(slot, |e| e.slot == slot).unwrap()) as usize
+            };
+            let (before, rebuilt) = (at(&s), rebuilds(&s));
+            assert_eq!(s.decide(&key(0), quotas, 1).unwrap().remaining(), left);
+            assert_eq!(
+                (at(&s), rebuilds(&s)),
+                (before, rebuilt),
+                "{} quotas",
+                quotas.len()
+            );
+        }
     }
 
     #[test]
