@@ -1794,6 +1794,8 @@ mod tests {
             }
         }
         let moved = lock(&s.inner.shards[0].state).moved;
+        // The table grew from nothing, so it was rebuilt with states in it.
+        assert!(moved > 0, "no state was ever moved");
         assert!(
             moved <= inserted,
             "{moved} states moved for {inserted} inserted"
