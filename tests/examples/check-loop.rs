@@ -1,10 +1,13 @@
-//! A tight loop of memory-store checks, for profilers (`perf record`, `valgrind --tool=callgrind`).
+//! A tight loop of memory-store checks, for profilers (`perf record`, `valgrind --tool=callgrind`),
+//! or of governor's keyed check on the same addresses, to count both alike.
 //!
-//! `cargo run --release -p tollgate-tests --example check-loop -- [KEYS] [ITERATIONS]`
+//! `cargo run --release -p tollgate-tests --example check-loop -- [KEYS] [ITERATIONS] [tollgate|governor]`
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
+use std::num::NonZeroU32;
 
+use governor::{DefaultKeyedRateLimiter, Quota as GovernorQuota, RateLimiter};
 use tollgate::{Key, MemoryStore, Quota};
 
 fn main() {
@@ -16,17 +19,28 @@ fn main() {
         .nth(2)
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000_000);
-    let quotas = [Quota::per_second(1_000_000).expect("quota")];
-    let store = MemoryStore::new();
+    let ip = |i: u32| IpAddr::V4(Ipv4Addr::from((i % keys).wrapping_mul(2_654_435_761)));
     let mut allowed = 0u32;
-    for i in 0..iterations {
-        let ip = IpAddr::V4(Ipv4Addr::from((i % keys).wrapping_mul(2_654_435_761)));
-        let key = Key::new("hello", "/hello", Some(ip), None::<&str>);
-        if store
-            .decide(black_box(&key), &quotas, 1)
-            .is_ok_and(|d| d.is_allowed())
-        {
-            allowed += 1;
+    if std::env::args().nth(3).as_deref() == Some("governor") {
+        // Keyed by the address, as tower_governor's peer-IP extractor does.
+        let quota = GovernorQuota::per_second(NonZeroU32::new(1_000_000).expect("non-zero"));
+        let limiter: DefaultKeyedRateLimiter<IpAddr> = RateLimiter::keyed(quota);
+        for i in 0..iterations {
+            if limiter.check_key(black_box(&ip(i))).is_ok() {
+                allowed += 1;
+            }
+        }
+    } else {
+        let quotas = [Quota::per_second(1_000_000).expect("quota")];
+        let store = MemoryStore::new();
+        for i in 0..iterations {
+            let key = Key::new("hello", "/hello", Some(ip(i)), None::<&str>);
+            if store
+                .decide(black_box(&key), &quotas, 1)
+                .is_ok_and(|d| d.is_allowed())
+            {
+                allowed += 1;
+            }
         }
     }
     println!("{allowed} allowed of {iterations}");
