@@ -93,6 +93,22 @@ impl<C> Inner<C> {
     fn shard_of(&self, h: u64) -> usize {
         ((u128::from(h.rotate_left(16)) * self.shards.len() as u128) >> 64) as usize
     }
+
+    /// Stores a new state of `key` under `quota` in `slot`, room for it already made.
+    #[inline]
+    fn insert(
+        &self,
+        state: &mut ShardState,
+        key: &Key<'_>,
+        quota: &Quota,
+        slot: u64,
+        write: State,
+    ) {
+        let tag = policy_tag(key.policy());
+        self.policies.note(tag, key.policy());
+        let entry = Entry::new(slot, write, quota, tag);
+        state.map.insert_unique(slot, entry, |e| e.slot);
+    }
 }
 
 impl PolicyNames {
@@ -343,6 +359,20 @@ impl<C: Clock> MemoryStore<C> {
         })
     }
 
+    /// The shard of the key whose hash is `base`, locked, and the time now; the shard drops
+    /// its expired states first when its sweep is due.
+    #[inline(always)]
+    fn shard_at_now(&self, base: u64) -> (MutexGuard<'_, ShardState>, u64) {
+        let inner = &*self.inner;
+        let mut state = lock(&inner.shards[inner.shard_of(base)].state);
+        let now = inner.clock.now_ns();
+        if now >= state.next_sweep_ns {
+            state.drop_expired(now);
+            state.next_sweep_ns = now.saturating_add(inner.sweep_interval_ns);
+        }
+        (state, now)
+    }
+
     /// A policy of one quota, as most are: its state is read, decided and written back with
     /// one probe of the table. Decides exactly as [`decide_many`](Self::decide_many) does with
     /// that one quota (a test holds the two to the same decisions, states and evictions).
@@ -352,13 +382,7 @@ impl<C: Clock> MemoryStore<C> {
         let base = key.hash64(&inner.hasher);
         let slot = entry_key(base, quota);
         let offset = algorithm::window_offset(key, quota);
-        let shard = &inner.shards[inner.shard_of(base)];
-        let mut state = lock(&shard.state);
-        let now = inner.clock.now_ns();
-        if now >= state.next_sweep_ns {
-            state.drop_expired(now);
-            state.next_sweep_ns = now.saturating_add(inner.sweep_interval_ns);
-        }
+        let (mut state, now) = self.shard_at_now(base);
         let mut evicted = Evicted::default();
         let e = match state.map.find_mut(slot, |e| e.slot == slot) {
             Some(stored) => {
@@ -382,10 +406,7 @@ impl<C: Clock> MemoryStore<C> {
                     if state.map.capacity() == state.map.len() {
                         regrow(&mut state, 1, max);
                     }
-                    let tag = policy_tag(key.policy());
-                    inner.policies.note(tag, key.policy());
-                    let entry = Entry::new(slot, write, quota, tag);
-                    state.map.insert_unique(slot, entry, |e| e.slot);
+                    inner.insert(&mut state, key, quota, slot, write);
                 }
                 e
             }
@@ -416,13 +437,7 @@ impl<C: Clock> MemoryStore<C> {
         // One hash picks the shard and identifies the key within it: every quota of one key
         // lives in one shard, so one lock makes the decision atomic.
         let base = key.hash64(&inner.hasher);
-        let shard = &inner.shards[inner.shard_of(base)];
-        let mut state = lock(&shard.state);
-        let now = inner.clock.now_ns();
-        if now >= state.next_sweep_ns {
-            state.drop_expired(now);
-            state.next_sweep_ns = now.saturating_add(inner.sweep_interval_ns);
-        }
+        let (mut state, now) = self.shard_at_now(base);
 
         // Not `with_capacity`: its result, 248 bytes, would be copied into place.
         let mut evals: SmallVec<[Eval; 2]> = SmallVec::new();
@@ -454,12 +469,7 @@ impl<C: Clock> MemoryStore<C> {
                 let slot = entry_key(base, quota);
                 match state.map.find_mut(slot, |e| e.slot == slot) {
                     Some(stored) => stored.set(write),
-                    None => {
-                        let tag = policy_tag(key.policy());
-                        inner.policies.note(tag, key.policy());
-                        let entry = Entry::new(slot, write, quota, tag);
-                        state.map.insert_unique(slot, entry, |e| e.slot);
-                    }
+                    None => inner.insert(&mut state, key, quota, slot, write),
                 }
                 if e.spent.remaining == 0 {
                     // Spent: the next request of this key is refused until one unit is back
