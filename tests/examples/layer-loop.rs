@@ -18,6 +18,10 @@ use http_body_util::Full;
 use tollgate::{MemoryStore, Policy, Quota, RateLimitHeaders, RateLimitLayer};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
+// Statics, as the layer's own names are: built when compiled, not checked per request.
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
 /// Polls a future that is ready without waiting (every future here is).
 fn now<F: Future>(f: F) -> F::Output {
     let mut f = pin!(f);
@@ -73,8 +77,8 @@ fn main() {
                 let mut res = Response::new(Full::<Bytes>::default());
                 let value = HeaderValue::from_bytes(black_box(b"\"api\";r=999999;t=0"));
                 let headers = res.headers_mut();
-                headers.append(HeaderName::from_static("ratelimit-policy"), policy.clone());
-                headers.append(HeaderName::from_static("ratelimit"), value.expect("value"));
+                headers.append(RATELIMIT_POLICY.clone(), policy.clone());
+                headers.append(RATELIMIT.clone(), value.expect("value"));
                 std::future::ready(Ok::<_, Infallible>(res))
             };
             let ok = run(&ServiceBuilder::new().service_fn(with_fields), iterations);
