@@ -315,7 +315,12 @@ impl ClientIpSource {
         if self.warned_untrusted_header.load(Ordering::Relaxed) {
             return;
         }
-        let forwarded = headers.contains_key(X_FORWARDED_FOR) || headers.contains_key(FORWARDED);
+        // One pass over the names, not two lookups: each lookup hashes its name (FNV over
+        // `x-forwarded-for`'s bytes), and a request carries a handful of names, compared here
+        // by their length or standard index before any byte (at most hyper's 100).
+        let forwarded = headers
+            .keys()
+            .any(|name| *name == X_FORWARDED_FOR || *name == FORWARDED);
         if forwarded && !self.warned_untrusted_header.swap(true, Ordering::Relaxed) {
             #[cfg(feature = "tracing")]
             tracing::warn!(
@@ -1000,6 +1005,40 @@ mod tests {
         assert_eq!(c.client_ip(&req), Some(ip("192.0.2.1")));
         // And it warned (once) that a forwarding header arrived with no proxy trusted.
         assert!(c.warned_untrusted_header.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn either_forwarding_header_alone_warns_and_no_other_does() {
+        let warns = |names: &[&'static str]| {
+            let mut req = Request::new(());
+            for name in names {
+                req.headers_mut().append(
+                    HeaderName::from_static(name),
+                    HeaderValue::from_static("203.0.113.9"),
+                );
+            }
+            req.extensions_mut()
+                .insert(SocketAddr::from(([192, 0, 2, 1], 1)));
+            let c = ClientIpSource::peer();
+            assert_eq!(c.client_ip(&req), Some(ip("192.0.2.1")));
+            c.warned_untrusted_header.load(Ordering::Relaxed)
+        };
+        let others = [
+            "host",
+            "x-real-ip",
+            "x-forwarded-host",
+            "forwarded-for",
+            "cookie",
+        ];
+        assert!(!warns(&[]));
+        assert!(!warns(&others));
+        for header in ["x-forwarded-for", "forwarded"] {
+            assert!(warns(&[header]), "{header}");
+            // Wherever it comes among the others.
+            let mut names = others.to_vec();
+            names.insert(2, header);
+            assert!(warns(&names), "{header} among others");
+        }
     }
 
     #[test]
