@@ -40,8 +40,9 @@
 -- 2^53, exact in Lua's doubles; it mirrors crates/tollgate/src/algorithm.rs step by step.
 
 -- Before Redis 5, a write after TIME is refused unless the script replicates its effects
--- (the default since 5, and the only mode since 7, where this is a no-op).
-if redis.replicate_commands then
+-- (the default since 5, and the only mode since 7, where this is a no-op: skipped there, on
+-- the version number that 7 introduced, since the protected call costs about a microsecond).
+if redis.replicate_commands and not redis.REDIS_VERSION_NUM then
   pcall(redis.replicate_commands)
 end
 
@@ -55,13 +56,23 @@ local function server_time()
   return server_now
 end
 
+-- A non-negative integer of at most `digits` digits, else nil ("nan", "inf", "-5", "1e300",
+-- "12abc" and the like are not numbers this script wrote).
+local function int(s, digits)
+  if s and #s <= digits and string.match(s, '^%d+$') then return tonumber(s) end
+  return nil
+end
+
 -- What this call has written so far, by key: { value, px }. A key that several checks of one
 -- call decide (a busy client) is read once and written once, at the end of the call, with what
--- the last of them wrote; each check still reads what the checks before it wrote.
+-- the last of them wrote; each check still reads what the checks before it wrote. A GCRA
+-- state is kept as its number until then: formatting and parsing it again for every check of
+-- a busy key cost more than the decision.
 local written = {}
 local order = {}
 
--- The stored string, or nil when the key is absent or holds another type.
+-- The stored string (or a GCRA state this call wrote, as a number), or nil when the key is
+-- absent or holds another type.
 local function read(key)
   local w = written[key]
   if w then return w[1] end
@@ -70,17 +81,56 @@ local function read(key)
   return raw
 end
 
--- Stores `value` under `key`, expiring in `px` ms, when the call ends.
+-- Stores `value` (a string, or a GCRA state as a number) under `key`, expiring in `px` ms,
+-- when the call ends.
 local function write(key, value, px)
   if written[key] == nil then order[#order + 1] = key end
   written[key] = { value, px }
 end
 
--- A non-negative integer of at most `digits` digits, else nil ("nan", "inf", "-5", "1e300",
--- "12abc" and the like are not numbers this script wrote).
-local function int(s, digits)
-  if s and #s <= digits and string.match(s, '^%d+$') then return tonumber(s) end
-  return nil
+-- A GCRA state as read: a number this call wrote, or the stored digits.
+local function tat_of(raw)
+  if type(raw) == 'number' then return raw end
+  return int(raw, 16)
+end
+
+-- Units come back one emission interval `T` apart, the last at the reset: the time until one
+-- more than `left` of a burst of `B` is available.
+local function next_unit(B, T, left, reset)
+  if left >= B then return 0 end
+  local n = reset - (B - left - 1) * T
+  if n < 0 then n = 0 end
+  return n
+end
+
+-- The one-quota GCRA check (the common policy), deciding exactly as the general path below
+-- does, without its per-quota tables and closures.
+local function check_gcra(key, a, now, cost)
+  local T = tonumber(ARGV[a + 5])
+  local span = tonumber(ARGV[a + 6])
+  local tat = tat_of(read(key))
+  local repaired = false
+  if tat == nil or tat < now then
+    tat = now
+  elseif tat > now + span then
+    -- As the general path: cap an impossible value at a spent burst.
+    tat = now + span
+    repaired = true
+  end
+  local new_tat = tat + cost * T
+  local ahead = new_tat - now
+  local B = span / T
+  if ahead <= span then
+    local left = math.floor((span - ahead) / T)
+    if ahead > 0 then write(key, new_tat, math.max(1, math.ceil(ahead / 1000))) end
+    return { 1, now, 1, left, ahead, 0, next_unit(B, T, left, ahead) }
+  end
+  if repaired then write(key, tat, math.max(1, math.ceil((tat - now) / 1000))) end
+  local used = tat - now
+  local free = span - used
+  if free < 0 then free = 0 end
+  local left = math.floor(free / T)
+  return { 0, now, 0, left, used, ahead - span, next_unit(B, T, left, used) }
 end
 
 -- One check: its keys are KEYS[k + 1 .. k + n], its arguments start at ARGV[a].
@@ -92,6 +142,9 @@ local function check(k, a)
   local n = tonumber(ARGV[a + 3])
   if deadline >= 0 and now > deadline then
     return { -1, now }
+  end
+  if n == 1 and tonumber(ARGV[a + 4]) == 0 then
+    return check_gcra(KEYS[k + 1], a, now, cost)
   end
   local now_ms = math.floor(now / 1000)
 
@@ -122,7 +175,7 @@ local function check(k, a)
 
     if algo == 0 then
       local T, span = p1, p2
-      local tat = int(raw, 16)
+      local tat = tat_of(raw)
       if tat == nil or tat < now then
         tat = now
       elseif tat > now + span then
@@ -131,7 +184,7 @@ local function check(k, a)
         -- rather than refuse the client for however long the bad value says.
         tat = now + span
         e.repair = function()
-          write(key, string.format('%.0f', tat), math.max(1, math.ceil((tat - now) / 1000)))
+          write(key, tat, math.max(1, math.ceil((tat - now) / 1000)))
         end
       end
       local new_tat = tat + cost * T
@@ -140,22 +193,15 @@ local function check(k, a)
       local free = span - used
       if free < 0 then free = 0 end
       e.allowed = ahead <= span
-      -- Units come back one interval apart, the last at the reset.
       local B = span / T
-      local function next_unit(left, reset)
-        if left >= B then return 0 end
-        local n = reset - (B - left - 1) * T
-        if n < 0 then n = 0 end
-        return n
-      end
       local left = math.floor(free / T)
-      e.unspent = { left, used, 0, next_unit(left, used) }
+      e.unspent = { left, used, 0, next_unit(B, T, left, used) }
       if e.allowed then
         local spent_left = math.floor((span - ahead) / T)
-        e.spent = { spent_left, ahead, 0, next_unit(spent_left, ahead) }
+        e.spent = { spent_left, ahead, 0, next_unit(B, T, spent_left, ahead) }
         if ahead > 0 then
           e.write = function()
-            write(key, string.format('%.0f', new_tat), math.max(1, math.ceil(ahead / 1000)))
+            write(key, new_tat, math.max(1, math.ceil(ahead / 1000)))
           end
         end
       else
@@ -296,6 +342,8 @@ while a <= #ARGV do
 end
 for _, key in ipairs(order) do
   local w = written[key]
-  redis.call('SET', key, w[1], 'PX', w[2])
+  local value = w[1]
+  if type(value) == 'number' then value = string.format('%.0f', value) end
+  redis.call('SET', key, value, 'PX', w[2])
 end
 return replies
