@@ -13,10 +13,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
 
+use fred::bytes::BytesMut;
 use fred::clients::Client;
 use fred::prelude::{ClientLike, Error as FredError, ErrorKind as FredErrorKind, LuaInterface};
 use fred::prelude::{Options, Value};
 use fred::types::scripts::Script;
+use fred::types::{Key as FredKey, MultipleKeys};
 use tokio::sync::{mpsc, oneshot};
 use tollgate::metrics::StoreMetrics;
 
@@ -39,6 +41,18 @@ impl Runner {
     where
         A: Into<Value> + Clone + Send,
     {
+        let args: Vec<Value> = args.into_iter().map(Into::into).collect();
+        self.eval_with(|| (keys.clone(), args.clone())).await
+    }
+
+    /// [`eval`](Self::eval) with the call's keys and arguments made by `call`, once for the
+    /// first EVALSHA and once more only after a NOSCRIPT: no copy is kept for a retry that
+    /// almost never happens.
+    pub(crate) async fn eval_with<K, F>(&self, call: F) -> Result<Value, FredError>
+    where
+        K: Into<MultipleKeys> + Send,
+        F: Fn() -> (K, Vec<Value>),
+    {
         // fred fails most commands at once while it is not connected (`fail_fast`), but not
         // EVAL/EVALSHA, which wait in its queue for the whole deadline (seen with fred
         // 10.1.0): check the connection here, so that a call while the connection is down
@@ -48,24 +62,57 @@ impl Runner {
         }
         let client = self.client.with_options(&self.options);
         let sha = self.script.sha1().clone();
-        let args: Vec<Value> = args.into_iter().map(Into::into).collect();
         self.metrics.call();
+        let (keys, args) = call();
         // fred's command futures are large (kilobytes): boxed, so that every future holding
         // this one (a check's, the sending task's) stays small, and spawning or boxing it
         // moves a few words instead of copying them all.
-        match Box::pin(client.evalsha::<Value, _, _, _>(sha.clone(), keys.clone(), args.clone()))
-            .await
-        {
+        match Box::pin(client.evalsha::<Value, _, _, _>(sha.clone(), keys, args)).await {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
                 #[cfg(feature = "tracing")]
                 tracing::info!("rate-limit script not in the Redis script cache; loading it");
                 Box::pin(client.script_load_cluster::<(), _>(self.source)).await?;
                 self.metrics.call();
+                let (keys, args) = call();
                 Box::pin(client.evalsha(sha, keys, args)).await
             }
             other => other,
         }
     }
+}
+
+/// The keys and arguments of one call for `checks`, as Redis receives them: the key names and
+/// the integers written out in decimal, all in one buffer, each a slice of it. Given as
+/// integers, fred would count each one's digits through `log10` and convert it twice, and
+/// every key would be an allocation of its own.
+fn encode<'a, I>(checks: I) -> (Vec<FredKey>, Vec<Value>)
+where
+    I: Iterator<Item = (&'a [String], &'a [i64])> + Clone,
+{
+    let n_keys = checks.clone().map(|(keys, _)| keys.len()).sum();
+    let n_args = checks.clone().map(|(_, args)| args.len()).sum();
+    let name_bytes: usize = checks
+        .clone()
+        .flat_map(|(keys, _)| keys)
+        .map(String::len)
+        .sum();
+    // Room for the longest integer (20 bytes), so the buffer never grows: once split, it could
+    // only grow into a new allocation.
+    let mut buf = BytesMut::with_capacity(name_bytes + n_args * 20);
+    let mut keys = Vec::with_capacity(n_keys);
+    let mut args = Vec::with_capacity(n_args);
+    let mut itoa = itoa::Buffer::new();
+    for (check_keys, check_args) in checks {
+        for k in check_keys {
+            buf.extend_from_slice(k.as_bytes());
+            keys.push(FredKey::from(buf.split().freeze()));
+        }
+        for a in check_args {
+            buf.extend_from_slice(itoa.format(*a).as_bytes());
+            args.push(Value::Bytes(buf.split().freeze()));
+        }
+    }
+    (keys, args)
 }
 
 fn not_connected() -> FredError {
@@ -136,7 +183,10 @@ impl Coalescer {
         args: Vec<i64>,
     ) -> Result<Value, FredError> {
         let Some(queue) = &self.queue else {
-            let reply = self.runner.eval(keys, args).await?;
+            let reply = self
+                .runner
+                .eval_with(|| encode(std::iter::once((&keys[..], &args[..]))))
+                .await?;
             return one_reply(reply, 1).map(|mut r| r.swap_remove(0));
         };
         if !self.runner.client.is_connected() {
@@ -283,15 +333,9 @@ struct Slot {
 }
 
 /// One call for `checks`, and each its own reply.
-async fn send(runner: Arc<Runner>, mut checks: Vec<Pending>) {
-    let mut keys = Vec::with_capacity(checks.iter().map(|c| c.keys.len()).sum());
-    let mut args = Vec::with_capacity(checks.iter().map(|c| c.args.len()).sum());
-    for c in &mut checks {
-        keys.append(&mut c.keys);
-        args.append(&mut c.args);
-    }
+async fn send(runner: Arc<Runner>, checks: Vec<Pending>) {
     let replies = runner
-        .eval(keys, args)
+        .eval_with(|| encode(checks.iter().map(|c| (&c.keys[..], &c.args[..]))))
         .await
         .and_then(|reply| one_reply(reply, checks.len()));
     match replies {
@@ -342,6 +386,32 @@ mod tests {
         // With the task gone, dropping one is no error.
         drop(rx);
         drop(Returned(tx, 1));
+    }
+
+    #[test]
+    fn a_call_carries_every_key_and_integer_of_its_checks_in_order() {
+        let a = (
+            vec!["tollgate:{a}:q1".to_owned(), "tollgate:{a}:q2".to_owned()],
+            vec![-1, 0, 7],
+        );
+        let b = (
+            vec![String::new()],
+            vec![i64::MIN, i64::MAX, 1_796_410_077_145_304],
+        );
+        let (keys, args) = encode([&a, &b].into_iter().map(|(k, v)| (&k[..], &v[..])));
+        let keys: Vec<&str> = keys.iter().map(|k| k.as_str().unwrap()).collect();
+        assert_eq!(keys, ["tollgate:{a}:q1", "tollgate:{a}:q2", ""]);
+        let args: Vec<String> = args
+            .iter()
+            .map(|v| match v {
+                Value::Bytes(b) => String::from_utf8(b.to_vec()).unwrap(),
+                other => panic!("not bytes: {other:?}"),
+            })
+            .collect();
+        let expected = [-1, 0, 7, i64::MIN, i64::MAX, 1_796_410_077_145_304].map(|n| n.to_string());
+        assert_eq!(args, expected);
+        // As fred would have sent the integers: their decimal digits.
+        assert_eq!(Value::Integer(-1).as_str().as_deref(), Some("-1"));
     }
 
     #[test]
