@@ -85,7 +85,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let shared = &*self.shared;
         let (policy, check) = match shared.classifier.classify(&req) {
             Classified::Pass => return ResponseFuture::passthrough(self.inner.call(req)),
@@ -103,7 +103,6 @@ where
                 // request then goes straight to the inner service, never held in the future.
                 if let Some(decision) = shared.store.check_now(&key, &policy.quotas, cost) {
                     drop(key);
-                    let mut req = req;
                     return match after_check(policy, decision, &mut req) {
                         Next::Call(report) => ResponseFuture::calling(self.inner.call(req), report),
                         Next::Respond(res) => ResponseFuture::respond(res),
