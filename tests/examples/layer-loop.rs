@@ -3,7 +3,11 @@
 //! doing, so a change to the request path can be measured before and after on a busy machine.
 //!
 //! `cargo build --release -p tollgate-tests --example layer-loop`, then
-//! `valgrind --tool=callgrind target/release/examples/layer-loop [ITERATIONS] [headers|none|bare|floor]`
+//! `valgrind --tool=callgrind target/release/examples/layer-loop [ITERATIONS] [headers|none|bare|floor] [empty|browser]`
+//!
+//! The request carries no header fields (`empty`, the default, as in the criterion layer bench)
+//! or eight ordinary ones (`browser`: `host`, `user-agent`, `accept`, `cookie` and the like), for
+//! what the layer's work on the request's headers costs on a request as clients send them.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -31,19 +35,41 @@ fn now<F: Future>(f: F) -> F::Output {
     }
 }
 
-fn request() -> Request<()> {
+/// Eight header fields of an ordinary request.
+const BROWSER: [(&str, &str); 8] = [
+    ("host", "api.example.com"),
+    ("user-agent", "Mozilla/5.0 (X11; Linux x86_64)"),
+    ("accept", "application/json"),
+    ("accept-encoding", "gzip, br"),
+    ("accept-language", "en-GB,en;q=0.9"),
+    ("cookie", "session=4f2a9c"),
+    ("authorization", "Bearer 5b1e"),
+    ("x-request-id", "7d3c1f0a"),
+];
+
+fn request(browser: bool) -> Request<()> {
     let mut req = Request::new(());
+    if browser {
+        for (name, value) in BROWSER {
+            req.headers_mut().insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+    }
     req.extensions_mut()
         .insert(SocketAddr::from(([192, 0, 2, 1], 4000)));
     req
 }
 
-fn run<S>(svc: &S, iterations: u32) -> usize
+fn run<S>(svc: &S, iterations: u32, browser: bool) -> usize
 where
     S: Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone,
 {
     (0..iterations)
-        .filter(|_| black_box(now(svc.clone().oneshot(request()))).is_ok_and(|r| r.status() == 200))
+        .filter(|_| {
+            black_box(now(svc.clone().oneshot(request(browser)))).is_ok_and(|r| r.status() == 200)
+        })
         .count()
 }
 
@@ -55,13 +81,22 @@ fn main() {
     let mode = std::env::args()
         .nth(2)
         .unwrap_or_else(|| "headers".to_owned());
+    let browser = match std::env::args().nth(3).as_deref() {
+        None | Some("empty") => false,
+        Some("browser") => true,
+        Some(other) => panic!("unknown request kind {other}: empty or browser"),
+    };
     let handler = |_req: Request<()>| {
         std::future::ready(Ok::<_, Infallible>(Response::new(Full::<Bytes>::default())))
     };
     let quota = Quota::per_second(1_000_000).expect("quota");
     let headers = match mode.as_str() {
         "bare" => {
-            let ok = run(&ServiceBuilder::new().service_fn(handler), iterations);
+            let ok = run(
+                &ServiceBuilder::new().service_fn(handler),
+                iterations,
+                browser,
+            );
             println!("{ok} of {iterations} answered 200 (no limiter)");
             return;
         }
@@ -81,7 +116,11 @@ fn main() {
                 headers.append(RATELIMIT.clone(), value.expect("value"));
                 std::future::ready(Ok::<_, Infallible>(res))
             };
-            let ok = run(&ServiceBuilder::new().service_fn(with_fields), iterations);
+            let ok = run(
+                &ServiceBuilder::new().service_fn(with_fields),
+                iterations,
+                browser,
+            );
             println!("{ok} of {iterations} answered 200 (no limiter, two header fields)");
             return;
         }
@@ -95,6 +134,6 @@ fn main() {
                 .headers(headers),
         )
         .service_fn(handler);
-    let ok = run(&svc, iterations);
+    let ok = run(&svc, iterations, browser);
     println!("{ok} of {iterations} allowed ({mode})");
 }
