@@ -47,29 +47,43 @@ const BROWSER: [(&str, &str); 8] = [
     ("x-request-id", "7d3c1f0a"),
 ];
 
-fn request(browser: bool) -> Request<()> {
+fn empty_request() -> Request<()> {
     let mut req = Request::new(());
-    if browser {
-        for (name, value) in BROWSER {
-            req.headers_mut().insert(
-                HeaderName::from_static(name),
-                HeaderValue::from_static(value),
-            );
-        }
-    }
     req.extensions_mut()
         .insert(SocketAddr::from(([192, 0, 2, 1], 4000)));
     req
 }
 
+fn browser_request() -> Request<()> {
+    let mut req = empty_request();
+    for (name, value) in BROWSER {
+        req.headers_mut().insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    req
+}
+
+/// The requests answered 200, of `iterations`. Each kind of request is its own loop, so the
+/// empty request's costs no branch or call more than before the browser kind existed.
 fn run<S>(svc: &S, iterations: u32, browser: bool) -> usize
 where
     S: Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone,
 {
+    if browser {
+        run_with(svc, iterations, browser_request)
+    } else {
+        run_with(svc, iterations, empty_request)
+    }
+}
+
+fn run_with<S>(svc: &S, iterations: u32, request: impl Fn() -> Request<()>) -> usize
+where
+    S: Service<Request<()>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone,
+{
     (0..iterations)
-        .filter(|_| {
-            black_box(now(svc.clone().oneshot(request(browser)))).is_ok_and(|r| r.status() == 200)
-        })
+        .filter(|_| black_box(now(svc.clone().oneshot(request()))).is_ok_and(|r| r.status() == 200))
         .count()
 }
 
