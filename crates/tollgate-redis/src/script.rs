@@ -96,37 +96,37 @@ pub(crate) fn parse_reply(reply: &Value, quotas: &[Quota]) -> Result<Reply, Stor
     if items.len() != 2 + REPLY_FIELDS * quotas.len() {
         return Err(invalid("has the wrong length"));
     }
-    let mut ints = Vec::with_capacity(items.len());
-    for item in items {
-        match item {
-            Value::Integer(i) if *i >= 0 => ints.push(*i),
-            _ => return Err(invalid("holds a value that is not a non-negative integer")),
-        }
+    // Checked in place, then read: no copy of the numbers, no list of states besides the
+    // decision's own.
+    let int = |item: &Value| match item {
+        Value::Integer(i) if *i >= 0 => Some(*i),
+        _ => None,
+    };
+    if !items.iter().all(|item| int(item).is_some()) {
+        return Err(invalid("holds a value that is not a non-negative integer"));
     }
+    let at = |i: usize| int(&items[i]).unwrap_or_default();
     let flag = |v: i64| match v {
         0 => Ok(false),
         1 => Ok(true),
         _ => Err(invalid("holds a flag that is neither 0 nor 1")),
     };
-    let all = flag(ints[0])?;
-    let now_us = ints[1];
-    let mut states = Vec::with_capacity(quotas.len());
-    for (quota, chunk) in quotas.iter().zip(ints[2..].chunks_exact(REPLY_FIELDS)) {
-        let allowed = flag(chunk[0])?;
-        if all && !allowed {
+    let all = flag(at(0))?;
+    let now_us = at(1);
+    for q in 0..quotas.len() {
+        if !flag(at(2 + REPLY_FIELDS * q))? && all {
             return Err(invalid(
                 "allows the request while refusing one of its quotas",
             ));
         }
-        let remaining = u32::try_from(chunk[1]).unwrap_or(u32::MAX);
-        let reset_after = Duration::from_micros(chunk[2].unsigned_abs());
-        let retry_after = Duration::from_micros(chunk[3].unsigned_abs());
-        let next_unit = Duration::from_micros(chunk[4].unsigned_abs());
-        states.push(
-            QuotaState::new(*quota, allowed, remaining, reset_after, retry_after)
-                .with_next_unit_after(next_unit),
-        );
     }
+    let states = quotas.iter().enumerate().map(|(q, quota)| {
+        let field = |f: usize| at(2 + REPLY_FIELDS * q + f);
+        let micros = |f: usize| Duration::from_micros(field(f).unsigned_abs());
+        let remaining = u32::try_from(field(1)).unwrap_or(u32::MAX);
+        QuotaState::new(*quota, field(0) == 1, remaining, micros(2), micros(3))
+            .with_next_unit_after(micros(4))
+    });
     let decision = Decision::from_states(states);
     if decision.is_allowed() != all {
         return Err(invalid("disagrees with itself"));
@@ -201,7 +201,7 @@ mod tests {
             ]),
             Value::Array(vec![
                 int(0),
-                now,
+                now.clone(),
                 int(1),
                 int(4),
                 int(200_000),
@@ -212,6 +212,16 @@ mod tests {
                 int(1),
                 int(-7),
                 int(1),
+                int(4),
+                int(200_000),
+                int(0),
+                int(0),
+            ]),
+            // A quota's own flag that is neither 0 nor 1, in a refusal.
+            Value::Array(vec![
+                int(0),
+                now,
+                int(2),
                 int(4),
                 int(200_000),
                 int(0),

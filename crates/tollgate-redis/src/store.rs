@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use fred::prelude::{ClientLike, Config, KeysInterface, Options, ReconnectPolicy, Value};
 use fred::types::{ClusterHash, CustomCommand};
+use smallvec::SmallVec;
 use tollgate::clock::Clock;
 use tollgate::metrics::StoreMetrics;
 use tollgate::store::OwnedKey;
@@ -335,7 +336,8 @@ impl Store for RedisStore {
             .as_ref()
             .map(|c| i64::try_from(c.now_ns() / 1_000).unwrap_or(i64::MAX));
         let mut args = script::args(key, quotas, cost, test_now_us.unwrap_or(-1), -1);
-        let quotas = quotas.to_vec();
+        // Most policies have one or two quotas: kept inline, not in an allocation of their own.
+        let quotas: SmallVec<[Quota; 2]> = SmallVec::from_slice(quotas);
         // The fallback decides after the round trip failed, so it needs its own copy of the key.
         let owned_key = inner.fallback.as_ref().map(|_| OwnedKey::from(key));
         let inner = Arc::clone(inner);
