@@ -1,13 +1,18 @@
 //! A tight loop of memory-store checks, for profilers (`perf record`, `valgrind --tool=callgrind`),
 //! or of governor's keyed check on the same addresses, to count both alike.
 //!
-//! `cargo run --release -p tollgate-tests --example check-loop -- [KEYS] [ITERATIONS] [tollgate|governor]`
+//! `cargo run --release -p tollgate-tests --example check-loop -- [KEYS] [ITERATIONS] [tollgate|prefix|governor]`
+//!
+//! `tollgate` builds each key with `Key::new` from its strings, as a direct caller of the store
+//! may; `prefix` from a `KeyPrefix` made once, as the layer does for each of its routes (the
+//! policy and the route hashed once, like governor's one limiter per route).
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::num::NonZeroU32;
 
 use governor::{DefaultKeyedRateLimiter, Quota as GovernorQuota, RateLimiter};
+use tollgate::key::KeyPrefix;
 use tollgate::{Key, MemoryStore, Quota};
 
 fn main() {
@@ -27,6 +32,19 @@ fn main() {
         let limiter: DefaultKeyedRateLimiter<IpAddr> = RateLimiter::keyed(quota);
         for i in 0..iterations {
             if limiter.check_key(black_box(&ip(i))).is_ok() {
+                allowed += 1;
+            }
+        }
+    } else if std::env::args().nth(3).as_deref() == Some("prefix") {
+        let quotas = [Quota::per_second(1_000_000).expect("quota")];
+        let store = MemoryStore::new();
+        let prefix = KeyPrefix::new("hello", "/hello");
+        for i in 0..iterations {
+            let key = prefix.key(Some(ip(i)), None::<&str>);
+            if store
+                .decide(black_box(&key), &quotas, 1)
+                .is_ok_and(|d| d.is_allowed())
+            {
                 allowed += 1;
             }
         }

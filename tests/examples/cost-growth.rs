@@ -7,6 +7,9 @@
 //! to the keys in a scattered order, as many clients' requests do: `CHECKS` checks per round,
 //! timed as a whole. Prints one line per figure, the median of `ROUNDS` rounds (default 3):
 //! `store=memory keys=K quotas=Q ns_per_check=X`. Started by scripts/growth.
+//!
+//! Keys are made from a `KeyPrefix`, the policy and the route hashed once, as the layer does
+//! for each of its routes.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
@@ -14,7 +17,8 @@ use std::num::NonZeroU32;
 use std::time::Instant;
 
 use governor::{DefaultKeyedRateLimiter, Quota as GovernorQuota, RateLimiter};
-use tollgate::{Key, MemoryStore, Quota};
+use tollgate::key::KeyPrefix;
+use tollgate::{MemoryStore, Quota};
 
 /// Checks per round: enough that the smallest figures are not a timer's resolution, and that
 /// every key of 1M is visited about twice.
@@ -56,8 +60,9 @@ fn memory(keys: u32, quotas: usize, rounds: usize) -> f64 {
     let store = MemoryStore::builder()
         .max_keys(states + states / 2 + 4096)
         .build();
+    let prefix = KeyPrefix::new("hello", "/hello");
     for i in 0..keys {
-        let key = Key::new("hello", "/hello", Some(ip(i)), None::<&str>);
+        let key = prefix.key(Some(ip(i)), None::<&str>);
         let _ = store.decide(&key, &policy, FILL_COST);
     }
     assert_eq!(store.len(), states, "the store evicted while filling");
@@ -66,7 +71,7 @@ fn memory(keys: u32, quotas: usize, rounds: usize) -> f64 {
         let started = Instant::now();
         let mut allowed = 0u32;
         for i in 0..CHECKS {
-            let key = Key::new("hello", "/hello", Some(ip(client(i, keys))), None::<&str>);
+            let key = prefix.key(Some(ip(client(i, keys))), None::<&str>);
             if store
                 .decide(black_box(&key), &policy, 1)
                 .is_ok_and(|d| d.is_allowed())

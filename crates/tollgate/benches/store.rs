@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use governor::{DefaultKeyedRateLimiter, RateLimiter};
 use http::{HeaderMap, Request, Response};
+use tollgate::key::KeyPrefix;
 use tollgate::{ClientIpSource, Key, MemoryStore, Policy, Quota, RateLimitLayer};
 use tower::{ServiceBuilder, ServiceExt};
 
@@ -32,10 +33,25 @@ fn governor_quota() -> governor::Quota {
     governor::Quota::per_second(NonZeroU32::new(1_000_000).unwrap())
 }
 
-fn tollgate_check(store: &MemoryStore, quotas: &[Quota], ip: IpAddr) -> bool {
-    let key = Key::new("hello", "/hello", Some(ip), None::<&str>);
+/// A check keyed as the layer keys it: the policy and the route hashed once (`KeyPrefix`, what
+/// the layer keeps for each route), the address per request.
+fn tollgate_check(store: &MemoryStore, prefix: &KeyPrefix, quotas: &[Quota], ip: IpAddr) -> bool {
+    decided(store, &prefix.key(Some(ip), None::<&str>), quotas)
+}
+
+/// The same check with the key made by `Key::new` from its strings, as a direct caller of the
+/// store may make it.
+fn tollgate_check_key_new(store: &MemoryStore, quotas: &[Quota], ip: IpAddr) -> bool {
+    decided(
+        store,
+        &Key::new("hello", "/hello", Some(ip), None::<&str>),
+        quotas,
+    )
+}
+
+fn decided(store: &MemoryStore, key: &Key<'_>, quotas: &[Quota]) -> bool {
     store
-        .decide(&key, quotas, 1)
+        .decide(key, quotas, 1)
         .map(|d| d.is_allowed())
         .unwrap_or(false)
 }
@@ -71,13 +87,14 @@ fn check(c: &mut Criterion) {
         let ips = ips(n);
         let quotas = [tollgate_quota()];
         let store = MemoryStore::new();
+        let prefix = KeyPrefix::new("hello", "/hello");
         // governor keyed by the address (as tower_governor's peer-IP extractor does), and by a
         // "<route>:<ip>" String built per request (a per-route key, as tollgate's).
         let gov_ip: DefaultKeyedRateLimiter<IpAddr> = RateLimiter::keyed(governor_quota());
         let gov_string: DefaultKeyedRateLimiter<String> = RateLimiter::keyed(governor_quota());
         // Fill every store with every key first, so the runs measure lookups in a full map.
         for ip in &ips {
-            tollgate_check(&store, &quotas, *ip);
+            tollgate_check(&store, &prefix, &quotas, *ip);
             let _ = gov_ip.check_key(ip);
             let _ = gov_string.check_key(&format!("/hello:{ip}"));
         }
@@ -85,10 +102,20 @@ fn check(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new("tollgate", format!("{threads}t")), |b| {
                 b.iter_custom(|iters| {
                     threaded(threads, iters, |i| {
-                        black_box(tollgate_check(&store, &quotas, ips[i % n]));
+                        black_box(tollgate_check(&store, &prefix, &quotas, ips[i % n]));
                     })
                 });
             });
+            group.bench_function(
+                BenchmarkId::new("tollgate_key_new", format!("{threads}t")),
+                |b| {
+                    b.iter_custom(|iters| {
+                        threaded(threads, iters, |i| {
+                            black_box(tollgate_check_key_new(&store, &quotas, ips[i % n]));
+                        })
+                    });
+                },
+            );
             group.bench_function(
                 BenchmarkId::new("governor_ip_key", format!("{threads}t")),
                 |b| {

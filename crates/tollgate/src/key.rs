@@ -26,7 +26,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use http::{Extensions, HeaderMap, HeaderName};
 use sha2::{Digest, Sha256};
@@ -70,6 +70,11 @@ pub const MAX_USER_LEN: usize = 128;
 pub struct Key<'a> {
     policy: &'a str,
     route: &'a str,
+    /// The hash of `policy` and `route` ([`prefix_hash`]): the part of a memory store's
+    /// identity that is the same for every key of one route, computed once per route by the
+    /// layer and by [`KeyPrefix`]. A function of the two strings alone, so keys that are equal
+    /// have equal prefixes.
+    prefix: u64,
     ip: Option<IpAddr>,
     user: Option<Cow<'a, str>>,
     /// The user part is the digest of a long user, not a user as given: the two never compare
@@ -91,6 +96,20 @@ impl<'a> Key<'a> {
         ip: Option<IpAddr>,
         user: Option<impl Into<Cow<'a, str>>>,
     ) -> Self {
+        Key::prefixed(policy, route, prefix_hash(policy, route), ip, user)
+    }
+
+    /// [`Key::new`] with the prefix already hashed: `prefix` must be
+    /// `prefix_hash(policy, route)`, as [`KeyPrefix`] and the layer's route table keep it.
+    #[inline]
+    pub(crate) fn prefixed(
+        policy: &'a str,
+        route: &'a str,
+        prefix: u64,
+        ip: Option<IpAddr>,
+        user: Option<impl Into<Cow<'a, str>>>,
+    ) -> Self {
+        debug_assert_eq!(prefix, prefix_hash(policy, route));
         let mut digested = false;
         let user = user.map(Into::into).filter(|u| !u.is_empty()).map(|u| {
             if u.len() > MAX_USER_LEN {
@@ -103,6 +122,7 @@ impl<'a> Key<'a> {
         Key {
             policy,
             route,
+            prefix,
             ip,
             user,
             digested,
@@ -138,7 +158,10 @@ impl<'a> Key<'a> {
     /// A 128-bit keyed hash of the key, as two independently, randomly seeded 64-bit hashes:
     /// what the memory concurrency store identifies a key by.
     pub(crate) fn hash128(&self, seeds: &KeyHasher) -> (u64, u64) {
-        (self.hash64(seeds), self.hash_with(seeds.1.build_hasher()))
+        (
+            self.hash64(seeds),
+            self.hash_text_with(seeds.1.build_hasher()),
+        )
     }
 
     /// The first half of [`hash128`](Self::hash128) alone: what the rate-limit memory store
@@ -149,33 +172,122 @@ impl<'a> Key<'a> {
     }
 
     fn hash_with(&self, mut h: impl Hasher) -> u64 {
-        // A head first, so that no two different keys feed the hasher the same bytes: the
-        // address family, whether the user part is a digest, and the policy's and the route's
-        // lengths. The user part comes last, so its end is the end of what the hasher is fed
-        // (an empty user part is no user part). Lengths saturate far above what a key holds:
-        // policy names are at most 64 bytes, routes are the operator's templates.
+        // The policy and the route come in as their prefix hash (itself fed unambiguously:
+        // `feed_prefix`), with a head that says the address family and whether the user part
+        // is a digest; then the address; the user part last, so its end is the end of what the
+        // hasher is fed (an empty user part is no user part).
         let (family, addr) = match self.ip {
-            None => (0, 0u128),
+            None => (0u8, 0u128),
             Some(IpAddr::V4(ip)) => (1, u128::from(u32::from(ip))),
             Some(IpAddr::V6(ip)) => (2, u128::from(ip)),
         };
-        let [p0, p1] = u16::try_from(self.policy.len())
-            .unwrap_or(u16::MAX)
-            .to_le_bytes();
-        let [r0, r1, r2, r3] = u32::try_from(self.route.len())
-            .unwrap_or(u32::MAX)
-            .to_le_bytes();
-        let digested = u8::from(self.digested);
-        h.write_u64(u64::from_le_bytes([
-            family, digested, p0, p1, r0, r1, r2, r3,
-        ]));
-        h.write(self.policy.as_bytes());
-        h.write(self.route.as_bytes());
+        let head = u128::from(family) | (u128::from(self.digested) << 8);
+        h.write_u128((u128::from(self.prefix) << 64) | head);
         h.write_u128(addr);
         if let Some(user) = &self.user {
             h.write(user.as_bytes());
         }
         h.finish()
+    }
+
+    /// The whole key fed to `h`, the policy and the route as their text (the prefix's own
+    /// input) rather than their prefix hash: the second half of [`hash128`](Self::hash128),
+    /// so that the concurrency store's identity keeps its 128 bits for every part of a key.
+    fn hash_text_with(&self, mut h: impl Hasher) -> u64 {
+        feed_prefix(&mut h, self.policy, self.route);
+        self.hash_with(h)
+    }
+}
+
+/// One random seed per process for [`prefix_hash`], so that no client can choose routes (a
+/// direct caller may build keys from anything) whose prefixes collide.
+fn prefix_seed() -> &'static ahash::RandomState {
+    static SEED: OnceLock<ahash::RandomState> = OnceLock::new();
+    SEED.get_or_init(ahash::RandomState::new)
+}
+
+/// The prefix hash of a key's policy and route (see [`KeyPrefix`]).
+pub(crate) fn prefix_hash(policy: &str, route: &str) -> u64 {
+    let mut h = prefix_seed().build_hasher();
+    feed_prefix(&mut h, policy, route);
+    h.finish()
+}
+
+/// A head with both lengths first, so that no two (policy, route) pairs feed the hasher the
+/// same bytes. Lengths saturate far above what a key holds: policy names are at most 64 bytes,
+/// routes are the operator's templates.
+fn feed_prefix(h: &mut impl Hasher, policy: &str, route: &str) {
+    let [p0, p1] = u16::try_from(policy.len())
+        .unwrap_or(u16::MAX)
+        .to_le_bytes();
+    let [r0, r1, r2, r3] = u32::try_from(route.len()).unwrap_or(u32::MAX).to_le_bytes();
+    h.write_u64(u64::from_le_bytes([0, 0, p0, p1, r0, r1, r2, r3]));
+    h.write(policy.as_bytes());
+    h.write(route.as_bytes());
+}
+
+/// The policy and route of keys, hashed once: [`key`](Self::key) makes the key of one
+/// client on that route without hashing them again, which is what the layer does for every
+/// route it is given. A key made here is equal to the one [`Key::new`] makes from the same
+/// parts, and a memory store keeps one state for both.
+///
+/// ```
+/// use std::net::{IpAddr, Ipv4Addr};
+/// use tollgate::key::KeyPrefix;
+/// use tollgate::{Key, MemoryStore, Quota};
+///
+/// let store = MemoryStore::new();
+/// let quotas = [Quota::per_minute(1).unwrap()];
+/// let search = KeyPrefix::new("api", "/search");
+/// let ip = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+///
+/// assert!(store.decide(&search.key(Some(ip), None::<&str>), &quotas, 1).unwrap().is_allowed());
+/// // The same key, however it was made: the one unit is spent.
+/// let again = Key::new("api", "/search", Some(ip), None::<&str>);
+/// assert_eq!(again, search.key(Some(ip), None::<&str>));
+/// assert!(store.decide(&again, &quotas, 1).unwrap().is_limited());
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct KeyPrefix {
+    policy: Box<str>,
+    route: Box<str>,
+    prefix: u64,
+}
+
+impl KeyPrefix {
+    /// The keys of `route` in the namespace of the policy named `policy`.
+    pub fn new(policy: impl Into<Box<str>>, route: impl Into<Box<str>>) -> Self {
+        let (policy, route) = (policy.into(), route.into());
+        let prefix = prefix_hash(&policy, &route);
+        KeyPrefix {
+            policy,
+            route,
+            prefix,
+        }
+    }
+
+    /// The key of a client on this route: [`Key::new`] with this prefix's policy and route.
+    pub fn key<'a>(&'a self, ip: Option<IpAddr>, user: Option<impl Into<Cow<'a, str>>>) -> Key<'a> {
+        Key::prefixed(&self.policy, &self.route, self.prefix, ip, user)
+    }
+
+    /// The policy's name.
+    pub fn policy(&self) -> &str {
+        &self.policy
+    }
+
+    /// The route part.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+}
+
+impl fmt::Debug for KeyPrefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyPrefix")
+            .field("policy", &self.policy)
+            .field("route", &self.route)
+            .finish_non_exhaustive()
     }
 }
 
@@ -245,6 +357,7 @@ impl fmt::Display for Key<'_> {
 pub struct OwnedKey {
     policy: String,
     route: String,
+    prefix: u64,
     ip: Option<IpAddr>,
     user: Option<String>,
     digested: bool,
@@ -255,6 +368,7 @@ impl From<&Key<'_>> for OwnedKey {
         OwnedKey {
             policy: key.policy.to_owned(),
             route: key.route.to_owned(),
+            prefix: key.prefix,
             ip: key.ip,
             user: key.user.as_deref().map(str::to_owned),
             digested: key.digested,
@@ -268,6 +382,7 @@ impl OwnedKey {
         Key {
             policy: &self.policy,
             route: &self.route,
+            prefix: self.prefix,
             ip: self.ip,
             user: self.user.as_deref().map(Cow::Borrowed),
             digested: self.digested,
@@ -822,6 +937,66 @@ mod tests {
         let mut r = Recorded::default();
         key.hash_with(&mut r);
         r.0
+    }
+
+    #[test]
+    fn no_two_prefixes_feed_the_hasher_the_same_bytes() {
+        // The same bytes split differently between policy and route, or all in one of them.
+        let pairs = [
+            ("ab", "c"),
+            ("a", "bc"),
+            ("", "abc"),
+            ("abc", ""),
+            ("a", "b"),
+        ];
+        let fed: Vec<Vec<u8>> = pairs
+            .iter()
+            .map(|(policy, route)| {
+                let mut r = Recorded::default();
+                feed_prefix(&mut r, policy, route);
+                r.0
+            })
+            .collect();
+        for (i, a) in fed.iter().enumerate() {
+            for (j, b) in fed.iter().enumerate().skip(i + 1) {
+                assert_ne!(a, b, "{:?} and {:?}", pairs[i], pairs[j]);
+            }
+        }
+        // Keys of those pairs have distinct prefixes, and a key's prefix is its pair's.
+        let prefixes: std::collections::HashSet<u64> =
+            pairs.iter().map(|(p, r)| prefix_hash(p, r)).collect();
+        assert_eq!(prefixes.len(), pairs.len());
+        assert_eq!(
+            Key::new("ab", "c", None, None::<&str>).prefix,
+            prefix_hash("ab", "c")
+        );
+    }
+
+    #[test]
+    fn a_key_prefix_makes_the_keys_key_new_makes() {
+        let prefix = KeyPrefix::new("api", "/users/{id}");
+        let long = "u".repeat(MAX_USER_LEN + 1);
+        for user in [None, Some(""), Some("alice"), Some(long.as_str())] {
+            let made = prefix.key(Some(IP), user);
+            let new = Key::new("api", "/users/{id}", Some(IP), user);
+            assert_eq!(made, new);
+            assert_eq!(made.is_user_digested(), new.is_user_digested());
+            let h = KeyHasher::new();
+            assert_eq!(made.hash128(&h), new.hash128(&h));
+        }
+        assert_eq!((prefix.policy(), prefix.route()), ("api", "/users/{id}"));
+        assert_eq!(
+            format!("{prefix:?}"),
+            "KeyPrefix { policy: \"api\", route: \"/users/{id}\", .. }"
+        );
+        // The concurrency store's second half reads the text: keys of two routes differ there
+        // even if their prefixes were to collide.
+        let mut a = Key::new("p", "/a", Some(IP), None::<&str>);
+        let b = Key::new("p", "/b", Some(IP), None::<&str>);
+        a.prefix = b.prefix;
+        let h = KeyHasher::new();
+        assert_eq!(a.hash64(&h), b.hash64(&h));
+        assert_ne!(a.hash128(&h).1, b.hash128(&h).1);
     }
 
     #[test]

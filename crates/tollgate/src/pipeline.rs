@@ -14,7 +14,9 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
 
 use crate::grpc;
-use crate::key::{Identity, Key, KeyExtractor, MissingKey, MissingKeyWarning, Unkeyed};
+use crate::key::{
+    Identity, Key, KeyExtractor, MissingKey, MissingKeyWarning, Unkeyed, prefix_hash,
+};
 use crate::metrics::{Outcome, PolicyCounters};
 use crate::response::{set_retry_after, status_line, text_response};
 use crate::routes::RouteTable;
@@ -152,13 +154,16 @@ impl<P: Compiled, K: KeyExtractor> Classifier<P, K> {
     }
 
     pub(crate) fn classify<'p: 'r, 'r, B>(&'p self, req: &'r Request<B>) -> Classified<'p, 'r, P> {
-        let Some((policy, matched)) = self.routes.lookup(req) else {
+        let Some((bound, matched)) = self.routes.lookup(req) else {
             return Classified::Pass;
         };
+        let policy = &bound.policy;
         let common = policy.common();
-        let route = match (common.scope, matched) {
-            (KeyScope::Route, Some(matched)) => matched,
-            _ => common.name.as_str(),
+        // The key's policy and route are hashed once, when the table was built, unless this is
+        // the default policy under a template the table does not know.
+        let (route, prefix) = match (common.scope, matched) {
+            (KeyScope::Route, Some(matched)) => (matched, bound.route_prefix),
+            _ => (common.name.as_str(), Some(bound.name_prefix)),
         };
         let addr = self.client_ip.client_addr(req);
         let parts = RequestParts::new(req)
@@ -195,9 +200,11 @@ impl<P: Compiled, K: KeyExtractor> Classifier<P, K> {
         };
         let (ip, user) = identity.into_parts();
         let ip = ip.map(|ip| self.client_ip.mask(ip));
+        let prefix = prefix.unwrap_or_else(|| prefix_hash(&common.name, route));
+        let key = Key::prefixed(&common.name, route, prefix, ip, user);
         Classified::Decide {
             policy,
-            key: Key::new(&common.name, route, ip, user),
+            key,
             cost: policy.cost(&parts),
         }
     }
@@ -268,16 +275,21 @@ impl<P: Bindable> Bindings<P> {
 
     /// Builds the route table, compiling each policy once (entries with the same name and
     /// content are one policy, with one set of counters).
-    pub(crate) fn compile<C>(&self, mut compile: impl FnMut(&P) -> C) -> RouteTable<C> {
+    pub(crate) fn compile<C: Compiled>(&self, mut compile: impl FnMut(&P) -> C) -> RouteTable<C> {
         let mut compiled: Vec<(P, Arc<C>)> = Vec::new();
-        RouteTable::build(&self.routes, self.default.as_ref(), |p: &P| {
-            if let Some((_, c)) = compiled.iter().find(|(q, _)| q == p) {
-                return Arc::clone(c);
-            }
-            let c = Arc::new(compile(p));
-            compiled.push((p.clone(), Arc::clone(&c)));
-            c
-        })
+        RouteTable::build(
+            &self.routes,
+            self.default.as_ref(),
+            |p: &P| {
+                if let Some((_, c)) = compiled.iter().find(|(q, _)| q == p) {
+                    return Arc::clone(c);
+                }
+                let c = Arc::new(compile(p));
+                compiled.push((p.clone(), Arc::clone(&c)));
+                c
+            },
+            |c: &C| c.common().name.as_str(),
+        )
     }
 }
 

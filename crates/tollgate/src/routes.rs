@@ -6,17 +6,42 @@ use std::sync::Arc;
 
 use http::{Method, Request};
 
+use crate::key::prefix_hash;
+
 /// Policies by route template, each for any method or for one method, and a default.
 pub(crate) struct RouteTable<P> {
     // Matched against axum's `MatchedPath`; without axum only the default applies.
     #[cfg_attr(not(feature = "axum"), allow(dead_code))]
     routes: HashMap<String, Entry<P>>,
-    default: Option<Arc<P>>,
+    default: Option<Bound<P>>,
+}
+
+/// A policy, with the key prefixes ([`prefix_hash`]) of its keys hashed once, when the table
+/// is built: keyed by its name, and by its name and the route template it was found under.
+pub(crate) struct Bound<P> {
+    pub(crate) policy: Arc<P>,
+    /// `prefix_hash(name, name)`.
+    pub(crate) name_prefix: u64,
+    /// `prefix_hash(name, template)`: `None` for the default policy found under a template the
+    /// table has no entry for (then it is hashed per request).
+    pub(crate) route_prefix: Option<u64>,
+}
+
+impl<P> Bound<P> {
+    fn new(policy: Arc<P>, name: &str, template: Option<&str>) -> Self {
+        Bound {
+            name_prefix: prefix_hash(name, name),
+            route_prefix: template.map(|t| prefix_hash(name, t)),
+            policy,
+        }
+    }
 }
 
 struct Entry<P> {
-    any: Option<Arc<P>>,
-    by_method: Vec<(Method, Arc<P>)>,
+    any: Option<Bound<P>>,
+    by_method: Vec<(Method, Bound<P>)>,
+    /// The default policy under this template (`None` without a default).
+    default: Option<Bound<P>>,
 }
 
 impl<P> Entry<P> {
@@ -24,7 +49,7 @@ impl<P> Entry<P> {
     /// `GET` entry: axum answers `HEAD` with the `GET` handler (dropping only the body), so a
     /// `GET` policy that did not cover `HEAD` could be stepped around with `curl -I`.
     #[cfg_attr(not(feature = "axum"), allow(dead_code))]
-    fn for_method(&self, method: &Method) -> Option<&Arc<P>> {
+    fn for_method(&self, method: &Method) -> Option<&Bound<P>> {
         let find = |m: &Method| self.by_method.iter().find(|(e, _)| e == m).map(|(_, p)| p);
         find(method).or_else(|| {
             (*method == Method::HEAD)
@@ -35,20 +60,27 @@ impl<P> Entry<P> {
 }
 
 impl<P> RouteTable<P> {
-    /// Builds the table from a layer's entries, compiling each policy with `compile`. The last
-    /// entry for the same route and method wins, as with a router.
+    /// Builds the table from a layer's entries, compiling each policy with `compile` (`name`
+    /// gives a compiled policy's name). The last entry for the same route and method wins, as
+    /// with a router.
     pub(crate) fn build<S>(
         entries: &[(Option<Method>, String, S)],
         default: Option<&S>,
         mut compile: impl FnMut(&S) -> Arc<P>,
+        name: impl Fn(&P) -> &str,
     ) -> Self {
+        let default = default.map(&mut compile);
+        let bind = |policy: &Arc<P>, template: Option<&str>| {
+            Bound::new(Arc::clone(policy), name(policy), template)
+        };
         let mut routes: HashMap<String, Entry<P>> = HashMap::new();
         for (method, template, policy) in entries {
             let entry = routes.entry(template.clone()).or_insert_with(|| Entry {
                 any: None,
                 by_method: Vec::new(),
+                default: default.as_ref().map(|d| bind(d, Some(template))),
             });
-            let compiled = compile(policy);
+            let compiled = bind(&compile(policy), Some(template));
             match method {
                 None => entry.any = Some(compiled),
                 Some(m) => {
@@ -59,7 +91,7 @@ impl<P> RouteTable<P> {
         }
         RouteTable {
             routes,
-            default: default.map(compile),
+            default: default.as_ref().map(|d| bind(d, None)),
         }
     }
 
@@ -70,7 +102,7 @@ impl<P> RouteTable<P> {
     pub(crate) fn lookup<'p: 'r, 'r, B>(
         &'p self,
         req: &'r Request<B>,
-    ) -> Option<(&'p Arc<P>, Option<&'r str>)> {
+    ) -> Option<(&'p Bound<P>, Option<&'r str>)> {
         #[cfg(feature = "axum")]
         if let Some(matched) = req.extensions().get::<axum::extract::MatchedPath>() {
             let matched = matched.as_str();
@@ -79,6 +111,7 @@ impl<P> RouteTable<P> {
                 if let Some(policy) = by_method.or(entry.any.as_ref()) {
                     return Some((policy, Some(matched)));
                 }
+                return entry.default.as_ref().map(|p| (p, Some(matched)));
             }
             return self.default.as_ref().map(|p| (p, Some(matched)));
         }

@@ -316,3 +316,52 @@ async fn a_get_policy_covers_head_and_shares_its_budget() {
         [200, 429]
     );
 }
+
+#[tokio::test]
+async fn the_layer_spends_the_state_of_the_key_its_policy_and_route_name() {
+    // The layer hashes each policy's name and route template once, when it is built. Whatever
+    // the way a request found its policy, the state it spends is the one a caller of the store
+    // reaches with `Key::new` from the policy's name and the key's route part: a prefix hashed
+    // from the wrong pair would leave that state untouched (and split or merge budgets).
+    let store = MemoryStore::new();
+    let one = quota("1/m");
+    let layer = RateLimitLayer::new(store.clone())
+        .route("/any", Policy::new("any", one))
+        .route_method(Method::POST, "/post", Policy::new("post", one))
+        .route(
+            "/shared",
+            Policy::new("shared", one).with_scope(KeyScope::Policy),
+        )
+        .policy(Policy::new("default", one));
+    let app = Router::new()
+        .route("/any", get(|| async { "any" }))
+        .route("/post", get(|| async { "get" }).post(|| async { "post" }))
+        .route("/shared", get(|| async { "shared" }))
+        .route("/unbound", get(|| async { "unbound" }))
+        .layer(layer);
+    let peer = [203, 0, 113, 9];
+    let ip = Some(std::net::IpAddr::from(peer));
+    // (method, path, policy name, the key's route part)
+    let cases = [
+        (Method::GET, "/any", "any", "/any"),
+        (Method::POST, "/post", "post", "/post"),
+        // A template with an entry, but not for this method: the default policy.
+        (Method::GET, "/post", "default", "/post"),
+        // A template without an entry: the default policy, hashed per request.
+        (Method::GET, "/unbound", "default", "/unbound"),
+        // A policy keyed on its name, not on the route.
+        (Method::GET, "/shared", "shared", "shared"),
+    ];
+    for (method, path, policy, route) in cases {
+        let key = tollgate::Key::new(policy, route, ip, None::<&str>);
+        // A zero-cost check reads the state without spending.
+        let before = store.decide(&key, &[one], 0).unwrap().states()[0].remaining();
+        assert_eq!(before, 1, "{method} {path}: spent before its request");
+        assert_eq!(statuses(&app, method.clone(), path, peer, 1).await, [200]);
+        let after = store.decide(&key, &[one], 0).unwrap().states()[0].remaining();
+        assert_eq!(
+            after, 0,
+            "{method} {path}: the request spent another key's state"
+        );
+    }
+}
