@@ -21,6 +21,10 @@
 //! [`or`](KeyExtractor::or) falls back to a second extractor when the first finds nothing
 //! (`FromExtension::<ApiKey>::new().or(ClientAddress)`). A request whose identity is missing
 //! is handled as the layer's [`MissingKey`] says.
+//!
+//! Calling a store directly, build keys with [`Key::new`], or with a [`KeyPrefix`] made once
+//! per route when many keys share a policy and a route: the same keys, without hashing the
+//! policy and the route for each (the layers do this for every route they are given).
 
 use std::borrow::Cow;
 use std::fmt;
