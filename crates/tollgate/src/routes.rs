@@ -41,6 +41,7 @@ struct Entry<P> {
     any: Option<Bound<P>>,
     by_method: Vec<(Method, Bound<P>)>,
     /// The default policy under this template (`None` without a default).
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
     default: Option<Bound<P>>,
 }
 
