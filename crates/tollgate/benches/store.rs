@@ -161,10 +161,15 @@ fn layer(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(20);
+    // The peer address as axum's `into_make_service_with_connect_info` gives it (the README's
+    // setup), so the layer finds it with its first lookup.
     let request = || {
         let mut req = Request::new(());
         req.extensions_mut()
-            .insert(SocketAddr::from(([192, 0, 2, 1], 4000)));
+            .insert(axum::extract::ConnectInfo(SocketAddr::from((
+                [192, 0, 2, 1],
+                4000,
+            ))));
         req
     };
     let handler = |_req: Request<()>| {
