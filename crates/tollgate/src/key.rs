@@ -185,8 +185,12 @@ impl<'a> Key<'a> {
             Some(IpAddr::V4(ip)) => (1, u128::from(u32::from(ip))),
             Some(IpAddr::V6(ip)) => (2, u128::from(ip)),
         };
-        let head = u128::from(family) | (u128::from(self.digested) << 8);
-        h.write_u128((u128::from(self.prefix) << 64) | head);
+        // Laid out as bytes, not fields OR-ed into disjoint bits (docs/testing.md, `key.rs`).
+        let mut head = [0u8; 16];
+        head[..8].copy_from_slice(&self.prefix.to_le_bytes());
+        head[8] = family;
+        head[9] = u8::from(self.digested);
+        h.write_u128(u128::from_le_bytes(head));
         h.write_u128(addr);
         if let Some(user) = &self.user {
             h.write(user.as_bytes());
@@ -357,7 +361,7 @@ impl fmt::Display for Key<'_> {
 /// A [`Key`] that owns its parts, for stores whose decision outlives the request (a future
 /// that decides after a network round trip, a fallback store). [`key`](Self::key) gives back
 /// exactly the key it was made from, a digested user included.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct OwnedKey {
     policy: String,
     route: String,
@@ -377,6 +381,19 @@ impl From<&Key<'_>> for OwnedKey {
             user: key.user.as_deref().map(str::to_owned),
             digested: key.digested,
         }
+    }
+}
+
+/// The parts, without the prefix hash (a random seed's, different in every process).
+impl fmt::Debug for OwnedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OwnedKey")
+            .field("policy", &self.policy)
+            .field("route", &self.route)
+            .field("ip", &self.ip)
+            .field("user", &self.user)
+            .field("digested", &self.digested)
+            .finish_non_exhaustive()
     }
 }
 
