@@ -3,11 +3,14 @@
 //! doing, so a change to the request path can be measured before and after on a busy machine.
 //!
 //! `cargo build --release -p tollgate-tests --example layer-loop`, then
-//! `valgrind --tool=callgrind target/release/examples/layer-loop [ITERATIONS] [headers|none|bare|floor] [empty|browser]`
+//! `valgrind --tool=callgrind target/release/examples/layer-loop [ITERATIONS] [headers|none|bare|floor] [empty|browser|router]`
 //!
 //! The request carries no header fields (`empty`, the default, as in the criterion layer bench)
 //! or eight ordinary ones (`browser`: `host`, `user-agent`, `accept`, `cookie` and the like), for
 //! what the layer's work on the request's headers costs on a request as clients send them.
+//! `router` serves the empty request through an axum `Router` instead, the policy bound to its
+//! route and the handler answering text (with its `content-type`), as an axum service does:
+//! the layer's cost where it is used, its route looked up by the matched template.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -16,8 +19,11 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::routing::get;
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Request, Response};
+use http::{HeaderName, HeaderValue, Request, Response, Uri};
 use http_body_util::Full;
 use tollgate::{MemoryStore, Policy, Quota, RateLimitHeaders, RateLimitLayer};
 use tower::{Service, ServiceBuilder, ServiceExt};
@@ -93,6 +99,48 @@ where
         .count()
 }
 
+/// The requests an axum router answered 200, of `iterations`: `GET /hello` from a connected
+/// peer, as `into_make_service_with_connect_info` serves it.
+fn run_router(router: &Router, iterations: u32) -> usize {
+    (0..iterations)
+        .filter(|_| {
+            let mut req = Request::new(axum::body::Body::empty());
+            *req.uri_mut() = Uri::from_static("/hello");
+            req.extensions_mut()
+                .insert(ConnectInfo(SocketAddr::from(([192, 0, 2, 1], 4000))));
+            black_box(now(router.clone().oneshot(req))).is_ok_and(|r| r.status() == 200)
+        })
+        .count()
+}
+
+/// `mode` through an axum router: no layer (`bare`), or the layer with the policy bound to the
+/// route, with or without rate-limit headers.
+fn router(mode: &str, iterations: u32) {
+    let app = Router::new().route("/hello", get(|| async { "hello" }));
+    let app = match mode {
+        "bare" => app,
+        "none" | "headers" => {
+            let headers = if mode == "none" {
+                RateLimitHeaders::None
+            } else {
+                RateLimitHeaders::Ietf
+            };
+            let quota = Quota::per_second(1_000_000).expect("quota");
+            app.layer(
+                RateLimitLayer::new(MemoryStore::new())
+                    .route("/hello", Policy::new("api", quota))
+                    .headers(headers),
+            )
+        }
+        other => panic!("mode {other} is not served through a router: bare, none or headers"),
+    };
+    // Its routes made once, as `into_make_service` does: a `Router` called before that makes
+    // each handler's route (and applies the layers to it) per request.
+    let app = app.with_state(());
+    let ok = run_router(&app, iterations);
+    println!("{ok} of {iterations} answered 200 (router, {mode})");
+}
+
 fn main() {
     let iterations: u32 = std::env::args()
         .nth(1)
@@ -104,7 +152,8 @@ fn main() {
     let browser = match std::env::args().nth(3).as_deref() {
         None | Some("empty") => false,
         Some("browser") => true,
-        Some(other) => panic!("unknown request kind {other}: empty or browser"),
+        Some("router") => return router(&mode, iterations),
+        Some(other) => panic!("unknown request kind {other}: empty, browser or router"),
     };
     let handler = |_req: Request<()>| {
         std::future::ready(Ok::<_, Infallible>(Response::new(Full::<Bytes>::default())))
