@@ -1276,6 +1276,24 @@ mod tests {
     }
 
     #[test]
+    fn an_owned_key_shows_its_parts_and_not_its_per_process_prefix() {
+        let key = Key::new("policy-p", "/route-a", Some(IP), Some("user-u"));
+        let shown = format!("{:?}", OwnedKey::from(&key));
+        for part in [
+            "policy-p",
+            "/route-a",
+            "192.0.2.1",
+            "user-u",
+            "digested: false",
+        ] {
+            assert!(shown.contains(part), "{part} in {shown}");
+        }
+        // The prefix is a random seed's hash: logged, it would differ in every process.
+        assert!(!shown.contains("prefix"), "{shown}");
+        assert!(!shown.contains(&key.prefix.to_string()), "{shown}");
+    }
+
+    #[test]
     fn an_ipv4_client_and_its_ipv4_compatible_ipv6_twin_are_two_keys() {
         // ::192.0.2.1 has the same low 32 bits as 192.0.2.1: only the address family in the
         // hash tells them apart in the memory store.
