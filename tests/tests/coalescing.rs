@@ -68,13 +68,26 @@ async fn all(checks: Vec<Check>) -> Vec<Decision> {
     out
 }
 
-/// 300 checks: 200 of one client under 50 per hour, and two clients under 5 per hour whose
-/// states hold garbage and a value of another type, interleaved.
+/// 300 checks, interleaved: 150 of one client under 50 per hour; two clients under 5 per hour
+/// whose states hold garbage and a value of another type; one under a policy of a fixed
+/// window and a rate, and one under a sliding window (windows of a day, each key at its own
+/// offset, so that a boundary almost never falls between the runs compared). A call carries
+/// checks of four shapes, windows with their keys' offsets among them.
 fn mixed_checks() -> Vec<(Key<'static>, Vec<Quota>)> {
+    let windows = || {
+        let mut q = quota("3/d fixed-window");
+        q.extend(quota("20/h"));
+        q
+    };
     (0..300)
-        .map(|i| match i % 6 {
+        .map(|i| match i % 8 {
             4 => (Key::new("c", "/x", None, Some("garbage")), quota("5/h")),
             5 => (Key::new("c", "/x", None, Some("list")), quota("5/h")),
+            6 => (Key::new("w", "/x", None, Some("fixed")), windows()),
+            7 => (
+                Key::new("w", "/x", None, Some("sliding")),
+                quota("4/d sliding-window"),
+            ),
             _ => (Key::new("c", "/x", None, Some("hot")), quota("50/h")),
         })
         .collect()
@@ -88,56 +101,98 @@ fn spoil(server: &RedisServer, store: &RedisStore) {
     server.cli(&["rpush", &list, "a", "b"]);
 }
 
-#[tokio::test]
-async fn checks_in_flight_together_share_calls_and_get_the_decisions_of_one_call_each() {
-    let server = RedisServer::start();
-    let checks = mixed_checks();
-
+/// Decides `checks` one call each, one after the other, then queued all at once into stores
+/// of 64, 16 and 1 checks per call, and asserts the same decisions in as few calls as the
+/// bound allows. Returns the decisions of one call each.
+async fn decided_alike_however_coalesced(
+    server: &RedisServer,
+    name: &str,
+    checks: &[(Key<'static>, Vec<Quota>)],
+) -> Vec<Decision> {
+    let n = checks.len() as u64;
     // The reference: every check in a call of its own, one after the other.
-    let alone = connected(builder(&server.url()).prefix("alone:").max_batch(1)).await;
-    spoil(&server, &alone);
+    let alone = connected(
+        builder(&server.url())
+            .prefix(format!("{name}-alone:"))
+            .max_batch(1),
+    )
+    .await;
+    spoil(server, &alone);
     let before = server.calls("evalsha");
     let mut expected = Vec::new();
-    for (key, quotas) in &checks {
+    for (key, quotas) in checks {
         expected.push(alone.check(key, quotas, 1).await.expect("decision"));
     }
-    assert_eq!(server.calls("evalsha") - before, 300);
+    assert_eq!(server.calls("evalsha") - before, n);
 
-    for (max_batch, calls) in [(64, 5), (16, 19), (1, 300)] {
-        let prefix = format!("batch{max_batch}:");
+    for max_batch in [64, 16, 1] {
+        let prefix = format!("{name}-batch{max_batch}:");
         let store = connected(builder(&server.url()).prefix(&prefix).max_batch(max_batch)).await;
-        spoil(&server, &store);
+        spoil(server, &store);
         let before = server.calls("evalsha");
-        let got = all(queue_all(&store, &checks)).await;
+        let got = all(queue_all(&store, checks)).await;
         assert_eq!(
             server.calls("evalsha") - before,
-            calls,
-            "300 queued checks, at most {max_batch} per call"
+            n.div_ceil(max_batch as u64),
+            "{n} queued checks, at most {max_batch} per call"
         );
         for (i, (got, want)) in got.iter().zip(&expected).enumerate() {
             assert_eq!(
                 (got.is_allowed(), got.remaining()),
                 (want.is_allowed(), want.remaining()),
-                "check {i} with max_batch {max_batch}"
+                "{name}: check {i} with max_batch {max_batch}"
             );
         }
     }
+    expected
+}
+
+#[tokio::test]
+async fn checks_in_flight_together_share_calls_and_get_the_decisions_of_one_call_each() {
+    let server = RedisServer::start();
+    // Calls of one shape (the script's path for one GCRA quota) ...
+    let one_shape: Vec<_> = (0..120)
+        .map(|i| {
+            (
+                Key::new("c", "/x", None, Some(["a", "b"][i % 2])),
+                quota("50/h"),
+            )
+        })
+        .collect();
+    let expected = decided_alike_however_coalesced(&server, "one", &one_shape).await;
+    for client in 0..2 {
+        let left: Vec<u32> = expected
+            .iter()
+            .skip(client)
+            .step_by(2)
+            .filter(|d| d.is_allowed())
+            .map(Decision::remaining)
+            .collect();
+        assert_eq!(left, (0..50).rev().collect::<Vec<_>>());
+    }
+    // ... and of several.
+    let expected = decided_alike_however_coalesced(&server, "mixed", &mixed_checks()).await;
     // What the reference decided: every unit of each budget exactly once, in order.
+    let allowed = |class: usize| -> Vec<u32> {
+        expected
+            .iter()
+            .enumerate()
+            .filter(|(i, d)| i % 8 == class && d.is_allowed())
+            .map(|(_, d)| d.remaining())
+            .collect()
+    };
     let hot: Vec<u32> = expected
         .iter()
         .enumerate()
-        .filter(|(i, d)| i % 6 < 4 && d.is_allowed())
+        .filter(|(i, d)| i % 8 < 4 && d.is_allowed())
         .map(|(_, d)| d.remaining())
         .collect();
     assert_eq!(hot, (0..50).rev().collect::<Vec<_>>());
     for spoilt in [4, 5] {
-        let allowed = expected
-            .iter()
-            .enumerate()
-            .filter(|(i, d)| i % 6 == spoilt && d.is_allowed())
-            .count();
-        assert_eq!(allowed, 5, "a spoilt state counts as absent");
+        assert_eq!(allowed(spoilt).len(), 5, "a spoilt state counts as absent");
     }
+    assert_eq!(allowed(6), [2, 1, 0], "the fixed window's three");
+    assert_eq!(allowed(7), [3, 2, 1, 0], "the sliding window's four");
 }
 
 #[tokio::test]

@@ -19,8 +19,11 @@ use fred::prelude::{ClientLike, Error as FredError, ErrorKind as FredErrorKind, 
 use fred::prelude::{Options, Value};
 use fred::types::scripts::Script;
 use fred::types::{Key as FredKey, MultipleKeys};
+use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 use tollgate::metrics::StoreMetrics;
+
+use crate::script::{CheckArgs, Times};
 
 /// A script and what runs it.
 #[derive(Clone)]
@@ -81,16 +84,46 @@ impl Runner {
     }
 }
 
-/// The keys and arguments of one call for `checks`, as Redis receives them: the key names and
-/// the integers written out in decimal, all in one buffer, each a slice of it. Given as
-/// integers, fred would count each one's digits through `log10` and convert it twice, and
-/// every key would be an allocation of its own.
-fn encode<'a, I>(checks: I) -> (Vec<FredKey>, Vec<Value>)
+/// How many distinct shapes a call looks through for a check's own before it lists the
+/// check's shape again: a call carries the checks of a few policies, so this is a bound that
+/// no real call reaches, set by the number of policies an operator configured, not by clients.
+const SHAPES_SEARCHED: usize = 8;
+
+/// The keys and arguments of one call for `checks`, as Redis receives them (the header of
+/// `rate_limit.lua`): the number of shapes (signed by how the checks' times read), each
+/// distinct shape once, then each check's own numbers, after its shape's place in the list
+/// when there are several. The key names and the integers are written out in decimal,
+/// all in one buffer, each a slice of it: given as integers, fred would count each one's
+/// digits through `log10` and convert it twice, and every key would be an allocation of its
+/// own.
+fn encode<'a, I>(times: Times, checks: I) -> (Vec<FredKey>, Vec<Value>)
 where
-    I: Iterator<Item = (&'a [String], &'a [i64])> + Clone,
+    I: Iterator<Item = (&'a [String], &'a CheckArgs)> + Clone,
 {
+    // Each check's shape, as its place in the call's list of shapes.
+    let mut shapes: SmallVec<[&[i64]; 4]> = SmallVec::new();
+    let mut index: SmallVec<[u16; 64]> = SmallVec::new();
+    for (_, args) in checks.clone() {
+        let shape = args.shape();
+        let found = shapes
+            .iter()
+            .take(SHAPES_SEARCHED)
+            .position(|s| *s == shape);
+        let i = found.unwrap_or_else(|| {
+            shapes.push(shape);
+            shapes.len() - 1
+        });
+        // A call carries at most `max_batch` (at most 1024) checks, so at most that many
+        // shapes.
+        index.push(u16::try_from(i + 1).unwrap_or(u16::MAX));
+    }
     let n_keys = checks.clone().map(|(keys, _)| keys.len()).sum();
-    let n_args = checks.clone().map(|(_, args)| args.len()).sum();
+    let n_args = 1
+        + shapes.iter().map(|s| s.len()).sum::<usize>()
+        + checks
+            .clone()
+            .map(|(_, args)| 1 + args.own().len())
+            .sum::<usize>();
     let name_bytes: usize = checks
         .clone()
         .flat_map(|(keys, _)| keys)
@@ -102,14 +135,27 @@ where
     let mut keys = Vec::with_capacity(n_keys);
     let mut args = Vec::with_capacity(n_args);
     let mut itoa = itoa::Buffer::new();
-    for (check_keys, check_args) in checks {
+    let mut arg = |buf: &mut BytesMut, n: i64| {
+        buf.extend_from_slice(itoa.format(n).as_bytes());
+        args.push(Value::Bytes(buf.split().freeze()));
+    };
+    arg(&mut buf, times.shapes_arg(shapes.len()));
+    let one_shape = shapes.len() == 1;
+    for shape in &shapes {
+        for n in *shape {
+            arg(&mut buf, *n);
+        }
+    }
+    for ((check_keys, check_args), shape) in checks.zip(index) {
         for k in check_keys {
             buf.extend_from_slice(k.as_bytes());
             keys.push(FredKey::from(buf.split().freeze()));
         }
-        for a in check_args {
-            buf.extend_from_slice(itoa.format(*a).as_bytes());
-            args.push(Value::Bytes(buf.split().freeze()));
+        if !one_shape {
+            arg(&mut buf, i64::from(shape));
+        }
+        for n in check_args.own() {
+            arg(&mut buf, *n);
         }
     }
     (keys, args)
@@ -122,7 +168,7 @@ fn not_connected() -> FredError {
 /// One check waiting for its call.
 struct Pending {
     keys: Vec<String>,
-    args: Vec<i64>,
+    args: CheckArgs,
     /// The hash slot of its keys (on a cluster; 0 elsewhere).
     slot: u16,
     reply: oneshot::Sender<Result<Value, FredError>>,
@@ -134,6 +180,8 @@ pub(crate) struct Coalescer {
     /// `None` when every check goes alone (`max_batch(1)`).
     queue: Option<mpsc::UnboundedSender<Pending>>,
     clustered: bool,
+    /// What each check's time is: the same for every check of a store.
+    times: Times,
     /// Checks queued and not sent (nor dropped) yet, at most `max_queued`.
     queued: Arc<AtomicUsize>,
     max_queued: usize,
@@ -158,34 +206,42 @@ impl Coalescer {
         max_batch: usize,
         max_queued: usize,
         clustered: bool,
+        times: Times,
     ) -> Self {
         let runner = Arc::new(runner);
         let queued = Arc::new(AtomicUsize::new(0));
         let queue = (max_batch > 1).then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(run(rx, Arc::clone(&runner), max_batch, Arc::clone(&queued)));
+            tokio::spawn(run(
+                rx,
+                Arc::clone(&runner),
+                max_batch,
+                Arc::clone(&queued),
+                times,
+            ));
             tx
         });
         Coalescer {
             runner,
             queue,
             clustered,
+            times,
             queued,
             max_queued,
         }
     }
 
-    /// The reply of one check (`keys` and `args` as `script::args` lays them out for one
-    /// check), from the call that carried it.
+    /// The reply of one check (its state keys, one per quota, and its arguments), from the
+    /// call that carried it.
     pub(crate) async fn check(
         &self,
         keys: Vec<String>,
-        args: Vec<i64>,
+        args: CheckArgs,
     ) -> Result<Value, FredError> {
         let Some(queue) = &self.queue else {
             let reply = self
                 .runner
-                .eval_with(|| encode(std::iter::once((&keys[..], &args[..]))))
+                .eval_with(|| encode(self.times, std::iter::once((&keys[..], &args))))
                 .await?;
             return one_reply(reply, 1).map(|mut r| r.swap_remove(0));
         };
@@ -235,6 +291,7 @@ async fn run(
     runner: Arc<Runner>,
     max_batch: usize,
     queued: Arc<AtomicUsize>,
+    times: Times,
 ) {
     let (done_tx, mut done) = mpsc::unbounded_channel::<u16>();
     let mut slots: HashMap<u16, Slot> = HashMap::new();
@@ -295,7 +352,7 @@ async fn run(
                 let runner = Arc::clone(&runner);
                 let done = Returned(done_tx.clone(), id);
                 tokio::spawn(async move {
-                    send(runner, checks).await;
+                    send(runner, times, checks).await;
                     drop(done);
                 });
             }
@@ -333,9 +390,9 @@ struct Slot {
 }
 
 /// One call for `checks`, and each its own reply.
-async fn send(runner: Arc<Runner>, checks: Vec<Pending>) {
+async fn send(runner: Arc<Runner>, times: Times, checks: Vec<Pending>) {
     let replies = runner
-        .eval_with(|| encode(checks.iter().map(|c| (&c.keys[..], &c.args[..]))))
+        .eval_with(|| encode(times, checks.iter().map(|c| (&c.keys[..], &c.args))))
         .await
         .and_then(|reply| one_reply(reply, checks.len()));
     match replies {
@@ -388,30 +445,124 @@ mod tests {
         drop(Returned(tx, 1));
     }
 
-    #[test]
-    fn a_call_carries_every_key_and_integer_of_its_checks_in_order() {
-        let a = (
-            vec!["tollgate:{a}:q1".to_owned(), "tollgate:{a}:q2".to_owned()],
-            vec![-1, 0, 7],
-        );
-        let b = (
-            vec![String::new()],
-            vec![i64::MIN, i64::MAX, 1_796_410_077_145_304],
-        );
-        let (keys, args) = encode([&a, &b].into_iter().map(|(k, v)| (&k[..], &v[..])));
-        let keys: Vec<&str> = keys.iter().map(|k| k.as_str().unwrap()).collect();
-        assert_eq!(keys, ["tollgate:{a}:q1", "tollgate:{a}:q2", ""]);
-        let args: Vec<String> = args
-            .iter()
+    /// A call's arguments as the script reads them.
+    fn numbers(args: &[Value]) -> Vec<String> {
+        args.iter()
             .map(|v| match v {
                 Value::Bytes(b) => String::from_utf8(b.to_vec()).unwrap(),
                 other => panic!("not bytes: {other:?}"),
             })
-            .collect();
-        let expected = [-1, 0, 7, i64::MIN, i64::MAX, 1_796_410_077_145_304].map(|n| n.to_string());
-        assert_eq!(args, expected);
+            .collect()
+    }
+
+    fn check(policy: &str, quotas: &[&str], cost: u32, time: i64) -> CheckArgs {
+        let quotas: Vec<tollgate::Quota> = quotas.iter().map(|q| q.parse().unwrap()).collect();
+        let key = tollgate::Key::new(policy, "/x", None, Some("u"));
+        let mut args = CheckArgs::new(&key, &quotas, cost);
+        args.set_time(time);
+        args
+    }
+
+    #[test]
+    fn a_call_carries_every_key_and_integer_of_its_checks_in_order() {
+        let keys_a = vec!["tollgate:{a}:q1".to_owned(), "tollgate:{a}:q2".to_owned()];
+        let keys_b = vec![String::new()];
+        let a = check("a", &["5/s", "100/m"], 2, i64::MAX);
+        let b = check("b", &["7/s"], 0, i64::MIN);
+        let checks = [(&keys_a, &a), (&keys_b, &b)];
+        let (keys, args) = encode(Times::Deadlines, checks.iter().map(|(k, a)| (&k[..], *a)));
+        let keys: Vec<&str> = keys.iter().map(|k| k.as_str().unwrap()).collect();
+        assert_eq!(keys, ["tollgate:{a}:q1", "tollgate:{a}:q2", ""]);
+        let expected = [
+            // Two shapes (positive: the times are deadlines): GCRA 5/s (T 200 ms, span 1 s)
+            // and 100/m; then 7/s.
+            2,
+            2,
+            0,
+            200_000,
+            1_000_000,
+            0,
+            600_000,
+            60_000_000,
+            1,
+            0,
+            // 7/s: T rounded up to a whole microsecond, as the store keeps it.
+            142_858,
+            1_000_006,
+            // The first check: shape 1, cost 2, its time; the second: shape 2, cost 0.
+            1,
+            2,
+            i64::MAX,
+            2,
+            0,
+            i64::MIN,
+        ]
+        .map(|n| n.to_string());
+        assert_eq!(numbers(&args), expected);
         // As fred would have sent the integers: their decimal digits.
         assert_eq!(Value::Integer(-1).as_str().as_deref(), Some("-1"));
+    }
+
+    #[test]
+    fn checks_of_one_policy_send_its_shape_once_and_windows_their_own_offsets() {
+        let keys = ["k1".to_owned(), "k2".to_owned()];
+        let window = ["5/s", "100/m sliding-window"];
+        let checks = [
+            check("a", &window, 1, 10),
+            check("a", &["5/s"], 1, 11),
+            check("b", &window, 3, 12),
+        ];
+        let (_, args) = encode(Times::Given, checks.iter().map(|a| (&keys[..], a)));
+        let got = numbers(&args);
+        // Two shapes (the window policy's, the GCRA one's), each sent once; negative: the
+        // times are given.
+        assert_eq!(got[..2], ["-2", "2"]);
+        assert_eq!(got[2..8], ["0", "200000", "1000000", "2", "60000", "100"]);
+        assert_eq!(got[8..12], ["1", "0", "200000", "1000000"]);
+        // Each check: its shape, cost, time, then the sliding window's offset for its key.
+        let offset = |policy: &str| {
+            let key = tollgate::Key::new(policy, "/x", None, Some("u"));
+            let q: tollgate::Quota = "100/m sliding-window".parse().unwrap();
+            tollgate::store::window_offset(&key, &q).to_string()
+        };
+        assert_eq!(got[12..16], ["1", "1", "10", offset("a").as_str()]);
+        assert_eq!(got[16..19], ["2", "1", "11"]);
+        assert_eq!(got[19..], ["1", "3", "12", offset("b").as_str()]);
+        assert_ne!(offset("a"), offset("b"), "keys of one window offset alike");
+    }
+
+    #[test]
+    fn the_checks_of_a_call_of_one_shape_send_only_their_own_numbers() {
+        let keys = ["k".to_owned()];
+        let checks = [check("a", &["5/s"], 1, 10), check("b", &["5/s"], 2, 11)];
+        let (_, args) = encode(Times::Deadlines, checks.iter().map(|a| (&keys[..], a)));
+        let expected = [1, 1, 0, 200_000, 1_000_000, 1, 10, 2, 11].map(|n| n.to_string());
+        assert_eq!(numbers(&args), expected);
+    }
+
+    #[test]
+    fn a_call_of_many_shapes_lists_each_beyond_the_searched_ones_again() {
+        // More shapes than a call looks through: each check still names a shape equal to its
+        // own, so the script decides it with its own quotas.
+        let keys = ["k".to_owned()];
+        let checks: Vec<CheckArgs> = (1..=SHAPES_SEARCHED as u32 + 3)
+            .chain(1..=SHAPES_SEARCHED as u32 + 3)
+            .map(|n| check("p", &[&format!("{n}/s")], 1, -1))
+            .collect();
+        let (_, args) = encode(Times::Deadlines, checks.iter().map(|a| (&keys[..], a)));
+        let got: Vec<i64> = numbers(&args).iter().map(|n| n.parse().unwrap()).collect();
+        let n_shapes = usize::try_from(got[0]).unwrap();
+        let shapes: Vec<&[i64]> = got[1..1 + 4 * n_shapes].chunks(4).collect();
+        let sent: Vec<&[i64]> = got[1 + 4 * n_shapes..].chunks(3).collect();
+        assert_eq!(sent.len(), checks.len());
+        for (args, sent) in checks.iter().zip(&sent) {
+            let shape = usize::try_from(sent[0]).unwrap();
+            assert_eq!(shapes[shape - 1], args.shape());
+            assert_eq!(&sent[1..], args.own());
+        }
+        // The first SHAPES_SEARCHED shapes are found again; the three beyond them are listed
+        // once more for their second checks.
+        assert_eq!(n_shapes, SHAPES_SEARCHED + 3 + 3);
     }
 
     #[test]

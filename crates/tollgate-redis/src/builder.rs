@@ -287,6 +287,12 @@ impl RedisStoreBuilder {
                     self.max_batch,
                     max_queued,
                     clustered,
+                    // A test clock replaces the server's: then each check sends its own time.
+                    if self.clock.is_some() {
+                        crate::script::Times::Given
+                    } else {
+                        crate::script::Times::Deadlines
+                    },
                 ),
                 concurrency: Runner {
                     client: client.clone(),

@@ -8,18 +8,24 @@
 -- KEYS     the states of each check's quotas, check after check. A state is named by its quota
 --          (so reordering or adding quotas in a deploy never mixes states up). All keys of one
 --          check share a hash tag; on a cluster all keys of one call share a slot.
--- ARGV     for each check, 4 + 4n numbers, n being its number of quotas:
---   now      in microseconds, or -1 to use the server's clock (TIME, read once per call). Only
---            tests pass a time.
---   cost     of the request in units (0 <= cost <= the smallest burst; checked by the caller)
---   deadline in microseconds of the server's clock, or -1 for none: the caller gives up then,
---            so a check that runs later (a server thawing from a freeze, a queue that drained
---            late) writes nothing and answers { -1, now }.
---   n        the check's number of quotas, its next n keys
---   then for each of its quotas: algorithm, then
---          0 (GCRA):           emission interval T (us), burst span B*T (us), unused
---          1 (fixed window):   window W (ms), limit L, this key's window offset (ms)
---          2 (sliding window): window W (ms), limit L, this key's window offset (ms)
+-- ARGV     the call's shapes, then its checks:
+--   S        the number of shapes; negative (-S) when each check's time is the time to decide
+--            it at (a test clock: only tests pass a time) rather than its deadline. Then each
+--            shape: what every check of a policy sends alike, sent once per call however many
+--            of its checks share it:
+--     n      its number of quotas, then for each quota its algorithm and two parameters:
+--              0 (GCRA):           emission interval T (us), burst span B*T (us)
+--              1 (fixed window):   window W (ms), limit L
+--              2 (sliding window): window W (ms), limit L
+--   then each check: its shape (1 to S; absent when S is 1), its cost in units (0 <= cost <=
+--            the smallest burst; checked by the caller), its time, then for each window quota
+--            of its shape, in order, this key's window offset (ms). Its keys are the next n
+--            keys.
+--   time     a deadline (S > 0), in microseconds of the server's clock, or -1 for none: the
+--            checks are decided at the server's time (TIME, read once per call), and a check
+--            past its deadline (a server thawing from a freeze, a queue that drained late)
+--            writes nothing and answers { -1, now }, its caller having given up. Or (S < 0) the
+--            time to decide the check at, in microseconds, with no deadline.
 --
 -- States: GCRA stores the theoretical arrival time (TAT, us); a fixed window "end_ms count";
 -- a sliding window "end_ms current previous" (the end of the current window). A value this
@@ -105,9 +111,7 @@ end
 
 -- The one-quota GCRA check (the common policy), deciding exactly as the general path below
 -- does, without its per-quota tables and closures.
-local function check_gcra(key, a, now, cost)
-  local T = tonumber(ARGV[a + 5])
-  local span = tonumber(ARGV[a + 6])
+local function check_gcra(key, T, span, now, cost)
   local tat = tat_of(read(key))
   local repaired = false
   if tat == nil or tat < now then
@@ -133,18 +137,27 @@ local function check_gcra(key, a, now, cost)
   return { 0, now, 0, left, used, ahead - span, next_unit(B, T, left, used) }
 end
 
--- One check: its keys are KEYS[k + 1 .. k + n], its arguments start at ARGV[a].
-local function check(k, a)
-  local now = tonumber(ARGV[a])
-  if now < 0 then now = server_time() end
-  local cost = tonumber(ARGV[a + 1])
-  local deadline = tonumber(ARGV[a + 2])
-  local n = tonumber(ARGV[a + 3])
-  if deadline >= 0 and now > deadline then
-    return { -1, now }
-  end
-  if n == 1 and tonumber(ARGV[a + 4]) == 0 then
-    return check_gcra(KEYS[k + 1], a, now, cost)
+-- The number of shapes, and how each check's time reads (see ARGV above).
+local n_shapes = tonumber(ARGV[1])
+local given_times = n_shapes < 0
+if given_times then n_shapes = -n_shapes end
+
+-- The time to decide a check of `time` at (see ARGV above), and whether it is past its
+-- deadline.
+local function moment(time)
+  if given_times then return time, false end
+  local now = server_time()
+  return now, time >= 0 and now > time
+end
+
+-- One check of `shape` at `cost` and `time`: its keys are KEYS[k + 1 .. k + n], its window
+-- offsets ARGV[o], ARGV[o + 1], ...
+local function check(k, shape, cost, time, o)
+  local now, late = moment(time)
+  if late then return { -1, now } end
+  local n = shape.n
+  if n == 1 and shape[1][1] == 0 then
+    return check_gcra(KEYS[k + 1], shape[1][2], shape[1][3], now, cost)
   end
   local now_ms = math.floor(now / 1000)
 
@@ -165,10 +178,12 @@ local function check(k, a)
   local all = 1
 
   for i = 1, n do
-    local algo = tonumber(ARGV[a + 4 * i])
-    local p1 = tonumber(ARGV[a + 4 * i + 1])
-    local p2 = tonumber(ARGV[a + 4 * i + 2])
-    local p3 = tonumber(ARGV[a + 4 * i + 3])
+    local q = shape[i]
+    local algo, p1, p2, p3 = q[1], q[2], q[3], 0
+    if algo ~= 0 then
+      p3 = tonumber(ARGV[o])
+      o = o + 1
+    end
     local key = KEYS[k + i]
     local raw = read(key)
     local e = {}
@@ -333,12 +348,50 @@ local function check(k, a)
 end
 
 local replies = {}
-local k, a = 0, 1
-while a <= #ARGV do
-  local n = tonumber(ARGV[a + 3])
-  replies[#replies + 1] = check(k, a)
-  k = k + n
-  a = a + 4 + 4 * n
+local a, k = 2, 0
+if n_shapes == 1 and tonumber(ARGV[2]) == 1 and tonumber(ARGV[3]) == 0 then
+  -- One shape, of one GCRA quota (the common policy): its checks are decided on a path of
+  -- locals, without the tables of the general path.
+  local T, span = tonumber(ARGV[4]), tonumber(ARGV[5])
+  a = 6
+  while a <= #ARGV do
+    k = k + 1
+    local now, late = moment(tonumber(ARGV[a + 1]))
+    if late then
+      replies[k] = { -1, now }
+    else
+      replies[k] = check_gcra(KEYS[k], T, span, now, tonumber(ARGV[a]))
+    end
+    a = a + 2
+  end
+else
+  -- The shapes: shape.n quotas, shape[i] = { algorithm, p1, p2 }, shape.windows of them
+  -- windows. Read once per call, not once per check.
+  local shapes = {}
+  for s = 1, n_shapes do
+    local n = tonumber(ARGV[a])
+    local shape = { n = n, windows = 0 }
+    for i = 1, n do
+      local b = a + 3 * i - 2
+      local algo = tonumber(ARGV[b])
+      shape[i] = { algo, tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]) }
+      if algo ~= 0 then shape.windows = shape.windows + 1 end
+    end
+    shapes[s] = shape
+    a = a + 1 + 3 * n
+  end
+  local one = n_shapes == 1 and shapes[1]
+  while a <= #ARGV do
+    -- Each check's shape, unless all share the one.
+    local shape = one
+    if not one then
+      shape = shapes[tonumber(ARGV[a])]
+      a = a + 1
+    end
+    replies[#replies + 1] = check(k, shape, tonumber(ARGV[a]), tonumber(ARGV[a + 1]), a + 2)
+    k = k + shape.n
+    a = a + 2 + shape.windows
+  end
 end
 for _, key in ipairs(order) do
   local w = written[key]

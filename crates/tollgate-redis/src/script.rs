@@ -14,42 +14,90 @@ pub(crate) const RATE_LIMIT_SCRIPT: &str = include_str!("rate_limit.lua");
 /// The Lua source of the concurrency-lease script.
 pub(crate) const CONCURRENCY_SCRIPT: &str = include_str!("concurrency.lua");
 
-/// Where the deadline is in a check's arguments.
-pub(crate) const DEADLINE: usize = 2;
+/// What the time each check sends is: a store decides on the server's clock (and sends each
+/// check's deadline) or, in tests, on a clock of its own (and sends each check's time).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Times {
+    /// Each check's time is its deadline on the server's clock (-1: none); the script reads the
+    /// server's clock once per call.
+    Deadlines,
+    /// Each check's time is its own `now`, from the store's test clock; no deadline.
+    Given,
+}
 
-/// The script's arguments for one check (see the header of `rate_limit.lua`): the arguments of
-/// several checks, one after the other, are the arguments of a call that decides them all.
-pub(crate) fn args(
-    key: &Key<'_>,
-    quotas: &[Quota],
-    cost: u32,
-    now_us: i64,
-    deadline_us: i64,
-) -> Vec<i64> {
-    let mut args = Vec::with_capacity(4 + 4 * quotas.len());
-    let n = i64::try_from(quotas.len()).unwrap_or(i64::MAX);
-    args.extend([now_us, i64::from(cost), deadline_us, n]);
-    for q in quotas {
-        match q.algorithm() {
-            Algorithm::FixedWindow | Algorithm::SlidingWindow => {
-                let window_ms = i64::try_from(q.period().as_millis()).unwrap_or(i64::MAX);
-                let offset = i64::try_from(window_offset(key, q)).unwrap_or(0);
-                let algo = if q.algorithm() == Algorithm::FixedWindow {
-                    1
-                } else {
-                    2
-                };
-                args.extend([algo, window_ms, i64::from(q.limit()), offset]);
-            }
-            _ => args.extend([
-                0,
-                micros(q.emission_interval()),
-                micros(q.emission_interval() * q.burst()),
-                0,
-            ]),
+impl Times {
+    /// The first argument of a call of `shapes` shapes (see the header of `rate_limit.lua`):
+    /// their number, negative when the checks' times are given.
+    pub(crate) fn shapes_arg(self, shapes: usize) -> i64 {
+        let n = i64::try_from(shapes).unwrap_or(i64::MAX);
+        match self {
+            Times::Deadlines => n,
+            Times::Given => -n,
         }
     }
-    args
+}
+
+/// One check's arguments (see the header of `rate_limit.lua`), in one allocation: first its
+/// policy's *shape* (the number of quotas, and each quota's algorithm and two parameters,
+/// alike for every check of the policy, so a call sends each shape once, however many of its
+/// checks share it), then its own: the cost, its time, and each window quota's offset.
+#[derive(Debug)]
+pub(crate) struct CheckArgs {
+    numbers: Vec<i64>,
+    /// Where the check's own numbers start.
+    own: usize,
+}
+
+/// Where the time is among a check's own numbers.
+const TIME: usize = 1;
+
+impl CheckArgs {
+    /// The arguments of a check of `quotas` for `key` at `cost`, with no time yet (-1).
+    pub(crate) fn new(key: &Key<'_>, quotas: &[Quota], cost: u32) -> Self {
+        let windows = quotas.iter().filter(|q| is_window(q.algorithm())).count();
+        let own = 1 + 3 * quotas.len();
+        let mut numbers = Vec::with_capacity(own + 2 + windows);
+        numbers.push(i64::try_from(quotas.len()).unwrap_or(i64::MAX));
+        for q in quotas {
+            match q.algorithm() {
+                a if is_window(a) => {
+                    let window_ms = i64::try_from(q.period().as_millis()).unwrap_or(i64::MAX);
+                    let algo = if a == Algorithm::FixedWindow { 1 } else { 2 };
+                    numbers.extend([algo, window_ms, i64::from(q.limit())]);
+                }
+                _ => numbers.extend([
+                    0,
+                    micros(q.emission_interval()),
+                    micros(q.emission_interval() * q.burst()),
+                ]),
+            }
+        }
+        numbers.extend([i64::from(cost), -1]);
+        for q in quotas.iter().filter(|q| is_window(q.algorithm())) {
+            numbers.push(i64::try_from(window_offset(key, q)).unwrap_or(0));
+        }
+        CheckArgs { numbers, own }
+    }
+
+    /// Sets the check's time: its deadline on the server's clock, or its own `now` under a
+    /// test clock ([`Times`]).
+    pub(crate) fn set_time(&mut self, time: i64) {
+        self.numbers[self.own + TIME] = time;
+    }
+
+    /// The policy's shape: the same numbers for every check of the policy.
+    pub(crate) fn shape(&self) -> &[i64] {
+        &self.numbers[..self.own]
+    }
+
+    /// The check's own numbers: cost, time, window offsets.
+    pub(crate) fn own(&self) -> &[i64] {
+        &self.numbers[self.own..]
+    }
+}
+
+fn is_window(a: Algorithm) -> bool {
+    matches!(a, Algorithm::FixedWindow | Algorithm::SlidingWindow)
 }
 
 fn micros(d: Duration) -> i64 {

@@ -335,7 +335,10 @@ impl Store for RedisStore {
             .clock
             .as_ref()
             .map(|c| i64::try_from(c.now_ns() / 1_000).unwrap_or(i64::MAX));
-        let mut args = script::args(key, quotas, cost, test_now_us.unwrap_or(-1), -1);
+        let mut args = script::CheckArgs::new(key, quotas, cost);
+        if let Some(now_us) = test_now_us {
+            args.set_time(now_us);
+        }
         // Most policies have one or two quotas: kept inline, not in an allocation of their own.
         let quotas: SmallVec<[Quota; 2]> = SmallVec::from_slice(quotas);
         // The fallback decides after the round trip failed, so it needs its own copy of the key.
@@ -347,7 +350,7 @@ impl Store for RedisStore {
             if test_now_us.is_none() {
                 // The script must not write once the caller has given up: tell it when, on the
                 // server's clock.
-                args[script::DEADLINE] = inner.server_clock.deadline(sent, inner.timeout_us());
+                args.set_time(inner.server_clock.deadline(sent, inner.timeout_us()));
             }
             let result =
                 match tokio::time::timeout(inner.timeout, inner.checks.check(keys, args)).await {
