@@ -375,3 +375,83 @@ async fn every_call_is_counted_so_checks_per_call_can_be_watched() {
         "the warm-up twice, then 300 checks in calls of 64"
     );
 }
+
+/// The script itself, called as the store calls it: a check past its deadline between two
+/// others writes nothing, answers only its status, and leaves the others' replies in place, on
+/// the path for one GCRA shape and on the general one.
+#[test]
+fn a_late_check_in_a_call_answers_only_its_status_and_writes_nothing() {
+    let server = RedisServer::start();
+    let script = include_str!("../../crates/tollgate-redis/src/rate_limit.lua");
+    let eval = |args: &[&str]| -> Vec<i64> {
+        let mut call = vec!["eval", script];
+        call.extend_from_slice(args);
+        let reply = server.cli(&call);
+        reply
+            .lines()
+            .map(|l| l.trim().parse().unwrap_or_else(|_| panic!("{reply}")))
+            .collect()
+    };
+    // One shape (GCRA, T = 60 s, a burst of 1000: a state lasts a minute); three checks of
+    // cost 1, the middle one with a deadline long past.
+    let got = eval(&[
+        "3",
+        "g1",
+        "g2",
+        "g3",
+        "1",
+        "1",
+        "0",
+        "60000000",
+        "60000000000",
+        "1",
+        "-1",
+        "1",
+        "1",
+        "1",
+        "-1",
+    ]);
+    let allowed = [1, 1, 999, 60_000_000, 0, 60_000_000];
+    assert!(got[0] > 1_000_000_000_000_000, "the server's time: {got:?}");
+    assert_eq!(got[1..7], allowed);
+    assert_eq!(got[7], -1);
+    assert_eq!(got[8..], allowed);
+    // Two shapes (that GCRA quota; a fixed window of 5 a minute): the late check is the
+    // window's, and names its shape and offset like the others.
+    let got = eval(&[
+        "3",
+        "w1",
+        "w2",
+        "w3",
+        "2",
+        "1",
+        "0",
+        "60000000",
+        "60000000000",
+        "1",
+        "1",
+        "60000",
+        "5",
+        "1",
+        "1",
+        "-1",
+        "2",
+        "1",
+        "1",
+        "0",
+        "2",
+        "2",
+        "-1",
+        "0",
+    ]);
+    assert_eq!(got[1..7], allowed);
+    assert_eq!(got[7], -1);
+    assert_eq!(
+        got[8..11],
+        [1, 1, 3],
+        "allowed, with 3 of 5 left after a cost of 2"
+    );
+    assert_eq!(got.len(), 14);
+    assert_eq!(server.cli(&["exists", "g2", "w2"]), "0");
+    assert_eq!(server.cli(&["exists", "g1", "g3", "w1", "w3"]), "4");
+}

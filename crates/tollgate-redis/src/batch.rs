@@ -23,7 +23,7 @@ use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 use tollgate::metrics::StoreMetrics;
 
-use crate::script::{CheckArgs, Times};
+use crate::script::{CheckArgs, CheckReply, REPLY_FIELDS, Times};
 
 /// A script and what runs it.
 #[derive(Clone)]
@@ -171,7 +171,7 @@ struct Pending {
     args: CheckArgs,
     /// The hash slot of its keys (on a cluster; 0 elsewhere).
     slot: u16,
-    reply: oneshot::Sender<Result<Value, FredError>>,
+    reply: oneshot::Sender<Result<CheckReply, FredError>>,
 }
 
 /// Sends the rate-limit checks, coalesced.
@@ -237,13 +237,13 @@ impl Coalescer {
         &self,
         keys: Vec<String>,
         args: CheckArgs,
-    ) -> Result<Value, FredError> {
+    ) -> Result<CheckReply, FredError> {
         let Some(queue) = &self.queue else {
             let reply = self
                 .runner
                 .eval_with(|| encode(self.times, std::iter::once((&keys[..], &args))))
                 .await?;
-            return one_reply(reply, 1).map(|mut r| r.swap_remove(0));
+            return split_reply(&reply, std::iter::once(keys.len())).map(|mut r| r.swap_remove(0));
         };
         if !self.runner.client.is_connected() {
             return Err(not_connected());
@@ -394,7 +394,7 @@ async fn send(runner: Arc<Runner>, times: Times, checks: Vec<Pending>) {
     let replies = runner
         .eval_with(|| encode(times, checks.iter().map(|c| (&c.keys[..], &c.args))))
         .await
-        .and_then(|reply| one_reply(reply, checks.len()));
+        .and_then(|reply| split_reply(&reply, checks.iter().map(|c| c.keys.len())));
     match replies {
         Ok(replies) => {
             for (check, reply) in checks.into_iter().zip(replies) {
@@ -410,18 +410,46 @@ async fn send(runner: Arc<Runner>, times: Times, checks: Vec<Pending>) {
     }
 }
 
-/// The script's reply split into the replies of its `checks` checks: anything but an array of
-/// exactly that many is a parse error (an invalid response), never a guess.
-fn one_reply(reply: Value, checks: usize) -> Result<Vec<Value>, FredError> {
-    match reply {
-        Value::Array(replies) if replies.len() == checks => Ok(replies),
-        other => Err(FredError::new(
+/// The script's reply to a call split into the replies of its checks, each of which has the
+/// given number of quotas (its state keys): `[now, then for each check its status and, unless
+/// it is -1 (late), five numbers per quota]` (the header of `rate_limit.lua`). Each check's
+/// reply is `[status, now, its numbers]`. Anything but integers laid out so is a parse error
+/// (an invalid response) for every check of the call, never a guess.
+fn split_reply(
+    reply: &Value,
+    quotas: impl ExactSizeIterator<Item = usize>,
+) -> Result<Vec<CheckReply>, FredError> {
+    let invalid = |why: &str| {
+        FredError::new(
             FredErrorKind::Parse,
-            format!(
-                "rate-limit script reply is not one reply for each of {checks} checks: {other:?}"
-            ),
-        )),
+            format!("rate-limit script reply {why}: {reply:?}"),
+        )
+    };
+    let Value::Array(items) = reply else {
+        return Err(invalid("is not an array"));
+    };
+    let mut numbers = items.iter().map(|v| match v {
+        Value::Integer(i) => Ok(*i),
+        _ => Err(invalid("holds a value that is not an integer")),
+    });
+    let short = || invalid("is shorter than its checks");
+    let now = numbers.next().ok_or_else(short)??;
+    let mut replies = Vec::with_capacity(quotas.len());
+    for n in quotas {
+        let mut check = CheckReply::new();
+        let status = numbers.next().ok_or_else(short)??;
+        check.extend([status, now]);
+        if status != -1 {
+            for _ in 0..REPLY_FIELDS * n {
+                check.push(numbers.next().ok_or_else(short)??);
+            }
+        }
+        replies.push(check);
     }
+    if numbers.next().is_some() {
+        return Err(invalid("is longer than its checks"));
+    }
+    Ok(replies)
 }
 
 #[cfg(test)]
@@ -566,20 +594,66 @@ mod tests {
     }
 
     #[test]
-    fn a_reply_that_is_not_one_per_check_is_a_parse_error() {
-        let one = Value::Array(vec![Value::Integer(1), Value::Integer(2)]);
+    fn a_reply_that_is_not_laid_out_for_its_checks_is_a_parse_error() {
+        let int = Value::Integer;
+        let now = int(1_700_000_000_000_000);
+        let ok = |v: Vec<Value>| Value::Array(v);
         let cases = [
-            (Value::Null, 1),
-            (Value::Integer(1), 1),
-            (Value::Array(vec![]), 1),
-            (Value::Array(vec![one.clone()]), 2),
-            (Value::Array(vec![one.clone(), one.clone()]), 1),
+            Value::Null,
+            int(1),
+            ok(vec![]),
+            // Only the time.
+            ok(vec![now.clone()]),
+            // The first check one number short, then none for the second.
+            ok(vec![now.clone(), int(1), int(1), int(4), int(0), int(0)]),
+            // A number too many.
+            ok(vec![
+                now.clone(),
+                int(1),
+                int(1),
+                int(4),
+                int(0),
+                int(0),
+                int(0),
+                int(-1),
+                int(7),
+            ]),
+            // A number that is not an integer.
+            ok(vec![
+                now,
+                int(1),
+                int(1),
+                Value::String("4".into()),
+                int(0),
+                int(0),
+                int(0),
+                int(-1),
+            ]),
         ];
-        for (reply, checks) in cases {
-            let err = one_reply(reply.clone(), checks).unwrap_err();
+        for reply in cases {
+            let err = split_reply(&reply, [1, 1].into_iter()).unwrap_err();
             assert_eq!(err.kind(), &FredErrorKind::Parse, "{reply:?}");
         }
-        let two = one_reply(Value::Array(vec![one.clone(), Value::Null]), 2).unwrap();
-        assert_eq!(two, vec![one, Value::Null]);
+        // A decided check of two quotas, a late one (nothing follows its status), a refused
+        // one of one quota.
+        let reply = ok([1_700_000_000_000_000, 1]
+            .into_iter()
+            .chain([1, 9, 0, 0, 0])
+            .chain([1, 3, 0, 0, 0])
+            .chain([-1])
+            .chain([0, 0, 0, 5, 7, 7])
+            .map(int)
+            .collect());
+        let got = split_reply(&reply, [2, 1, 1].into_iter()).unwrap();
+        let t = 1_700_000_000_000_000;
+        let want: [&[i64]; 3] = [
+            &[1, t, 1, 9, 0, 0, 0, 1, 3, 0, 0, 0],
+            &[-1, t],
+            &[0, t, 0, 0, 5, 7, 7],
+        ];
+        assert_eq!(got.len(), 3);
+        for (got, want) in got.iter().zip(want) {
+            assert_eq!(got.as_slice(), want);
+        }
     }
 }

@@ -34,8 +34,11 @@
 -- expiry, by the next allowed request. A state of the next window (the clock stepped back)
 -- still counts, in its own window: docs/algorithms.md, "When the clock steps back".
 --
--- Returns one reply per check, in order, each a flat array of integers: allowed (1 or 0), now
--- (us), then for each quota
+-- Returns one flat array of integers for the whole call (one array, not one per check: each
+-- element is a frame the client decodes): the server's time `now` (us) the checks were decided
+-- at (0 when the times were given), then for each check, in order, its status: 1 allowed, 0
+-- refused, or -1 past its deadline (wrote nothing; nothing follows for it); then, unless -1,
+-- for each of its quotas
 --   allowed, remaining, reset_after_us, retry_after_us, next_unit_us
 -- (next_unit_us: until one more unit than `remaining` is available, 0 when the quota is full).
 --
@@ -76,6 +79,16 @@ end
 -- a busy key cost more than the decision.
 local written = {}
 local order = {}
+
+-- The reply (see above), appended to as the checks are decided; out[1] is set at the end.
+-- Made with room for a call of one check of one quota (the array part grows by doubling), and
+-- cut after its last element when the call ends.
+local out = { 0, 0, 0, 0, 0, 0, 0 }
+local m = 1
+local function put(x)
+  m = m + 1
+  out[m] = x
+end
 
 -- The stored string (or a GCRA state this call wrote, as a number), or nil when the key is
 -- absent or holds another type.
@@ -127,14 +140,19 @@ local function check_gcra(key, T, span, now, cost)
   if ahead <= span then
     local left = math.floor((span - ahead) / T)
     if ahead > 0 then write(key, new_tat, math.max(1, math.ceil(ahead / 1000))) end
-    return { 1, now, 1, left, ahead, 0, next_unit(B, T, left, ahead) }
+    out[m + 1], out[m + 2], out[m + 3], out[m + 4], out[m + 5], out[m + 6] =
+      1, 1, left, ahead, 0, next_unit(B, T, left, ahead)
+    m = m + 6
+    return
   end
   if repaired then write(key, tat, math.max(1, math.ceil((tat - now) / 1000))) end
   local used = tat - now
   local free = span - used
   if free < 0 then free = 0 end
   local left = math.floor(free / T)
-  return { 0, now, 0, left, used, ahead - span, next_unit(B, T, left, used) }
+  out[m + 1], out[m + 2], out[m + 3], out[m + 4], out[m + 5], out[m + 6] =
+    0, 0, left, used, ahead - span, next_unit(B, T, left, used)
+  m = m + 6
 end
 
 -- The number of shapes, and how each check's time reads (see ARGV above).
@@ -154,7 +172,7 @@ end
 -- offsets ARGV[o], ARGV[o + 1], ...
 local function check(k, shape, cost, time, o)
   local now, late = moment(time)
-  if late then return { -1, now } end
+  if late then return put(-1) end
   local n = shape.n
   if n == 1 and shape[1][1] == 0 then
     return check_gcra(KEYS[k + 1], shape[1][2], shape[1][3], now, cost)
@@ -327,7 +345,7 @@ local function check(k, shape, cost, time, o)
     evals[i] = e
   end
 
-  local out = { all, now }
+  put(all)
   for i = 1, n do
     local e = evals[i]
     local r
@@ -338,16 +356,14 @@ local function check(k, shape, cost, time, o)
       if e.repair then e.repair() end
       r = e.unspent
     end
-    out[#out + 1] = e.allowed and 1 or 0
-    out[#out + 1] = r[1]
-    out[#out + 1] = r[2]
-    out[#out + 1] = r[3]
-    out[#out + 1] = r[4]
+    put(e.allowed and 1 or 0)
+    put(r[1])
+    put(r[2])
+    put(r[3])
+    put(r[4])
   end
-  return out
 end
 
-local replies = {}
 local a, k = 2, 0
 if n_shapes == 1 and tonumber(ARGV[2]) == 1 and tonumber(ARGV[3]) == 0 then
   -- One shape, of one GCRA quota (the common policy): its checks are decided on a path of
@@ -358,9 +374,9 @@ if n_shapes == 1 and tonumber(ARGV[2]) == 1 and tonumber(ARGV[3]) == 0 then
     k = k + 1
     local now, late = moment(tonumber(ARGV[a + 1]))
     if late then
-      replies[k] = { -1, now }
+      put(-1)
     else
-      replies[k] = check_gcra(KEYS[k], T, span, now, tonumber(ARGV[a]))
+      check_gcra(KEYS[k], T, span, now, tonumber(ARGV[a]))
     end
     a = a + 2
   end
@@ -388,7 +404,7 @@ else
       shape = shapes[tonumber(ARGV[a])]
       a = a + 1
     end
-    replies[#replies + 1] = check(k, shape, tonumber(ARGV[a]), tonumber(ARGV[a + 1]), a + 2)
+    check(k, shape, tonumber(ARGV[a]), tonumber(ARGV[a + 1]), a + 2)
     k = k + shape.n
     a = a + 2 + shape.windows
   end
@@ -399,4 +415,6 @@ for _, key in ipairs(order) do
   if type(value) == 'number' then value = string.format('%.0f', value) end
   redis.call('SET', key, value, 'PX', w[2])
 end
-return replies
+out[1] = server_now or 0
+out[m + 1] = nil
+return out

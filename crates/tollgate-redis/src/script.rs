@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use fred::prelude::Value;
+use smallvec::SmallVec;
 use tollgate::store::window_offset;
 use tollgate::{Algorithm, Decision, Key, Quota, QuotaState, StoreError, StoreErrorKind};
 
@@ -123,53 +123,48 @@ impl Reply {
 }
 
 /// The numbers the script reports for each quota.
-const REPLY_FIELDS: usize = 5;
+pub(crate) const REPLY_FIELDS: usize = 5;
 
-/// Reads the script's reply to one check: `[allowed, now_us, (allowed, remaining,
-/// reset_after_us, retry_after_us, next_unit_us) for each quota]`, or `[-1, now_us]` when it ran
-/// past the deadline. Anything else is an invalid response, never a panic or a guess.
-pub(crate) fn parse_reply(reply: &Value, quotas: &[Quota]) -> Result<Reply, StoreError> {
+/// One check's reply, as the sending task hands it over: its status (1 allowed, 0 refused, -1
+/// late), the server's time of the call, then its quotas' numbers (none when late). Inline for
+/// a check of one quota: no allocation.
+pub(crate) type CheckReply = SmallVec<[i64; 2 + REPLY_FIELDS]>;
+
+/// Reads one check's reply: `[status, now_us, (allowed, remaining, reset_after_us,
+/// retry_after_us, next_unit_us) for each quota]`, or `[-1, now_us]` when it ran past the
+/// deadline. Anything else is an invalid response, never a panic or a guess.
+pub(crate) fn parse_reply(reply: &[i64], quotas: &[Quota]) -> Result<Reply, StoreError> {
     let invalid = |why: &str| {
         StoreError::with_source(
             StoreErrorKind::InvalidResponse,
             format!("rate-limit script reply {why}: {reply:?}"),
         )
     };
-    let Value::Array(items) = reply else {
-        return Err(invalid("is not an array"));
-    };
-    if let [Value::Integer(-1), Value::Integer(now_us)] = items.as_slice() {
+    if let [-1, now_us] = reply {
         return Ok(Reply::Late { now_us: *now_us });
     }
-    if items.len() != 2 + REPLY_FIELDS * quotas.len() {
+    if reply.len() != 2 + REPLY_FIELDS * quotas.len() {
         return Err(invalid("has the wrong length"));
     }
-    // Checked in place, then read: no copy of the numbers, no list of states besides the
-    // decision's own.
-    let int = |item: &Value| match item {
-        Value::Integer(i) if *i >= 0 => Some(*i),
-        _ => None,
-    };
-    if !items.iter().all(|item| int(item).is_some()) {
-        return Err(invalid("holds a value that is not a non-negative integer"));
+    if reply.iter().any(|n| *n < 0) {
+        return Err(invalid("holds a negative number"));
     }
-    let at = |i: usize| int(&items[i]).unwrap_or_default();
     let flag = |v: i64| match v {
         0 => Ok(false),
         1 => Ok(true),
         _ => Err(invalid("holds a flag that is neither 0 nor 1")),
     };
-    let all = flag(at(0))?;
-    let now_us = at(1);
+    let all = flag(reply[0])?;
+    let now_us = reply[1];
     for q in 0..quotas.len() {
-        if !flag(at(2 + REPLY_FIELDS * q))? && all {
+        if !flag(reply[2 + REPLY_FIELDS * q])? && all {
             return Err(invalid(
                 "allows the request while refusing one of its quotas",
             ));
         }
     }
     let states = quotas.iter().enumerate().map(|(q, quota)| {
-        let field = |f: usize| at(2 + REPLY_FIELDS * q + f);
+        let field = |f: usize| reply[2 + REPLY_FIELDS * q + f];
         let micros = |f: usize| Duration::from_micros(field(f).unsigned_abs());
         let remaining = u32::try_from(field(1)).unwrap_or(u32::MAX);
         QuotaState::new(*quota, field(0) == 1, remaining, micros(2), micros(3))
@@ -193,113 +188,47 @@ mod tests {
     #[test]
     fn replies_that_are_not_decisions_are_invalid_responses() {
         let q = [quota("5/s")];
-        let int = Value::Integer;
-        let now = int(1_700_000_000_000_000);
-        let cases = vec![
-            Value::Null,
-            Value::String("OK".into()),
-            Value::Array(vec![int(1)]),
-            Value::Array(vec![int(-1)]),
-            Value::Array(vec![int(-1), int(1), int(1)]),
-            Value::Array(vec![int(1), now.clone(), int(1), int(4), int(200_000)]),
+        let now = 1_700_000_000_000_000;
+        let cases: [&[i64]; 11] = [
+            &[],
+            &[1],
+            &[-1],
+            &[-1, 1, 1],
+            &[1, now, 1, 4, 200_000],
             // The reply of a script before next_unit_us: one number short per quota.
-            Value::Array(vec![
-                int(1),
-                now.clone(),
-                int(1),
-                int(4),
-                int(200_000),
-                int(0),
-            ]),
-            Value::Array(vec![
-                int(1),
-                now.clone(),
-                int(1),
-                int(-4),
-                int(200_000),
-                int(0),
-                int(0),
-            ]),
-            Value::Array(vec![
-                int(2),
-                now.clone(),
-                int(1),
-                int(4),
-                int(200_000),
-                int(0),
-                int(0),
-            ]),
-            Value::Array(vec![
-                int(1),
-                now.clone(),
-                int(0),
-                int(4),
-                int(200_000),
-                int(0),
-                int(0),
-            ]),
-            Value::Array(vec![
-                int(1),
-                now.clone(),
-                int(1),
-                Value::String("4".into()),
-                int(200_000),
-                int(0),
-                int(0),
-            ]),
-            Value::Array(vec![
-                int(0),
-                now.clone(),
-                int(1),
-                int(4),
-                int(200_000),
-                int(0),
-                int(0),
-            ]),
-            Value::Array(vec![
-                int(1),
-                int(-7),
-                int(1),
-                int(4),
-                int(200_000),
-                int(0),
-                int(0),
-            ]),
+            &[1, now, 1, 4, 200_000, 0],
+            &[1, now, 1, -4, 200_000, 0, 0],
+            &[2, now, 1, 4, 200_000, 0, 0],
+            &[1, now, 0, 4, 200_000, 0, 0],
+            &[1, -7, 1, 4, 200_000, 0, 0],
             // A quota's own flag that is neither 0 nor 1, in a refusal.
-            Value::Array(vec![
-                int(0),
-                now,
-                int(2),
-                int(4),
-                int(200_000),
-                int(0),
-                int(0),
-            ]),
+            &[0, now, 2, 4, 200_000, 0, 0],
         ];
         for reply in cases {
-            let err = parse_reply(&reply, &q).unwrap_err();
+            let err = parse_reply(reply, &q).unwrap_err();
             assert_eq!(err.kind(), StoreErrorKind::InvalidResponse, "{reply:?}");
         }
+        // A refusal that says so for every quota is one.
+        assert!(parse_reply(&[0, now, 0, 4, 200_000, 0, 0], &q).is_ok());
     }
 
     #[test]
     fn a_valid_reply_becomes_a_decision() {
         let q = [quota("5/10s"), quota("20/m")];
-        let int = Value::Integer;
-        let reply = Value::Array(vec![
-            int(0),
-            int(1_700_000_000_000_000),
-            int(0),
-            int(0),
-            int(10_000_000),
-            int(2_000_000),
-            int(2_000_000),
-            int(1),
-            int(19),
-            int(3_000_000),
-            int(0),
-            int(3_000_000),
-        ]);
+        let reply = [
+            0,
+            1_700_000_000_000_000,
+            0,
+            0,
+            10_000_000,
+            2_000_000,
+            2_000_000,
+            1,
+            19,
+            3_000_000,
+            0,
+            3_000_000,
+        ];
         let Reply::Decided {
             decision: d,
             now_us,
@@ -312,9 +241,8 @@ mod tests {
         assert_eq!(d.retry_after(), Some(Duration::from_secs(2)));
         assert_eq!(d.states()[1].remaining(), 19);
         assert_eq!(d.states()[1].next_unit_after(), Duration::from_secs(3));
-        let late = Value::Array(vec![int(-1), int(42)]);
         assert!(matches!(
-            parse_reply(&late, &q),
+            parse_reply(&[-1, 42], &q),
             Ok(Reply::Late { now_us: 42 })
         ));
     }
