@@ -167,9 +167,12 @@ fn not_connected() -> FredError {
     FredError::new(FredErrorKind::Canceled, "not connected to Redis")
 }
 
+/// A check's state keys, one per quota: inline for one.
+pub(crate) type StateKeys = SmallVec<[String; 1]>;
+
 /// One check waiting for its call.
 struct Pending {
-    keys: Vec<String>,
+    keys: StateKeys,
     args: CheckArgs,
     /// The hash slot of its keys (on a cluster; 0 elsewhere).
     slot: u16,
@@ -237,7 +240,7 @@ impl Coalescer {
     /// call that carried it.
     pub(crate) async fn check(
         &self,
-        keys: Vec<String>,
+        keys: StateKeys,
         args: CheckArgs,
     ) -> Result<CheckReply, FredError> {
         let Some(queue) = &self.queue else {

@@ -30,6 +30,13 @@ pub(crate) struct DenyCache {
     ttl_ns: u64,
 }
 
+/// A key's place in a [`DenyCache`]: its shard and its hash there.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DenyKey {
+    shard: usize,
+    hash: u64,
+}
+
 struct Entry {
     decision: Decision,
     /// When the refusal arrived and when its wait ends, in the store's nanoseconds.
@@ -48,14 +55,19 @@ impl DenyCache {
         }
     }
 
-    fn slot(&self, tag: &str) -> (usize, u64) {
+    /// Where the key whose hash tag is `tag` lives here: hashed once per check, for the look-up
+    /// before the round trip and the update after it.
+    pub(crate) fn key(&self, tag: &str) -> DenyKey {
         let h = self.hasher.hash_one(tag);
-        ((h >> 59) as usize % SHARDS, h)
+        DenyKey {
+            shard: (h >> 59) as usize % SHARDS,
+            hash: h,
+        }
     }
 
     /// The refusal still standing for this key and a request of `cost`, if any.
-    pub(crate) fn get(&self, tag: &str, cost: u32, now: u64) -> Option<Decision> {
-        let (shard, h) = self.slot(tag);
+    pub(crate) fn get(&self, key: DenyKey, cost: u32, now: u64) -> Option<Decision> {
+        let DenyKey { shard, hash: h } = key;
         let mut map = self.shards[shard]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -75,7 +87,7 @@ impl DenyCache {
     }
 
     /// Remembers a refusal that arrived at `now`.
-    pub(crate) fn put(&self, tag: &str, cost: u32, decision: &Decision, now: u64) {
+    pub(crate) fn put(&self, key: DenyKey, cost: u32, decision: &Decision, now: u64) {
         let Some(wait) = decision.retry_after() else {
             return;
         };
@@ -90,7 +102,7 @@ impl DenyCache {
         }
         let wait = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
         let until = now.saturating_add(wait.min(self.ttl_ns));
-        let (shard, h) = self.slot(tag);
+        let DenyKey { shard, hash: h } = key;
         let mut map = self.shards[shard]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
@@ -112,8 +124,8 @@ impl DenyCache {
     }
 
     /// Forgets a key: Redis allowed a request of it (of another cost), so the state moved on.
-    pub(crate) fn forget(&self, tag: &str) {
-        let (shard, h) = self.slot(tag);
+    pub(crate) fn forget(&self, key: DenyKey) {
+        let DenyKey { shard, hash: h } = key;
         self.shards[shard]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -150,31 +162,31 @@ mod tests {
     #[test]
     fn refuses_until_the_wait_is_over_and_never_after() {
         let c = DenyCache::new(100, Duration::from_secs(3600));
-        c.put("k", 1, &refusal(2_000), 0);
-        let d = c.get("k", 1, 500 * MS).unwrap();
+        c.put(c.key("k"), 1, &refusal(2_000), 0);
+        let d = c.get(c.key("k"), 1, 500 * MS).unwrap();
         assert_eq!(d.retry_after(), Some(Duration::from_millis(1_500)));
-        assert!(c.get("k", 1, 2_000 * MS).is_none());
+        assert!(c.get(c.key("k"), 1, 2_000 * MS).is_none());
         // Another key is not affected.
-        c.put("k", 1, &refusal(2_000), 0);
-        assert!(c.get("other", 1, 0).is_none());
+        c.put(c.key("k"), 1, &refusal(2_000), 0);
+        assert!(c.get(c.key("other"), 1, 0).is_none());
     }
 
     #[test]
     fn a_refusal_is_trusted_for_the_ttl_at_most() {
         let c = DenyCache::new(100, Duration::from_secs(10));
         // Redis said: wait a day.
-        c.put("k", 1, &refusal(86_400_000), 0);
-        assert!(c.get("k", 1, 9_999 * MS).is_some());
-        assert!(c.get("k", 1, 10_000 * MS).is_none());
+        c.put(c.key("k"), 1, &refusal(86_400_000), 0);
+        assert!(c.get(c.key("k"), 1, 9_999 * MS).is_some());
+        assert!(c.get(c.key("k"), 1, 10_000 * MS).is_none());
     }
 
     #[test]
     fn only_the_same_cost_gets_the_cached_answer() {
         let c = DenyCache::new(100, Duration::from_secs(3600));
-        c.put("k", 3, &refusal(2_000), 0);
-        assert!(c.get("k", 2, MS).is_none());
-        assert!(c.get("k", 3, MS).is_some());
-        assert!(c.get("k", 4, MS).is_none());
+        c.put(c.key("k"), 3, &refusal(2_000), 0);
+        assert!(c.get(c.key("k"), 2, MS).is_none());
+        assert!(c.get(c.key("k"), 3, MS).is_some());
+        assert!(c.get(c.key("k"), 4, MS).is_none());
     }
 
     #[test]
@@ -188,8 +200,8 @@ mod tests {
             Duration::from_secs(10),
             Duration::from_secs(1),
         )]);
-        c.put("k", 1, &d, 0);
-        assert!(c.get("k", 1, 0).is_none());
+        c.put(c.key("k"), 1, &d, 0);
+        assert!(c.get(c.key("k"), 1, 0).is_none());
     }
 
     #[test]
@@ -198,14 +210,14 @@ mod tests {
         let q: Quota = "5/10s".parse().unwrap();
         let allowed =
             Decision::from_states([QuotaState::new(q, true, 4, Duration::ZERO, Duration::ZERO)]);
-        c.put("a", 1, &allowed, 0);
+        c.put(c.key("a"), 1, &allowed, 0);
         assert_eq!(c.len(), 0);
         for i in 0..10_000 {
-            c.put(&i.to_string(), 1, &refusal(60_000), 0);
+            c.put(c.key(&i.to_string()), 1, &refusal(60_000), 0);
         }
         assert!(c.len() <= 32, "{}", c.len());
         // Expired entries make room.
-        c.put("late", 1, &refusal(1_000), 120_000 * MS);
-        assert!(c.get("late", 1, 120_000 * MS).is_some());
+        c.put(c.key("late"), 1, &refusal(1_000), 120_000 * MS);
+        assert!(c.get(c.key("late"), 1, 120_000 * MS).is_some());
     }
 }

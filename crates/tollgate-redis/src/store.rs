@@ -263,7 +263,7 @@ impl RedisStore {
         let inner = &self.inner;
         let tag = crate::keys::tag(key);
         if let Some(deny) = &inner.deny {
-            deny.forget(&tag);
+            deny.forget(deny.key(&tag));
         }
         if let Some(fallback) = &inner.fallback {
             fallback.reset(key, quotas);
@@ -308,8 +308,10 @@ impl Store for RedisStore {
         }
         let inner = &self.inner;
         let tag = crate::keys::tag(key);
-        if let Some(deny) = &inner.deny
-            && let Some(refusal) = deny.get(&tag, cost, inner.now_ns())
+        // Hashed once, for the look-up here and the update when the answer comes.
+        let deny_key = inner.deny.as_ref().map(|deny| deny.key(&tag));
+        if let (Some(deny), Some(deny_key)) = (&inner.deny, deny_key)
+            && let Some(refusal) = deny.get(deny_key, cost, inner.now_ns())
         {
             inner.metrics.deny_cache_hit();
             return Box::pin(std::future::ready(Ok(refusal)));
@@ -325,10 +327,12 @@ impl Store for RedisStore {
             };
             return Box::pin(std::future::ready(result));
         }
-        let keys: Vec<String> = quotas
+        // One state key per quota; most policies have one, kept inline.
+        let keys: SmallVec<[String; 1]> = quotas
             .iter()
             .map(|q| crate::keys::state_key(&inner.prefix, &tag, q))
             .collect();
+        drop(tag);
         // A test clock replaces the server's; then there is no server time to set a deadline
         // on.
         let test_now_us = inner
@@ -376,11 +380,11 @@ impl Store for RedisStore {
             match result {
                 Ok(decision) => {
                     inner.succeeded();
-                    if let Some(deny) = &inner.deny {
+                    if let (Some(deny), Some(deny_key)) = (&inner.deny, deny_key) {
                         if decision.is_limited() {
-                            deny.put(&tag, cost, &decision, inner.now_ns());
+                            deny.put(deny_key, cost, &decision, inner.now_ns());
                         } else {
-                            deny.forget(&tag);
+                            deny.forget(deny_key);
                         }
                     }
                     Ok(decision)
