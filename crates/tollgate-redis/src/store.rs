@@ -79,7 +79,13 @@ impl Inner {
 
     /// The monotonic clock in µs, whatever the test clock says: what deadlines are measured in.
     pub(crate) fn local_us(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_micros()).unwrap_or(u64::MAX)
+        self.local_us_at(Instant::now())
+    }
+
+    /// [`local_us`](Self::local_us) at `t`: one reading of the clock serves for the
+    /// metrics' duration and the deadline's arithmetic.
+    pub(crate) fn local_us_at(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.origin).as_micros()).unwrap_or(u64::MAX)
     }
 
     pub(crate) fn timeout_us(&self) -> u64 {
@@ -350,7 +356,7 @@ impl Store for RedisStore {
         let inner = Arc::clone(inner);
         Box::pin(async move {
             let started = Instant::now();
-            let sent = inner.local_us();
+            let sent = inner.local_us_at(started);
             if test_now_us.is_none() {
                 // The script must not write once the caller has given up: tell it when, on the
                 // server's clock.
@@ -362,12 +368,15 @@ impl Store for RedisStore {
                     Ok(Err(e)) => Err(inner.explain(classify(e))),
                     Ok(Ok(reply)) => script::parse_reply(&reply, &quotas),
                 };
-            inner.metrics.duration(started.elapsed());
+            let answered = Instant::now();
+            inner
+                .metrics
+                .duration(answered.saturating_duration_since(started));
             let result = result.and_then(|reply| {
                 if test_now_us.is_none() {
                     inner
                         .server_clock
-                        .sample(sent, inner.local_us(), reply.now_us());
+                        .sample(sent, inner.local_us_at(answered), reply.now_us());
                 }
                 match reply {
                     Reply::Decided { decision, .. } => Ok(decision),
