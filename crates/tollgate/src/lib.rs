@@ -23,6 +23,7 @@ pub mod rate_limit;
 mod response;
 mod routes;
 pub mod store;
+mod text;
 
 pub use client_ip::{ClientIpSource, ClientIpWarning, ForwardedHeader};
 pub use concurrency::{ConcurrencyLimitLayer, ConcurrencyPolicy, MemoryConcurrencyStore};

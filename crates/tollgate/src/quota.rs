@@ -6,6 +6,8 @@ use std::num::NonZeroU32;
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::text::Text;
+
 /// The shortest emission interval a quota may have: one unit per microsecond.
 ///
 /// Faster rates per key are not meaningful for HTTP and could not be represented identically by
@@ -283,17 +285,23 @@ impl Quota {
         struct Id<'q>(&'q Quota);
         impl fmt::Display for Id<'_> {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                // Written on the stack, then in one write: the Redis store names a state with
+                // it on every check. At most 10 + 1 + 19 + 2 + 10 + 3 bytes.
                 let q = self.0;
-                write!(f, "{}/", q.limit)?;
-                fmt_period(q.period(), f)?;
+                let mut t = Text::<48>::new();
+                t.int(q.limit.get());
+                t.push("/");
+                push_period(&mut t, q.period());
                 if q.burst != q.limit {
-                    write!(f, "-b{}", q.burst)?;
+                    t.push("-b");
+                    t.int(q.burst.get());
                 }
-                match q.algorithm {
-                    Algorithm::FixedWindow => f.write_str("-fw"),
-                    Algorithm::SlidingWindow => f.write_str("-sw"),
-                    Algorithm::Gcra => Ok(()),
-                }
+                t.push(match q.algorithm {
+                    Algorithm::FixedWindow => "-fw",
+                    Algorithm::SlidingWindow => "-sw",
+                    Algorithm::Gcra => "",
+                });
+                f.write_str(t.as_str())
             }
         }
         Id(self)
@@ -345,7 +353,9 @@ impl fmt::Display for Quota {
     /// `30/5m`, `10/s burst 20`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/", self.limit)?;
-        fmt_period(self.period(), f)?;
+        let mut period = Text::<24>::new();
+        push_period(&mut period, self.period());
+        f.write_str(period.as_str())?;
         if self.burst != self.limit {
             write!(f, " burst {}", self.burst)?;
         }
@@ -357,28 +367,32 @@ impl fmt::Display for Quota {
     }
 }
 
-fn fmt_period(period: Duration, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-    const UNITS: [(u128, &str); 5] = [
+/// `period` as the quota syntax writes it: `s`, `10s`, `5m`, `250ms`, `1500ns`. At most 19
+/// digits (366 days in ns) and a unit.
+fn push_period<const N: usize>(t: &mut Text<N>, period: Duration) {
+    const UNITS: [(u64, &str); 5] = [
         (86_400_000, "d"),
         (3_600_000, "h"),
         (60_000, "m"),
         (1_000, "s"),
         (1, "ms"),
     ];
-    let ms = period.as_millis();
+    // In u64 (a period is at most 366 days): u128 division is a library call.
+    let ms = u64::try_from(period.as_millis()).unwrap_or(u64::MAX);
     if period.subsec_nanos().is_multiple_of(1_000_000) {
         for (unit_ms, name) in UNITS {
             if ms.is_multiple_of(unit_ms) {
                 let n = ms / unit_ms;
-                return if n == 1 {
-                    f.write_str(name)
-                } else {
-                    write!(f, "{n}{name}")
-                };
+                if n != 1 {
+                    t.int(n);
+                }
+                t.push(name);
+                return;
             }
         }
     }
-    write!(f, "{}ns", period.as_nanos())
+    t.int(u64::try_from(period.as_nanos()).unwrap_or(u64::MAX));
+    t.push("ns");
 }
 
 impl FromStr for Quota {
@@ -773,6 +787,72 @@ mod tests {
             let q: Quota = s.parse().unwrap();
             assert_eq!(q.to_string(), s);
             assert_eq!(q.to_string().parse::<Quota>().unwrap(), q);
+        }
+    }
+
+    /// What `id` and `Display` wrote with `write!`, before they were written on the stack: a
+    /// state's name in Redis must not change between versions.
+    fn reference(q: &Quota, id: bool) -> String {
+        let period = q.period();
+        let ms = period.as_millis();
+        let mut p = format!("{}ns", period.as_nanos());
+        if period.subsec_nanos().is_multiple_of(1_000_000) {
+            for (unit_ms, name) in [
+                (86_400_000, "d"),
+                (3_600_000, "h"),
+                (60_000, "m"),
+                (1_000, "s"),
+                (1, "ms"),
+            ] {
+                if ms.is_multiple_of(unit_ms) {
+                    let n = ms / unit_ms;
+                    p = if n == 1 {
+                        name.to_owned()
+                    } else {
+                        format!("{n}{name}")
+                    };
+                    break;
+                }
+            }
+        }
+        let burst = match (q.burst != q.limit, id) {
+            (false, _) => String::new(),
+            (true, true) => format!("-b{}", q.burst),
+            (true, false) => format!(" burst {}", q.burst),
+        };
+        let algo = match (q.algorithm, id) {
+            (Algorithm::Gcra, _) => "",
+            (Algorithm::FixedWindow, true) => "-fw",
+            (Algorithm::SlidingWindow, true) => "-sw",
+            (Algorithm::FixedWindow, false) => " fixed-window",
+            (Algorithm::SlidingWindow, false) => " sliding-window",
+        };
+        format!("{}/{p}{burst}{algo}", q.limit)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ids_and_display_are_written_as_before(
+            limit in 1u32..=u32::MAX,
+            period_ns in 1u64..=366 * 86_400_000_000_000,
+            whole in proptest::sample::select(vec![1u64, 1_000_000, 1_000_000_000, 60_000_000_000, 3_600_000_000_000, 86_400_000_000_000]),
+            burst in proptest::option::of(1u32..=u32::MAX),
+            algo in 0u8..3,
+        ) {
+            // Whole units as often as odd nanoseconds: each branch of the period's unit.
+            let ns = (period_ns / whole).max(1) * whole;
+            let Ok(mut q) = Quota::new(limit, Duration::from_nanos(ns)) else {
+                return Ok(());
+            };
+            if let Some(b) = burst && let Ok(with) = q.with_burst(b) {
+                q = with;
+            }
+            let algorithm = [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow][usize::from(algo)];
+            if let Ok(with) = q.with_algorithm(algorithm) {
+                q = with;
+            }
+            proptest::prop_assert_eq!(q.id().to_string(), reference(&q, true));
+            proptest::prop_assert_eq!(q.to_string(), reference(&q, false));
         }
     }
 }
