@@ -9,6 +9,7 @@
 //! check goes alone, at once: nothing waits for company.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::Poll;
@@ -19,8 +20,8 @@ use fred::prelude::{ClientLike, Error as FredError, ErrorKind as FredErrorKind, 
 use fred::prelude::{Options, Value};
 use fred::types::scripts::Script;
 use fred::types::{Key as FredKey, MultipleKeys};
-use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
 use tollgate::metrics::StoreMetrics;
@@ -70,8 +71,8 @@ impl Runner {
         self.metrics.call();
         let (keys, args) = call();
         // fred's command futures are large (kilobytes): boxed, so that every future holding
-        // this one (a check's, the sending task's) stays small, and spawning or boxing it
-        // moves a few words instead of copying them all.
+        // this one (a check's, a call's in the sending task) stays small, and moving it moves
+        // a few words instead of copying them all.
         match Box::pin(client.evalsha::<Value, _, _, _>(sha.clone(), keys, args)).await {
             Err(e) if e.details().starts_with("NOSCRIPT") => {
                 #[cfg(feature = "tracing")]
@@ -282,7 +283,8 @@ impl Coalescer {
 fn stopped() -> FredError {
     FredError::new(
         FredErrorKind::Canceled,
-        "the store's sending task stopped (its Tokio runtime shut down)",
+        "the store's sending task stopped (its Tokio runtime shut down), or the call \
+         carrying this check panicked",
     )
 }
 
@@ -358,16 +360,21 @@ async fn run(
                 }
                 slot.in_flight += 1;
                 let runner = Arc::clone(&runner);
-                calls.push(async move {
-                    send(runner, times, checks).await;
-                    id
-                });
+                calls.push(returning(id, send(runner, times, checks)));
             }
             if slot.in_flight == 0 && slot.waiting.is_empty() {
                 slots.remove(&id);
             }
         }
     }
+}
+
+/// A call of slot `id`, which answers `id` when it ends, however it ends. One that panics
+/// (nothing in it should) loses only its own checks, whose callers then hear that their call
+/// stopped, not the sending task: the slot gets its place back and every later check is sent
+/// as before.
+fn returning(id: u16, call: impl Future<Output = ()>) -> impl Future<Output = u16> {
+    AssertUnwindSafe(call).catch_unwind().map(move |_| id)
 }
 
 /// What woke the task.
@@ -451,6 +458,16 @@ fn split_reply(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_answers_its_slot_however_it_ends() {
+        assert_eq!(returning(7, async {}).now_or_never(), Some(7));
+        // A panicking call still gives its slot's place back.
+        assert_eq!(
+            returning(9, async { panic!("a call that panics") }).now_or_never(),
+            Some(9)
+        );
+    }
 
     /// A call's arguments as the script reads them.
     fn numbers(args: &[Value]) -> Vec<String> {

@@ -24,8 +24,8 @@
 --   time     a deadline (S > 0), in microseconds of the server's clock, or -1 for none: the
 --            checks are decided at the server's time (TIME, read once per call), and a check
 --            past its deadline (a server thawing from a freeze, a queue that drained late)
---            writes nothing and answers { -1, now }, its caller having given up. Or (S < 0) the
---            time to decide the check at, in microseconds, with no deadline.
+--            writes nothing and answers only its status, -1, its caller having given up. Or
+--            (S < 0) the time to decide the check at, in microseconds, with no deadline.
 --
 -- States: GCRA stores the theoretical arrival time (TAT, us); a fixed window "end_ms count";
 -- a sliding window "end_ms current previous" (the end of the current window). A value this

@@ -114,7 +114,8 @@ pub(crate) enum Reply {
 }
 
 impl Reply {
-    /// The server's time the script ran at.
+    /// The server's time the script ran at (0 when a test clock gave the times: then nothing
+    /// reads it).
     pub(crate) fn now_us(&self) -> i64 {
         match self {
             Reply::Decided { now_us, .. } | Reply::Late { now_us } => *now_us,
