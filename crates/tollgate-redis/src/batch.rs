@@ -103,10 +103,13 @@ fn encode<'a, I>(times: Times, checks: I) -> (Vec<FredKey>, Vec<Value>)
 where
     I: Iterator<Item = (&'a [String], &'a CheckArgs)> + Clone,
 {
-    // Each check's shape, as its place in the call's list of shapes.
+    // One pass over the checks: each one's shape, as its place in the call's list of
+    // shapes, and what the call will hold (key names and their bytes, each check's numbers
+    // and its shape's place).
     let mut shapes: SmallVec<[&[i64]; 4]> = SmallVec::new();
     let mut index: SmallVec<[u16; 64]> = SmallVec::new();
-    for (_, args) in checks.clone() {
+    let (mut n_keys, mut name_bytes, mut n_args) = (0, 0, 1);
+    for (keys, args) in checks.clone() {
         let shape = args.shape();
         let found = shapes
             .iter()
@@ -114,24 +117,16 @@ where
             .position(|s| *s == shape);
         let i = found.unwrap_or_else(|| {
             shapes.push(shape);
+            n_args += shape.len();
             shapes.len() - 1
         });
         // A call carries at most `max_batch` (at most 1024) checks, so at most that many
         // shapes.
         index.push(u16::try_from(i + 1).unwrap_or(u16::MAX));
+        n_keys += keys.len();
+        name_bytes += keys.iter().map(String::len).sum::<usize>();
+        n_args += 1 + args.own().len();
     }
-    let n_keys = checks.clone().map(|(keys, _)| keys.len()).sum();
-    let n_args = 1
-        + shapes.iter().map(|s| s.len()).sum::<usize>()
-        + checks
-            .clone()
-            .map(|(_, args)| 1 + args.own().len())
-            .sum::<usize>();
-    let name_bytes: usize = checks
-        .clone()
-        .flat_map(|(keys, _)| keys)
-        .map(String::len)
-        .sum();
     // Room for the longest integer (20 bytes), so the buffer never grows: once split, it could
     // only grow into a new allocation.
     let mut buf = BytesMut::with_capacity(name_bytes + n_args * 20);

@@ -334,7 +334,7 @@ impl Store for RedisStore {
             return Box::pin(std::future::ready(result));
         }
         // One state key per quota; most policies have one, kept inline.
-        let keys: SmallVec<[String; 1]> = quotas
+        let keys: crate::batch::StateKeys = quotas
             .iter()
             .map(|q| crate::keys::state_key(&inner.prefix, &tag, q))
             .collect();
