@@ -1,7 +1,7 @@
 //! The Redis store sends the checks in flight at the same moment in one script call
 //! (`RedisStoreBuilder::max_batch`), against real `redis-server` processes: the same decisions
 //! as one call per check, fewer calls, a cluster's calls within one slot, checks nobody waits
-//! for never sent, and a full queue failing at once.
+//! for never sent, every check answered by its deadline, and a full queue failing at once.
 //!
 //! Each test first polls every check once, without letting the store's sending task run (a
 //! test's runtime has one thread), so that all of them are queued before the first call
@@ -208,6 +208,51 @@ async fn a_check_nobody_waits_for_is_never_sent() {
     let next = store.check(&key, &q, 1).await.expect("decision");
     assert_eq!(next.remaining(), 999, "a dropped check was counted");
     assert_eq!(server.calls("evalsha") - before, 1);
+}
+
+#[tokio::test]
+async fn every_check_is_answered_at_its_deadline_whether_sent_or_still_waiting() {
+    let server = RedisServer::start();
+    const DEADLINE: Duration = Duration::from_secs(1);
+    // Two checks per call: the twenty below fill the slot's four calls with eight, and twelve
+    // wait for a call to come back.
+    let store = connected(
+        builder(&server.url())
+            .timeout(DEADLINE)
+            .max_batch(2)
+            .breaker_threshold(1_000),
+    )
+    .await;
+    let key = Key::new("frozen", "/x", None, Some("u"));
+    let q = quota("1000/h");
+    server.pause();
+    // Tokio's clock from here on moves only when every task waits, straight to the next timer:
+    // when each check was answered is then exact, whatever the machine's load.
+    tokio::time::pause();
+    let started = tokio::time::Instant::now();
+    let answered: Vec<_> = queue_all(&store, &vec![(key.clone(), q.clone()); 20])
+        .into_iter()
+        .map(|check| {
+            tokio::spawn(async move {
+                let result = check.await;
+                (result, tokio::time::Instant::now())
+            })
+        })
+        .collect();
+    for task in answered {
+        let (result, at) = task.await.expect("check task");
+        let err = result.expect_err("decided by a frozen server");
+        assert_eq!(err.kind(), StoreErrorKind::Timeout, "{err:#}");
+        // At the deadline (Tokio's timers round up to the millisecond), not after a call that
+        // was still to be sent could itself time out.
+        let waited = at - started;
+        assert!(
+            waited >= DEADLINE && waited <= DEADLINE + Duration::from_millis(1),
+            "answered after {waited:?}"
+        );
+    }
+    tokio::time::resume();
+    server.resume();
 }
 
 #[tokio::test]

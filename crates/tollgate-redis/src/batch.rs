@@ -24,9 +24,11 @@ use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use smallvec::SmallVec;
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tollgate::metrics::StoreMetrics;
 
 use crate::script::{CheckArgs, CheckReply, REPLY_FIELDS, Times};
+use crate::waiters::{self, Waiters};
 
 /// A script and what runs it.
 #[derive(Clone)]
@@ -166,20 +168,33 @@ fn not_connected() -> FredError {
 /// A check's state keys, one per quota: inline for one.
 pub(crate) type StateKeys = SmallVec<[String; 1]>;
 
-/// One check waiting for its call.
-struct Pending {
+/// What a check is answered: its reply, or why it has none.
+type Answer = Result<CheckReply, FredError>;
+
+/// A check on its way to the sending task.
+struct Queued {
     keys: StateKeys,
     args: CheckArgs,
     /// The hash slot of its keys (on a cluster; 0 elsewhere).
     slot: u16,
-    reply: oneshot::Sender<Result<CheckReply, FredError>>,
+    /// When its caller stops waiting: the task answers it then if its call has not.
+    deadline: Instant,
+    reply: oneshot::Sender<Answer>,
+}
+
+/// A check waiting for its call, or in it.
+struct Pending {
+    keys: StateKeys,
+    args: CheckArgs,
+    /// Where the task keeps its reply channel and deadline.
+    waiter: waiters::Id,
 }
 
 /// Sends the rate-limit checks, coalesced.
 pub(crate) struct Coalescer {
     runner: Arc<Runner>,
     /// `None` when every check goes alone (`max_batch(1)`).
-    queue: Option<mpsc::UnboundedSender<Pending>>,
+    queue: Option<mpsc::UnboundedSender<Queued>>,
     clustered: bool,
     /// What each check's time is: the same for every check of a store.
     times: Times,
@@ -233,17 +248,21 @@ impl Coalescer {
     }
 
     /// The reply of one check (its state keys, one per quota, and its arguments), from the
-    /// call that carried it.
+    /// call that carried it; a [`Timeout`](FredErrorKind::Timeout) error at `deadline` if
+    /// that call has not answered by then.
     pub(crate) async fn check(
         &self,
         keys: StateKeys,
         args: CheckArgs,
+        deadline: Instant,
     ) -> Result<CheckReply, FredError> {
         let Some(queue) = &self.queue else {
-            let reply = self
+            let call = self
                 .runner
-                .eval_with(|| encode(self.times, std::iter::once((&keys[..], &args))))
-                .await?;
+                .eval_with(|| encode(self.times, std::iter::once((&keys[..], &args))));
+            let reply = tokio::time::timeout_at(deadline, call)
+                .await
+                .map_err(|_| deadline_passed())??;
             return split_reply(&reply, std::iter::once(keys.len())).map(|mut r| r.swap_remove(0));
         };
         if !self.runner.client.is_connected() {
@@ -261,10 +280,11 @@ impl Coalescer {
             ));
         }
         let (reply, answer) = oneshot::channel();
-        let check = Pending {
+        let check = Queued {
             keys,
             args,
             slot,
+            deadline,
             reply,
         };
         if queue.send(check).is_err() {
@@ -273,6 +293,14 @@ impl Coalescer {
         }
         answer.await.unwrap_or_else(|_| Err(stopped()))
     }
+}
+
+/// What a check whose deadline passed before its call answered is told.
+fn deadline_passed() -> FredError {
+    FredError::new(
+        FredErrorKind::Timeout,
+        "Redis did not answer within the store's deadline",
+    )
 }
 
 fn stopped() -> FredError {
@@ -287,9 +315,10 @@ fn stopped() -> FredError {
 /// check of a slot with a call free goes at once, with every check of its slot that queued
 /// meanwhile (at most `max_batch` per call). Under light load every call carries one check;
 /// under load the checks of a busy slot queue while Redis works on its calls, and the next call
-/// takes them together. Checks of different slots never wait for each other.
+/// takes them together. Checks of different slots never wait for each other. The task answers
+/// every check: with its call's reply, or when its deadline passes first.
 async fn run(
-    mut queue: mpsc::UnboundedReceiver<Pending>,
+    mut queue: mpsc::UnboundedReceiver<Queued>,
     runner: Arc<Runner>,
     max_batch: usize,
     queued: Arc<AtomicUsize>,
@@ -301,10 +330,20 @@ async fn run(
     let mut calls = FuturesUnordered::new();
     let mut slots: HashMap<u16, Slot> = HashMap::new();
     let mut taken = Vec::new();
+    let mut waiters: Waiters<Answer> = Waiters::default();
+    // One timer for every check's deadline, set to the first one owed. It is moved earlier
+    // when a check's deadline comes before it, never later: when it fires for a check that
+    // was answered meanwhile, it is set again to the first one still owed. So it is reset
+    // about once per deadline's length, not once per check or per call.
+    let mut timer = Box::pin(tokio::time::sleep_until(Instant::now()));
+    let mut armed: Option<Instant> = None;
     loop {
         let event = std::future::poll_fn(|cx| {
-            if let Poll::Ready(Some(slot)) = calls.poll_next_unpin(cx) {
-                return Poll::Ready(Event::Done(slot));
+            if armed.is_some() && timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Timer);
+            }
+            if let Poll::Ready(Some(done)) = calls.poll_next_unpin(cx) {
+                return Poll::Ready(Event::Done(done));
             }
             queue
                 .poll_recv_many(cx, &mut taken, TAKE)
@@ -316,25 +355,58 @@ async fn run(
             Event::Queued(0) => return,
             Event::Queued(_) => {
                 for check in taken.drain(..) {
-                    // A caller that gave up (its deadline passed, its request was dropped) is
-                    // not sent: what nobody waits for must not count against the client.
+                    // A caller that gave up (its request was dropped) is not sent: what nobody
+                    // waits for must not count against the client.
                     if check.reply.is_closed() {
                         queued.fetch_sub(1, Ordering::AcqRel);
                         continue;
                     }
+                    let waiter = waiters.insert(check.reply, check.deadline);
                     let slot = slots.entry(check.slot).or_default();
                     if slot.waiting.is_empty() {
                         ready.push(check.slot);
                     }
-                    slot.waiting.push_back(check);
+                    slot.waiting.push_back(Pending {
+                        keys: check.keys,
+                        args: check.args,
+                        waiter,
+                    });
                 }
             }
-            Event::Done(slot) => {
-                if let Some(s) = slots.get_mut(&slot) {
+            Event::Done(done) => {
+                match done.replies {
+                    Some(Ok(replies)) => {
+                        for (id, reply) in done.checks.into_iter().zip(replies) {
+                            waiters.answer(id, Ok(reply));
+                        }
+                    }
+                    Some(Err(e)) => {
+                        for id in done.checks {
+                            waiters.answer(id, Err(e.clone()));
+                        }
+                    }
+                    None => {
+                        for id in done.checks {
+                            waiters.answer(id, Err(stopped()));
+                        }
+                    }
+                }
+                waiters.prune();
+                if let Some(s) = slots.get_mut(&done.slot) {
                     s.in_flight -= 1;
                 }
-                ready.push(slot);
+                ready.push(done.slot);
             }
+            Event::Timer => {
+                armed = None;
+                waiters.expire(Instant::now(), || Err(deadline_passed()));
+            }
+        }
+        if let Some(first) = waiters.next_deadline()
+            && armed.is_none_or(|at| first < at)
+        {
+            timer.as_mut().reset(first);
+            armed = Some(first);
         }
         for id in ready {
             let Some(slot) = slots.get_mut(&id) else {
@@ -346,8 +418,12 @@ async fn run(
                     && let Some(check) = slot.waiting.pop_front()
                 {
                     queued.fetch_sub(1, Ordering::AcqRel);
-                    if !check.reply.is_closed() {
+                    // Not sent: a check answered already (its deadline passed while it waited
+                    // for a call), or whose caller gave up.
+                    if waiters.is_waiting(check.waiter) {
                         checks.push(check);
+                    } else {
+                        waiters.forget(check.waiter);
                     }
                 }
                 if checks.is_empty() {
@@ -364,20 +440,44 @@ async fn run(
     }
 }
 
-/// A call of slot `id`, which answers `id` when it ends, however it ends. One that panics
-/// (nothing in it should) loses only its own checks, whose callers then hear that their call
-/// stopped, not the sending task: the slot gets its place back and every later check is sent
-/// as before.
-fn returning(id: u16, call: impl Future<Output = ()>) -> impl Future<Output = u16> {
-    AssertUnwindSafe(call).catch_unwind().map(move |_| id)
+/// A call that came back.
+struct Done {
+    /// Its slot.
+    slot: u16,
+    /// Its checks, in order.
+    checks: Vec<waiters::Id>,
+    /// Their replies, in the same order; `None` if the call panicked.
+    replies: Option<Result<Vec<CheckReply>, FredError>>,
+}
+
+/// A call of slot `slot` for `checks`, which answers its slot and checks when it ends, however
+/// it ends. One that panics (nothing in it should) loses only its own checks, whose callers
+/// then hear that their call stopped, not the sending task: the slot gets its place back and
+/// every later check is sent as before.
+fn returning(
+    slot: u16,
+    (checks, call): (
+        Vec<waiters::Id>,
+        impl Future<Output = Result<Vec<CheckReply>, FredError>>,
+    ),
+) -> impl Future<Output = Done> {
+    AssertUnwindSafe(call)
+        .catch_unwind()
+        .map(move |replies| Done {
+            slot,
+            checks,
+            replies: replies.ok(),
+        })
 }
 
 /// What woke the task.
 enum Event {
     /// This many checks were taken from the queue (0: the store is gone).
     Queued(usize),
-    /// A call of this slot came back.
-    Done(u16),
+    /// A call came back.
+    Done(Done),
+    /// The first deadline owed has come.
+    Timer,
 }
 
 /// A slot's calls out and checks waiting for one.
@@ -387,25 +487,23 @@ struct Slot {
     waiting: VecDeque<Pending>,
 }
 
-/// One call for `checks`, and each its own reply.
-async fn send(runner: Arc<Runner>, times: Times, checks: Vec<Pending>) {
-    let replies = runner
-        .eval_with(|| encode(times, checks.iter().map(|c| (&c.keys[..], &c.args))))
-        .await
-        .and_then(|reply| split_reply(&reply, checks.iter().map(|c| c.keys.len())));
-    match replies {
-        Ok(replies) => {
-            for (check, reply) in checks.into_iter().zip(replies) {
-                // The caller may have given up meanwhile; then nobody reads this.
-                let _ = check.reply.send(Ok(reply));
-            }
-        }
-        Err(e) => {
-            for check in checks {
-                let _ = check.reply.send(Err(e.clone()));
-            }
-        }
-    }
+/// One call for `checks`: their ids, and the call, which gives their replies in the same order.
+fn send(
+    runner: Arc<Runner>,
+    times: Times,
+    checks: Vec<Pending>,
+) -> (
+    Vec<waiters::Id>,
+    impl Future<Output = Result<Vec<CheckReply>, FredError>>,
+) {
+    let ids = checks.iter().map(|c| c.waiter).collect();
+    let call = async move {
+        let reply = runner
+            .eval_with(|| encode(times, checks.iter().map(|c| (&c.keys[..], &c.args))))
+            .await?;
+        split_reply(&reply, checks.iter().map(|c| c.keys.len()))
+    };
+    (ids, call)
 }
 
 /// The script's reply to a call split into the replies of its checks, each of which has the
@@ -455,13 +553,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_call_answers_its_slot_however_it_ends() {
-        assert_eq!(returning(7, async {}).now_or_never(), Some(7));
-        // A panicking call still gives its slot's place back.
-        assert_eq!(
-            returning(9, async { panic!("a call that panics") }).now_or_never(),
-            Some(9)
-        );
+    fn a_call_answers_its_slot_and_checks_however_it_ends() {
+        let (a, b) = {
+            let mut w = Waiters::<()>::default();
+            let far = Instant::now() + std::time::Duration::from_secs(60);
+            (
+                w.insert(oneshot::channel().0, far),
+                w.insert(oneshot::channel().0, far),
+            )
+        };
+        let done = returning(7, (vec![a, b], async { Ok(Vec::new()) }))
+            .now_or_never()
+            .unwrap();
+        assert_eq!((done.slot, done.checks), (7, vec![a, b]));
+        assert!(matches!(done.replies, Some(Ok(r)) if r.is_empty()));
+        // A panicking call still gives its slot's place back and names its checks, so that
+        // they are answered.
+        let call = async { panic!("a call that panics") };
+        let done = returning(9, (vec![b], call)).now_or_never().unwrap();
+        assert_eq!((done.slot, done.checks), (9, vec![b]));
+        assert!(done.replies.is_none());
     }
 
     /// A call's arguments as the script reads them.

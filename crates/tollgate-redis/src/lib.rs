@@ -56,6 +56,7 @@ mod server_clock;
 mod store;
 #[cfg(feature = "tls")]
 mod tls;
+mod waiters;
 
 pub use builder::RedisStoreBuilder;
 pub use concurrency::{RedisConcurrencyStore, RedisPermit};

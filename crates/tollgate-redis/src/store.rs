@@ -355,19 +355,24 @@ impl Store for RedisStore {
         let owned_key = inner.fallback.as_ref().map(|_| OwnedKey::from(key));
         let inner = Arc::clone(inner);
         Box::pin(async move {
-            let started = Instant::now();
+            // Tokio's clock, which is the system's unless a test pauses it: the deadline is
+            // kept by a Tokio timer (the sending task's, one for every check).
+            let now = tokio::time::Instant::now();
+            let started = now.into_std();
             let sent = inner.local_us_at(started);
             if test_now_us.is_none() {
                 // The script must not write once the caller has given up: tell it when, on the
                 // server's clock.
                 args.set_time(inner.server_clock.deadline(sent, inner.timeout_us()));
             }
-            let result =
-                match tokio::time::timeout(inner.timeout, inner.checks.check(keys, args)).await {
-                    Err(_) => Err(inner.explain(StoreError::new(StoreErrorKind::Timeout))),
-                    Ok(Err(e)) => Err(inner.explain(classify(e))),
-                    Ok(Ok(reply)) => script::parse_reply(&reply, &quotas),
-                };
+            // An absurd deadline (`Duration::MAX`) is as good as none, never an overflow.
+            let deadline = now
+                .checked_add(inner.timeout)
+                .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400));
+            let result = match inner.checks.check(keys, args, deadline).await {
+                Err(e) => Err(inner.explain(classify(e))),
+                Ok(reply) => script::parse_reply(&reply, &quotas),
+            };
             let answered = Instant::now();
             inner
                 .metrics
