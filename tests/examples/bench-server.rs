@@ -2,7 +2,7 @@
 //! with the memory store, tower_governor, or tollgate with Redis; on the allowed path (limit
 //! never reached) or the limited path (almost every request refused).
 //!
-//! `cargo run --release -p tollgate-tests --example bench-server -- VARIANT MODE ADDR [REDIS_URL]`
+//! `cargo run --release -p tollgate-tests --no-default-features --example bench-server -- VARIANT MODE ADDR [REDIS_URL]`
 //! where VARIANT is none | memory | governor | redis and MODE is allowed | limited.
 //! Started by scripts/bench.
 

@@ -1,7 +1,7 @@
 //! A tight loop of memory-store checks, for profilers (`perf record`, `valgrind --tool=callgrind`),
 //! or of governor's keyed check on the same addresses, to count both alike.
 //!
-//! `cargo run --release -p tollgate-tests --example check-loop -- [KEYS] [ITERATIONS] [tollgate|prefix|governor]`
+//! `cargo run --release -p tollgate-tests --no-default-features --example check-loop -- [KEYS] [ITERATIONS] [tollgate|prefix|governor]`
 //!
 //! `tollgate` builds each key with `Key::new` from its strings, as a direct caller of the store
 //! may; `prefix` from a `KeyPrefix` made once, as the layer does for each of its routes (the

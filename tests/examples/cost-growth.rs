@@ -1,7 +1,7 @@
 //! How the memory store's check grows with the number of keys it holds and the number of quotas
 //! per policy, beside governor keyed by `IpAddr` at the same key counts (one quota).
 //!
-//! `cargo run --release -p tollgate-tests --example cost-growth -- [ROUNDS] [KEYS...]`
+//! `cargo run --release -p tollgate-tests --no-default-features --example cost-growth -- [ROUNDS] [KEYS...]`
 //!
 //! For each key count, every key is decided once (so the store holds them all), then checks go
 //! to the keys in a scattered order, as many clients' requests do: `CHECKS` checks per round,

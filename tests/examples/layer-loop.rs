@@ -2,7 +2,7 @@
 //! `valgrind --tool=callgrind` counts its instructions exactly, whatever else the machine is
 //! doing, so a change to the request path can be measured before and after on a busy machine.
 //!
-//! `cargo build --release -p tollgate-tests --example layer-loop`, then
+//! `cargo build --release -p tollgate-tests --no-default-features --example layer-loop`, then
 //! `valgrind --tool=callgrind target/release/examples/layer-loop [ITERATIONS] [headers|none|bare|floor] [empty|browser|router]`
 //!
 //! The request carries no header fields (`empty`, the default, as in the criterion layer bench)

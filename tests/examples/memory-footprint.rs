@@ -1,7 +1,7 @@
 //! Memory per tracked key of the memory store: the process's resident memory before and after
 //! deciding for N distinct keys (default 1 000 000).
 //!
-//! `cargo run --release -p tollgate-tests --example memory-footprint -- [N]`
+//! `cargo run --release -p tollgate-tests --no-default-features --example memory-footprint -- [N]`
 
 use std::net::{IpAddr, Ipv4Addr};
 

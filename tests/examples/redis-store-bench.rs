@@ -1,7 +1,7 @@
 //! The Redis store's check called from 128 concurrent tasks, in checks per second, to compare
 //! with `redis-benchmark` running the same script at the same time of day.
 //!
-//! `cargo run --release -p tollgate-tests --example redis-store-bench -- REDIS_URL [TOTAL] [QUOTAS] [MAX_BATCH] [TASKS]`
+//! `cargo run --release -p tollgate-tests --no-default-features --example redis-store-bench -- REDIS_URL [TOTAL] [QUOTAS] [MAX_BATCH] [TASKS]`
 //! Started by scripts/bench and scripts/growth. `MAX_BATCH` is the store's `max_batch` (`-` or
 //! absent: the store's default; 1 sends each check in a call of its own); `TASKS` the
 //! concurrent tasks (default 128).

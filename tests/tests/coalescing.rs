@@ -210,6 +210,8 @@ async fn a_check_nobody_waits_for_is_never_sent() {
     assert_eq!(server.calls("evalsha") - before, 1);
 }
 
+/// Needs Tokio's paused clock: the `paused-clock` feature, on by default.
+#[cfg(feature = "paused-clock")]
 #[tokio::test]
 async fn every_check_is_answered_at_its_deadline_whether_sent_or_still_waiting() {
     let server = RedisServer::start();
