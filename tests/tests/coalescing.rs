@@ -430,9 +430,13 @@ async fn every_call_is_counted_so_checks_per_call_can_be_watched() {
 fn a_late_check_in_a_call_answers_only_its_status_and_writes_nothing() {
     let server = RedisServer::start();
     let script = include_str!("../../crates/tollgate-redis/src/rate_limit.lua");
+    // The numbers go in one argument after the keys, a JSON array.
     let eval = |args: &[&str]| -> Vec<i64> {
+        let keys = args[0].parse::<usize>().expect("key count");
+        let numbers = format!("[{}]", args[1 + keys..].join(","));
         let mut call = vec!["eval", script];
-        call.extend_from_slice(args);
+        call.extend_from_slice(&args[..1 + keys]);
+        call.push(&numbers);
         let reply = server.cli(&call);
         reply
             .lines()
