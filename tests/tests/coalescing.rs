@@ -257,6 +257,91 @@ async fn every_check_is_answered_at_its_deadline_whether_sent_or_still_waiting()
     server.resume();
 }
 
+/// Needs Tokio's paused clock: the `paused-clock` feature, on by default.
+#[cfg(feature = "paused-clock")]
+#[tokio::test]
+async fn checks_queued_at_different_moments_are_each_answered_at_their_own_deadline() {
+    let server = RedisServer::start();
+    const DEADLINE: Duration = Duration::from_secs(1);
+    const LATER: Duration = Duration::from_millis(400);
+    let store = connected(
+        builder(&server.url())
+            .timeout(DEADLINE)
+            .max_batch(2)
+            .breaker_threshold(1_000),
+    )
+    .await;
+    let key = Key::new("frozen", "/x", None, Some("u"));
+    let q = quota("1000/h");
+    server.pause();
+    tokio::time::pause();
+    let started = tokio::time::Instant::now();
+    let answer_times = |checks: Vec<Check>| -> Vec<_> {
+        checks
+            .into_iter()
+            .map(|check| {
+                tokio::spawn(async move {
+                    let result = check.await;
+                    (result, tokio::time::Instant::now())
+                })
+            })
+            .collect()
+    };
+    // Eight fill the slot's four calls; six more, 400 ms later, wait for one. The timer, set
+    // for the first eight, fires, and must be set again for the six.
+    let first = answer_times(queue_all(&store, &vec![(key.clone(), q.clone()); 8]));
+    tokio::time::advance(LATER).await;
+    let second = answer_times(queue_all(&store, &vec![(key.clone(), q.clone()); 6]));
+    for (tasks, due) in [(first, DEADLINE), (second, LATER + DEADLINE)] {
+        for task in tasks {
+            let (result, at) = task.await.expect("check task");
+            let err = result.expect_err("decided by a frozen server");
+            assert_eq!(err.kind(), StoreErrorKind::Timeout, "{err:#}");
+            let waited = at - started;
+            assert!(
+                waited >= due && waited <= due + Duration::from_millis(1),
+                "answered after {waited:?}, due at {due:?}"
+            );
+        }
+    }
+    tokio::time::resume();
+    server.resume();
+}
+
+/// Needs Tokio's paused clock: the `paused-clock` feature, on by default.
+#[cfg(feature = "paused-clock")]
+#[tokio::test]
+async fn a_check_whose_deadline_passed_while_it_queued_is_answered_and_never_sent() {
+    let server = RedisServer::start();
+    const DEADLINE: Duration = Duration::from_secs(1);
+    let store = connected(
+        builder(&server.url())
+            .timeout(DEADLINE)
+            .breaker_threshold(1_000),
+    )
+    .await;
+    let key = Key::new("stale", "/x", None, Some("u"));
+    let q = quota("1000/h");
+    let before = server.calls("evalsha");
+    tokio::time::pause();
+    let checks = queue_all(&store, &vec![(key.clone(), q.clone()); 5]);
+    // The sending task has not run yet (the test's runtime has one thread); when it does, the
+    // clock has moved past every deadline.
+    tokio::time::advance(DEADLINE + Duration::from_millis(1)).await;
+    for check in checks {
+        let err = check.await.expect_err("a check past its deadline");
+        assert_eq!(err.kind(), StoreErrorKind::Timeout, "{err:#}");
+    }
+    tokio::time::resume();
+    assert_eq!(
+        server.calls("evalsha") - before,
+        0,
+        "a stale check was sent"
+    );
+    let next = store.check(&key, &q, 1).await.expect("decision");
+    assert_eq!(next.remaining(), 999, "a stale check was counted");
+}
+
 #[tokio::test]
 async fn a_full_queue_fails_at_once() {
     let server = RedisServer::start();

@@ -360,11 +360,19 @@ async fn run(
         match event {
             Event::Queued(0) => return,
             Event::Queued(_) => {
+                let now = Instant::now();
                 for check in taken.drain(..) {
                     // A caller that gave up (its request was dropped) is not sent: what nobody
                     // waits for must not count against the client.
                     if check.reply.is_closed() {
                         queued.fetch_sub(1, Ordering::AcqRel);
+                        continue;
+                    }
+                    // Nor one whose deadline passed while it queued (a task held up on a busy
+                    // runtime): its caller is answered now, and nothing is sent for it.
+                    if check.deadline <= now {
+                        queued.fetch_sub(1, Ordering::AcqRel);
+                        let _ = check.reply.send(Err(deadline_passed()));
                         continue;
                     }
                     let waiter = waiters.insert(check.reply, check.deadline);

@@ -373,7 +373,8 @@ impl Store for RedisStore {
                 Err(e) => Err(inner.explain(classify(e))),
                 Ok(reply) => script::parse_reply(&reply, &quotas),
             };
-            let answered = Instant::now();
+            // The same clock as `started` (Tokio's, the system's unless a test pauses it).
+            let answered = tokio::time::Instant::now().into_std();
             inner
                 .metrics
                 .duration(answered.saturating_duration_since(started));

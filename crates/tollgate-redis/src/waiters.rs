@@ -30,6 +30,8 @@ struct Entry<T> {
 pub(crate) struct Waiters<T> {
     entries: Vec<Entry<T>>,
     free: Vec<u32>,
+    /// How many checks are owed an answer.
+    owed: usize,
     /// Every check not yet answered, earliest deadline first; answered ones leave from the
     /// front as they reach it ([`prune`](Self::prune)).
     deadlines: VecDeque<(Instant, Id)>,
@@ -40,6 +42,7 @@ impl<T> Default for Waiters<T> {
         Waiters {
             entries: Vec::new(),
             free: Vec::new(),
+            owed: 0,
             deadlines: VecDeque::new(),
         }
     }
@@ -48,6 +51,7 @@ impl<T> Default for Waiters<T> {
 impl<T> Waiters<T> {
     /// Owes `reply` an answer by `deadline`.
     pub(crate) fn insert(&mut self, reply: oneshot::Sender<T>, deadline: Instant) -> Id {
+        self.owed += 1;
         let id = match self.free.pop() {
             Some(index) => {
                 let entry = &mut self.entries[index as usize];
@@ -58,8 +62,9 @@ impl<T> Waiters<T> {
                 }
             }
             None => {
-                // At most `max_queued` checks plus those in flight wait at once: far below
-                // u32::MAX, which the store's builder bounds.
+                // As many checks as wait at once: at most `max_queued` plus those in flight,
+                // which u32::MAX of them (hundreds of gigabytes of waiting checks) would
+                // exceed long before the index could.
                 let index = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
                 self.entries.push(Entry {
                     generation: 0,
@@ -108,6 +113,7 @@ impl<T> Waiters<T> {
         let entry = &mut self.entries[id.index as usize];
         entry.generation = entry.generation.wrapping_add(1);
         self.free.push(id.index);
+        self.owed -= 1;
         entry.reply.take()
     }
 
@@ -135,13 +141,25 @@ impl<T> Waiters<T> {
         }
     }
 
-    /// Drops the answered checks from the front of the deadlines.
+    /// Drops the answered checks from the front of the deadlines; and, when a check owed an
+    /// answer for long (its call stuck on a frozen server) holds many answered ones behind it,
+    /// all of those: the deadlines kept stay within twice the checks owed (and a few more),
+    /// not as many as a deadline's length of traffic.
     pub(crate) fn prune(&mut self) {
         while let Some(&(_, id)) = self.deadlines.front() {
             if self.live(id).is_some() {
                 break;
             }
             self.deadlines.pop_front();
+        }
+        if self.deadlines.len() > 2 * self.owed + 64 {
+            let entries = &self.entries;
+            self.deadlines.retain(|(_, id)| {
+                entries
+                    .get(id.index as usize)
+                    .is_some_and(|e| e.generation == id.generation && e.reply.is_some())
+            });
+            self.deadlines.shrink_to(2 * self.owed + 64);
         }
     }
 
@@ -236,6 +254,19 @@ mod tests {
         }
         w.prune();
         assert_eq!(w.kept(), 40);
+        // Answered checks behind one still owed leave too once they outnumber the owed ones.
+        let mut late = Vec::new();
+        for _ in 0..200 {
+            let (tx, rx) = oneshot::channel::<u32>();
+            late.push((w.insert(tx, at(3_000)), rx));
+        }
+        for (id, _) in &late {
+            w.answer(*id, 3);
+        }
+        assert_eq!(w.kept(), 240);
+        w.prune();
+        assert_eq!(w.kept(), 40, "only the owed ones are kept");
+        assert_eq!(w.next_deadline(), Some(at(1_060)));
         assert_eq!(w.next_deadline(), Some(at(1_060)));
         // A caller that gave up.
         drop(rxs.pop());
@@ -243,11 +274,14 @@ mod tests {
         assert!(w.is_waiting(ids[98]));
         w.forget(ids[99]);
         // Indexes are reused: waiting checks never take more room than the most at once.
+        let room = w.entries.len();
         for _ in 0..1_000 {
             let (tx, _rx) = oneshot::channel::<u32>();
             let id = w.insert(tx, at(2_000));
             w.answer(id, 2);
+            w.prune();
         }
-        assert!(w.entries.len() <= 100);
+        assert_eq!(w.entries.len(), room);
+        assert!(w.kept() <= 2 * 39 + 64 + 1, "{} deadlines kept", w.kept());
     }
 }
