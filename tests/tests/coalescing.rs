@@ -210,14 +210,17 @@ async fn a_check_nobody_waits_for_is_never_sent() {
     assert_eq!(server.calls("evalsha") - before, 1);
 }
 
-/// Needs Tokio's paused clock: the `paused-clock` feature, on by default.
+/// The deadline of the paused-clock tests below.
 #[cfg(feature = "paused-clock")]
-#[tokio::test]
-async fn every_check_is_answered_at_its_deadline_whether_sent_or_still_waiting() {
+const DEADLINE: Duration = Duration::from_secs(1);
+
+/// A store of two checks per call (so that eight fill a slot's four calls) whose server is
+/// frozen, and Tokio's clock paused: from here on it moves only when every task waits, straight
+/// to the next timer, so when each check is answered is exact, whatever the machine's load.
+/// Returns the server (frozen while it lives), the store and the moment the clock paused.
+#[cfg(feature = "paused-clock")]
+async fn frozen_on_a_paused_clock() -> (RedisServer, RedisStore, tokio::time::Instant) {
     let server = RedisServer::start();
-    const DEADLINE: Duration = Duration::from_secs(1);
-    // Two checks per call: the twenty below fill the slot's four calls with eight, and twelve
-    // wait for a call to come back.
     let store = connected(
         builder(&server.url())
             .timeout(DEADLINE)
@@ -225,34 +228,53 @@ async fn every_check_is_answered_at_its_deadline_whether_sent_or_still_waiting()
             .breaker_threshold(1_000),
     )
     .await;
-    let key = Key::new("frozen", "/x", None, Some("u"));
-    let q = quota("1000/h");
     server.pause();
-    // Tokio's clock from here on moves only when every task waits, straight to the next timer:
-    // when each check was answered is then exact, whatever the machine's load.
     tokio::time::pause();
-    let started = tokio::time::Instant::now();
-    let answered: Vec<_> = queue_all(&store, &vec![(key.clone(), q.clone()); 20])
+    (server, store, tokio::time::Instant::now())
+}
+
+/// `n` checks of one client, each awaited in a task of its own that records when it was
+/// answered.
+#[cfg(feature = "paused-clock")]
+fn answered_when(
+    store: &RedisStore,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<(Result<Decision, StoreError>, tokio::time::Instant)>> {
+    let checks = vec![(Key::new("frozen", "/x", None, Some("u")), quota("1000/h")); n];
+    queue_all(store, &checks)
         .into_iter()
-        .map(|check| {
-            tokio::spawn(async move {
-                let result = check.await;
-                (result, tokio::time::Instant::now())
-            })
-        })
-        .collect();
-    for task in answered {
+        .map(|check| tokio::spawn(async move { (check.await, tokio::time::Instant::now()) }))
+        .collect()
+}
+
+/// Every one of `tasks` answered `timeout` at `due` after `started` (Tokio's timers round up
+/// to the millisecond).
+#[cfg(feature = "paused-clock")]
+async fn all_timed_out_at(
+    tasks: Vec<tokio::task::JoinHandle<(Result<Decision, StoreError>, tokio::time::Instant)>>,
+    started: tokio::time::Instant,
+    due: Duration,
+) {
+    for task in tasks {
         let (result, at) = task.await.expect("check task");
         let err = result.expect_err("decided by a frozen server");
         assert_eq!(err.kind(), StoreErrorKind::Timeout, "{err:#}");
-        // At the deadline (Tokio's timers round up to the millisecond), not after a call that
-        // was still to be sent could itself time out.
         let waited = at - started;
         assert!(
-            waited >= DEADLINE && waited <= DEADLINE + Duration::from_millis(1),
-            "answered after {waited:?}"
+            waited >= due && waited <= due + Duration::from_millis(1),
+            "answered after {waited:?}, due at {due:?}"
         );
     }
+}
+
+/// Needs Tokio's paused clock: the `paused-clock` feature, on by default.
+#[cfg(feature = "paused-clock")]
+#[tokio::test]
+async fn every_check_is_answered_at_its_deadline_whether_sent_or_still_waiting() {
+    let (server, store, started) = frozen_on_a_paused_clock().await;
+    // Eight fill the slot's four calls, and twelve wait for a call to come back: all answered
+    // at the deadline, not after a call that was still to be sent could itself time out.
+    all_timed_out_at(answered_when(&store, 20), started, DEADLINE).await;
     tokio::time::resume();
     server.resume();
 }
@@ -261,49 +283,15 @@ async fn every_check_is_answered_at_its_deadline_whether_sent_or_still_waiting()
 #[cfg(feature = "paused-clock")]
 #[tokio::test]
 async fn checks_queued_at_different_moments_are_each_answered_at_their_own_deadline() {
-    let server = RedisServer::start();
-    const DEADLINE: Duration = Duration::from_secs(1);
     const LATER: Duration = Duration::from_millis(400);
-    let store = connected(
-        builder(&server.url())
-            .timeout(DEADLINE)
-            .max_batch(2)
-            .breaker_threshold(1_000),
-    )
-    .await;
-    let key = Key::new("frozen", "/x", None, Some("u"));
-    let q = quota("1000/h");
-    server.pause();
-    tokio::time::pause();
-    let started = tokio::time::Instant::now();
-    let answer_times = |checks: Vec<Check>| -> Vec<_> {
-        checks
-            .into_iter()
-            .map(|check| {
-                tokio::spawn(async move {
-                    let result = check.await;
-                    (result, tokio::time::Instant::now())
-                })
-            })
-            .collect()
-    };
+    let (server, store, started) = frozen_on_a_paused_clock().await;
     // Eight fill the slot's four calls; six more, 400 ms later, wait for one. The timer, set
     // for the first eight, fires, and must be set again for the six.
-    let first = answer_times(queue_all(&store, &vec![(key.clone(), q.clone()); 8]));
+    let first = answered_when(&store, 8);
     tokio::time::advance(LATER).await;
-    let second = answer_times(queue_all(&store, &vec![(key.clone(), q.clone()); 6]));
-    for (tasks, due) in [(first, DEADLINE), (second, LATER + DEADLINE)] {
-        for task in tasks {
-            let (result, at) = task.await.expect("check task");
-            let err = result.expect_err("decided by a frozen server");
-            assert_eq!(err.kind(), StoreErrorKind::Timeout, "{err:#}");
-            let waited = at - started;
-            assert!(
-                waited >= due && waited <= due + Duration::from_millis(1),
-                "answered after {waited:?}, due at {due:?}"
-            );
-        }
-    }
+    let second = answered_when(&store, 6);
+    all_timed_out_at(first, started, DEADLINE).await;
+    all_timed_out_at(second, started, LATER + DEADLINE).await;
     tokio::time::resume();
     server.resume();
 }
@@ -313,7 +301,6 @@ async fn checks_queued_at_different_moments_are_each_answered_at_their_own_deadl
 #[tokio::test]
 async fn a_check_whose_deadline_passed_while_it_queued_is_answered_and_never_sent() {
     let server = RedisServer::start();
-    const DEADLINE: Duration = Duration::from_secs(1);
     let store = connected(
         builder(&server.url())
             .timeout(DEADLINE)
