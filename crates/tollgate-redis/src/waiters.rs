@@ -29,9 +29,8 @@ struct Entry<T> {
 /// order.
 pub(crate) struct Waiters<T> {
     entries: Vec<Entry<T>>,
+    /// The indexes of `entries` without a reply channel, for the next checks.
     free: Vec<u32>,
-    /// How many checks are owed an answer.
-    owed: usize,
     /// Every check not yet answered, earliest deadline first; answered ones leave from the
     /// front as they reach it ([`prune`](Self::prune)).
     deadlines: VecDeque<(Instant, Id)>,
@@ -42,7 +41,6 @@ impl<T> Default for Waiters<T> {
         Waiters {
             entries: Vec::new(),
             free: Vec::new(),
-            owed: 0,
             deadlines: VecDeque::new(),
         }
     }
@@ -51,7 +49,6 @@ impl<T> Default for Waiters<T> {
 impl<T> Waiters<T> {
     /// Owes `reply` an answer by `deadline`.
     pub(crate) fn insert(&mut self, reply: oneshot::Sender<T>, deadline: Instant) -> Id {
-        self.owed += 1;
         let id = match self.free.pop() {
             Some(index) => {
                 let entry = &mut self.entries[index as usize];
@@ -96,10 +93,12 @@ impl<T> Waiters<T> {
     }
 
     fn live(&self, id: Id) -> Option<&oneshot::Sender<T>> {
-        self.entries
-            .get(id.index as usize)
-            .filter(|e| e.generation == id.generation)
-            .and_then(|e| e.reply.as_ref())
+        live(&self.entries, id)
+    }
+
+    /// How many checks are owed an answer: every entry holds a reply channel but the free ones.
+    fn owed(&self) -> usize {
+        self.entries.len() - self.free.len()
     }
 
     /// Whether `id` is owed an answer and its caller still waits for it (it did not give up).
@@ -113,7 +112,6 @@ impl<T> Waiters<T> {
         let entry = &mut self.entries[id.index as usize];
         entry.generation = entry.generation.wrapping_add(1);
         self.free.push(id.index);
-        self.owed -= 1;
         entry.reply.take()
     }
 
@@ -152,14 +150,12 @@ impl<T> Waiters<T> {
             }
             self.deadlines.pop_front();
         }
-        if self.deadlines.len() > 2 * self.owed + 64 {
+        let room = 2 * self.owed() + 64;
+        if self.deadlines.len() > room {
             let entries = &self.entries;
-            self.deadlines.retain(|(_, id)| {
-                entries
-                    .get(id.index as usize)
-                    .is_some_and(|e| e.generation == id.generation && e.reply.is_some())
-            });
-            self.deadlines.shrink_to(2 * self.owed + 64);
+            self.deadlines
+                .retain(|(_, id)| live(entries, *id).is_some());
+            self.deadlines.shrink_to(room);
         }
     }
 
@@ -174,6 +170,14 @@ impl<T> Waiters<T> {
     fn kept(&self) -> usize {
         self.deadlines.len()
     }
+}
+
+/// `id`'s reply channel in `entries`, when it is still owed an answer.
+fn live<T>(entries: &[Entry<T>], id: Id) -> Option<&oneshot::Sender<T>> {
+    entries
+        .get(id.index as usize)
+        .filter(|e| e.generation == id.generation)
+        .and_then(|e| e.reply.as_ref())
 }
 
 #[cfg(test)]
