@@ -195,6 +195,47 @@ async fn checks_in_flight_together_share_calls_and_get_the_decisions_of_one_call
     assert_eq!(allowed(7), [3, 2, 1, 0], "the sliding window's four");
 }
 
+/// Requests that become ready together, as a server's connection tasks do when one pass over
+/// the sockets finds them readable, share one call. Tokio runs a task woken by the running one
+/// next, so the sending task wakes as soon as the first of them queues its check, before the
+/// others have run: unless it lets them run first, the first call carries that one check (a
+/// call per check under a moderate load, where each call costs the service more than the
+/// check itself). The tasks are spawned on the runtime's one worker, all ready before any
+/// runs, as such connection tasks are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn checks_of_tasks_ready_together_share_one_call() {
+    let server = RedisServer::start();
+    let store = connected(builder(&server.url())).await;
+    let before = server.calls("evalsha");
+    let spawner = store.clone();
+    let decided = tokio::spawn(async move {
+        let tasks: Vec<_> = (0..16)
+            .map(|i| {
+                let store = spawner.clone();
+                tokio::spawn(async move {
+                    let user = format!("u{i}");
+                    let key = Key::new("ready", "/x", None, Some(user.as_str()));
+                    store.check(&key, &quota("10/h"), 1).await
+                })
+            })
+            .collect();
+        let mut decided = Vec::new();
+        for task in tasks {
+            decided.push(task.await.expect("task").expect("decision"));
+        }
+        decided
+    })
+    .await
+    .expect("spawner");
+    assert_eq!(decided.len(), 16);
+    assert!(decided.iter().all(|d| d.is_allowed() && d.remaining() == 9));
+    assert_eq!(
+        server.calls("evalsha") - before,
+        1,
+        "sixteen checks ready together, one call"
+    );
+}
+
 #[tokio::test]
 async fn a_check_nobody_waits_for_is_never_sent() {
     let server = RedisServer::start();

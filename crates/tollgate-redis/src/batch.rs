@@ -1,12 +1,13 @@
 //! Coalescing: the checks in flight at the same moment go to Redis in one script call.
 //!
 //! Every check is queued to one task per store. Each hash slot (the one slot 0 off a cluster)
-//! has at most four calls out at once; a check whose slot has a call free goes at once, with
+//! has at most four calls out at once; a check whose slot has a call free goes as soon as the
+//! tasks that were ready with it have queued theirs (one pass of the scheduler, no timer), with
 //! the checks of its slot that queued meanwhile (at most
 //! [`RedisStoreBuilder::max_batch`](crate::RedisStoreBuilder::max_batch) per call). The script
 //! decides the checks of a call one after the other, as separate calls in that order would, so
 //! coalescing changes how many calls Redis runs, never a decision. Under light load every
-//! check goes alone, at once: nothing waits for company.
+//! check goes alone: nothing waits for company that is not already there.
 
 use std::collections::{HashMap, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -219,6 +220,11 @@ const IN_FLIGHT: usize = 4;
 /// the calls that came back.
 const TAKE: usize = 1_024;
 
+/// The most times the task lets the other ready tasks run before it sends the checks it took,
+/// while each time brings more and no call is full yet (see [`gather`]): a bound on how long
+/// a flood can hold the first check back.
+const GATHER_ROUNDS: usize = 16;
+
 impl Coalescer {
     /// Starts the task that sends the queued checks, at most `max_batch` per call; past
     /// `max_queued` checks waiting, a check fails at once. The task ends when the coalescer is
@@ -318,8 +324,9 @@ fn stopped() -> FredError {
 }
 
 /// The task. Each slot (the one slot 0 off a cluster) has at most `IN_FLIGHT` calls out; a
-/// check of a slot with a call free goes at once, with every check of its slot that queued
-/// meanwhile (at most `max_batch` per call). Under light load every call carries one check;
+/// check of a slot with a call free goes once the tasks ready with it have queued theirs
+/// ([`gather`]), with every check of its slot that queued meanwhile (at most `max_batch` per
+/// call). Under light load every call carries one check;
 /// under load the checks of a busy slot queue while Redis works on its calls, and the next call
 /// takes them together. Checks of different slots never wait for each other. The task answers
 /// every check: with its call's reply, or when its deadline passes first.
@@ -360,6 +367,7 @@ async fn run(
         match event {
             Event::Queued(0) => return,
             Event::Queued(_) => {
+                gather(&mut queue, &mut taken, max_batch).await;
                 let now = Instant::now();
                 for check in taken.drain(..) {
                     // A caller that gave up (its request was dropped) is not sent: what nobody
@@ -450,6 +458,37 @@ async fn run(
             if slot.in_flight == 0 && slot.waiting.is_empty() {
                 slots.remove(&id);
             }
+        }
+    }
+}
+
+/// Takes the checks that the tasks ready at the same moment as the first one queue, before
+/// any of them is sent. Tokio runs a task woken by the running one next (its LIFO slot), so
+/// this task wakes as soon as the first check is queued, ahead of the tasks that were ready
+/// with it (the other requests read in the same pass over the sockets): sent at once, that
+/// check would go in a call of its own and the others in the next calls, and under a moderate
+/// load every call would carry one check, each costing the service more than the check itself.
+/// Each yield puts this task behind them. It stops as soon as a yield brings nothing new, or
+/// once it holds a full call (`enough`): under light load a check waits one pass of the
+/// scheduler, with no timer and no fixed delay.
+async fn gather(
+    queue: &mut mpsc::UnboundedReceiver<Queued>,
+    taken: &mut Vec<Queued>,
+    enough: usize,
+) {
+    for _ in 0..GATHER_ROUNDS {
+        if taken.len() >= enough {
+            return;
+        }
+        tokio::task::yield_now().await;
+        let before = taken.len();
+        while taken.len() < TAKE
+            && let Ok(check) = queue.try_recv()
+        {
+            taken.push(check);
+        }
+        if taken.len() == before {
+            return;
         }
     }
 }

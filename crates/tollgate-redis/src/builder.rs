@@ -96,7 +96,9 @@ impl RedisStoreBuilder {
     /// The most checks sent in one script call (default 64; 1 to 1024). The checks that are in
     /// flight at the same moment go to Redis together, as one `EVALSHA` that decides them one
     /// after the other: the same decisions as one call each, for less work on both sides
-    /// (docs/redis.md, "Coalescing"). A check never waits for others to join it: it queues only
+    /// (docs/redis.md, "Coalescing"). A check never waits for others that are not already on
+    /// their way: it goes once the tasks that were ready with it (the other requests read in the
+    /// same pass over the sockets) have queued theirs, with no timer, and queues longer only
     /// while four calls of its hash slot are out. 1 sends every check in a call of its own.
     pub fn max_batch(mut self, checks: usize) -> Self {
         self.max_batch = checks.clamp(1, MAX_BATCH);
