@@ -542,12 +542,17 @@ async fn every_call_is_counted_so_checks_per_call_can_be_watched() {
 #[test]
 fn a_late_check_in_a_call_answers_only_its_status_and_writes_nothing() {
     let server = RedisServer::start();
-    let script = include_str!("../../crates/tollgate-redis/src/rate_limit.lua");
+    // The script as a function whose packed reply (one MessagePack array) is unpacked, for
+    // Redis to reply it as an array that redis-cli prints a number per line.
+    let script = format!(
+        "local function call()\n{}\nend\nreturn cmsgpack.unpack(call())",
+        include_str!("../../crates/tollgate-redis/src/rate_limit.lua")
+    );
     // The numbers go in one argument after the keys, a JSON array.
     let eval = |args: &[&str]| -> Vec<i64> {
         let keys = args[0].parse::<usize>().expect("key count");
         let numbers = format!("[{}]", args[1 + keys..].join(","));
-        let mut call = vec!["eval", script];
+        let mut call = vec!["eval", script.as_str()];
         call.extend_from_slice(&args[..1 + keys]);
         call.push(&numbers);
         let reply = server.cli(&call);

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tollgate::metrics::StoreMetrics;
 
+use crate::msgpack::Ints;
 use crate::script::{CheckArgs, CheckReply, REPLY_FIELDS, Times};
 use crate::waiters::{self, Waiters};
 
@@ -559,8 +560,9 @@ fn send(
     (ids, call)
 }
 
-/// The script's reply to a call split into the replies of its checks, each of which has the
-/// given number of quotas (its state keys): `[now, then for each check its status and, unless
+/// The script's reply to a call (one MessagePack array of integers, [`Ints`]) split into the
+/// replies of its checks, each of which has the given number of quotas (its state keys):
+/// `[now, then for each check its status and, unless
 /// it is -1 (late), five numbers per quota]` (the header of `rate_limit.lua`). Each check's
 /// reply is `[status, now, its numbers]`. Anything but integers laid out so is a parse error
 /// (an invalid response) for every check of the call, never a guess.
@@ -574,13 +576,14 @@ fn split_reply(
             format!("rate-limit script reply {why}: {reply:?}"),
         )
     };
-    let Value::Array(items) = reply else {
-        return Err(invalid("is not an array"));
+    let bytes: &[u8] = match reply {
+        Value::Bytes(b) => b,
+        Value::String(s) => s.as_bytes(),
+        _ => return Err(invalid("is not a string")),
     };
-    let mut numbers = items.iter().map(|v| match v {
-        Value::Integer(i) => Ok(*i),
-        _ => Err(invalid("holds a value that is not an integer")),
-    });
+    let mut ints = Ints::new(bytes).ok_or_else(|| invalid("is not an array"))?;
+    let mut numbers = std::iter::from_fn(|| ints.next())
+        .map(|n| n.ok_or_else(|| invalid("holds a value that is not an integer")));
     let short = || invalid("is shorter than its checks");
     let now = numbers.next().ok_or_else(short)??;
     let mut replies = Vec::with_capacity(quotas.len());
@@ -757,40 +760,27 @@ mod tests {
 
     #[test]
     fn a_reply_that_is_not_laid_out_for_its_checks_is_a_parse_error() {
-        let int = Value::Integer;
-        let now = int(1_700_000_000_000_000);
-        let ok = |v: Vec<Value>| Value::Array(v);
+        let packed = |numbers: &[i64]| Value::Bytes(crate::msgpack::pack(numbers).into());
+        let now = 1_700_000_000_000_000;
         let cases = [
             Value::Null,
-            int(1),
-            ok(vec![]),
+            Value::Integer(1),
+            // An array replied as such (the layout before the reply was packed).
+            Value::Array(vec![
+                Value::Integer(now),
+                Value::Integer(-1),
+                Value::Integer(-1),
+            ]),
+            packed(&[]),
             // Only the time.
-            ok(vec![now.clone()]),
+            packed(&[now]),
             // The first check one number short, then none for the second.
-            ok(vec![now.clone(), int(1), int(1), int(4), int(0), int(0)]),
+            packed(&[now, 1, 1, 4, 0, 0]),
             // A number too many.
-            ok(vec![
-                now.clone(),
-                int(1),
-                int(1),
-                int(4),
-                int(0),
-                int(0),
-                int(0),
-                int(-1),
-                int(7),
-            ]),
-            // A number that is not an integer.
-            ok(vec![
-                now,
-                int(1),
-                int(1),
-                Value::String("4".into()),
-                int(0),
-                int(0),
-                int(0),
-                int(-1),
-            ]),
+            packed(&[now, 1, 1, 4, 0, 0, 0, -1, 7]),
+            // A number that is not an integer (a one-character string), and a reply cut short.
+            Value::Bytes(vec![0x93, 0x01, 0x01, 0xa1, b'4'].into()),
+            Value::Bytes(crate::msgpack::pack(&[now, -1, -1])[..20].to_vec().into()),
         ];
         for reply in cases {
             let err = split_reply(&reply, [1, 1].into_iter()).unwrap_err();
@@ -798,14 +788,14 @@ mod tests {
         }
         // A decided check of two quotas, a late one (nothing follows its status), a refused
         // one of one quota.
-        let reply = ok([1_700_000_000_000_000, 1]
+        let numbers: Vec<i64> = [1_700_000_000_000_000, 1]
             .into_iter()
             .chain([1, 9, 0, 0, 0])
             .chain([1, 3, 0, 0, 0])
             .chain([-1])
             .chain([0, 0, 0, 5, 7, 7])
-            .map(int)
-            .collect());
+            .collect();
+        let reply = packed(&numbers);
         let got = split_reply(&reply, [2, 1, 1].into_iter()).unwrap();
         let t = 1_700_000_000_000_000;
         let want: [&[i64]; 3] = [

@@ -51,6 +51,7 @@ mod deny;
 mod error;
 mod keys;
 mod link;
+mod msgpack;
 mod script;
 mod server_clock;
 mod store;

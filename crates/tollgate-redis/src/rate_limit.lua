@@ -37,8 +37,9 @@
 -- expiry, by the next allowed request. A state of the next window (the clock stepped back)
 -- still counts, in its own window: docs/algorithms.md, "When the clock steps back".
 --
--- Returns one flat array of integers for the whole call (one array, not one per check: each
--- element is a frame the client decodes): the server's time `now` (us) the checks were decided
+-- Returns one flat array of integers for the whole call, packed as MessagePack by the cmsgpack
+-- library Redis bundles (one string: an array replied as such, or one per check, is a frame
+-- per element for the client to decode): the server's time `now` (us) the checks were decided
 -- at (0 when the times were given), then for each check, in order, its status: 1 allowed, 0
 -- refused, or -1 past its deadline (wrote nothing; nothing follows for it); then, unless -1,
 -- for each of its quotas
@@ -424,4 +425,6 @@ for _, key in ipairs(order) do
 end
 out[1] = server_now or 0
 out[m + 1] = nil
-return out
+-- One string (see above): an array replied as such is a frame per number for the client to
+-- decode, where cmsgpack's C loop writes them all, for about what Redis spent on the array.
+return cmsgpack.pack(out)
