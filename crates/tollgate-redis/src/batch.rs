@@ -470,8 +470,10 @@ async fn run(
 /// check would go in a call of its own and the others in the next calls, and under a moderate
 /// load every call would carry one check, each costing the service more than the check itself.
 /// Each yield puts this task behind them. It stops as soon as a yield brings nothing new, or
-/// once it holds a full call (`enough`): under light load a check waits one pass of the
-/// scheduler, with no timer and no fixed delay.
+/// once it holds a full call (`enough`), or after `GATHER_ROUNDS` yields: under light load a
+/// check waits one pass of the scheduler, with no timer and no fixed delay. Meanwhile the task
+/// does not look at the calls that came back or at its timer: under a flood, their checks are
+/// answered up to that many passes later.
 async fn gather(
     queue: &mut mpsc::UnboundedReceiver<Queued>,
     taken: &mut Vec<Queued>,

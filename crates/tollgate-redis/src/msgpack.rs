@@ -5,7 +5,9 @@
 //! redis-protocol and fred decode and convert one by one (about 3000 client instructions per
 //! coalesced check, a quarter of all of them); one string is one frame. Only what `cmsgpack`
 //! writes for an array of integers is read (an array header, then integers of any width); any
-//! other value is not an integer, and a reply cut short ends in one, never in a panic.
+//! other value is not an integer (a number that is not a whole one too: cmsgpack packs it as a
+//! float, where Redis's array reply truncated it silently), and a reply cut short ends in one,
+//! as do bytes after the array: never a panic, never a guess.
 
 /// The integers of a MessagePack array, in order.
 pub(crate) struct Ints<'a> {
@@ -67,7 +69,12 @@ impl Iterator for Ints<'_> {
 
     fn next(&mut self) -> Option<Option<i64>> {
         if self.left == 0 {
-            return None;
+            // Bytes after the array are one element that is not an integer, once.
+            if self.rest.is_empty() {
+                return None;
+            }
+            self.rest = &[];
+            return Some(None);
         }
         self.left -= 1;
         Some(self.int())
@@ -164,6 +171,8 @@ mod tests {
             let read = read(bytes).expect("an array");
             assert_eq!(read.last(), Some(&None), "{bytes:x?}");
         }
+        // Bytes after the array: one element that is not an integer.
+        assert_eq!(read(&[0x91, 0x01, 0x02]), Some(vec![Some(1), None]));
         // A huge count in a short reply ends at its bytes' end, with nothing allocated for it.
         let mut ints = Ints::new(&[0xdd, 0xff, 0xff, 0xff, 0xff, 0x07]).expect("an array");
         assert_eq!(ints.next(), Some(Some(7)));
