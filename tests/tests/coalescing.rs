@@ -544,34 +544,46 @@ async fn every_call_is_counted_so_checks_per_call_can_be_watched() {
     );
 }
 
+/// Runs the rate-limit script through `redis-cli EVAL` in a wrapper: the script as the function
+/// `call`, then `tail`, which turns its packed reply into an array redis-cli prints a number per
+/// line of. The numbers go in one argument, a JSON array, as the store sends them.
+fn eval_script(server: &RedisServer, tail: &str, keys: &[&str], numbers: &[&str]) -> Vec<i64> {
+    let script = format!(
+        "local function call()\n{}\nend\n{tail}",
+        include_str!("../../crates/tollgate-redis/src/rate_limit.lua")
+    );
+    let n_keys = keys.len().to_string();
+    let numbers = format!("[{}]", numbers.join(","));
+    let mut call = vec!["eval", script.as_str(), n_keys.as_str()];
+    call.extend_from_slice(keys);
+    call.push(&numbers);
+    let reply = server.cli(&call);
+    reply
+        .lines()
+        .map(|l| l.trim().parse().unwrap_or_else(|_| panic!("{reply}")))
+        .collect()
+}
+
 /// A call of late checks only (one number each after the time) is still packed as an array,
 /// which the store reads, not as the map cmsgpack makes of a table with a gap.
 #[test]
 fn a_call_of_late_checks_only_is_packed_as_an_array() {
     let server = RedisServer::start();
-    // The script as a function; the wrapper answers its packed reply's first byte (the
-    // MessagePack header) and its length.
-    let script = format!(
-        "local function call()\n{}\nend\nlocal s = call()\nreturn {{ string.byte(s, 1), #s }}",
-        include_str!("../../crates/tollgate-redis/src/rate_limit.lua")
-    );
+    // The packed reply's first byte (the MessagePack header) and its length.
+    let header_and_length = "local s = call()\nreturn { string.byte(s, 1), #s }";
     // One shape (GCRA, as below), then each check: cost 1, a deadline (1 us) long past.
     let shape = ["1", "1", "0", "60000000", "60000000000"];
     for late in [1, 4] {
         let keys: Vec<String> = (0..late).map(|i| format!("late{i}")).collect();
-        let mut numbers: Vec<&str> = shape.to_vec();
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let mut numbers = shape.to_vec();
         for _ in 0..late {
             numbers.extend(["1", "1"]);
         }
-        let numbers = format!("[{}]", numbers.join(","));
-        let n_keys = late.to_string();
-        let mut call = vec!["eval", script.as_str(), n_keys.as_str()];
-        call.extend(keys.iter().map(String::as_str));
-        call.push(&numbers);
-        let reply = server.cli(&call);
-        let got: Vec<usize> = reply.lines().map(|l| l.trim().parse().unwrap()).collect();
+        let got = eval_script(&server, header_and_length, &keys, &numbers);
         // A fixarray of the time and a -1 per check: the time is a uint64 (9 bytes), each -1 a
         // negative fixint (1 byte).
+        let late = late as i64;
         assert_eq!(got, [0x90 + 1 + late, 1 + 9 + late], "{late} late checks");
     }
 }
@@ -582,24 +594,12 @@ fn a_call_of_late_checks_only_is_packed_as_an_array() {
 #[test]
 fn a_late_check_in_a_call_answers_only_its_status_and_writes_nothing() {
     let server = RedisServer::start();
-    // The script as a function whose packed reply (one MessagePack array) is unpacked, for
-    // Redis to reply it as an array that redis-cli prints a number per line.
-    let script = format!(
-        "local function call()\n{}\nend\nreturn cmsgpack.unpack(call())",
-        include_str!("../../crates/tollgate-redis/src/rate_limit.lua")
-    );
-    // The numbers go in one argument after the keys, a JSON array.
+    // The number of keys, the keys, then the numbers; the packed reply unpacked, for Redis to
+    // reply it as an array.
     let eval = |args: &[&str]| -> Vec<i64> {
         let keys = args[0].parse::<usize>().expect("key count");
-        let numbers = format!("[{}]", args[1 + keys..].join(","));
-        let mut call = vec!["eval", script.as_str()];
-        call.extend_from_slice(&args[..1 + keys]);
-        call.push(&numbers);
-        let reply = server.cli(&call);
-        reply
-            .lines()
-            .map(|l| l.trim().parse().unwrap_or_else(|_| panic!("{reply}")))
-            .collect()
+        let unpacked = "return cmsgpack.unpack(call())";
+        eval_script(&server, unpacked, &args[1..=keys], &args[1 + keys..])
     };
     // One shape (GCRA, T = 60 s, a burst of 1000: a state lasts a minute); three checks of
     // cost 1, the middle one with a deadline long past.
