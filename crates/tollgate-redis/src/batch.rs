@@ -327,9 +327,8 @@ fn stopped() -> FredError {
 /// The task. Each slot (the one slot 0 off a cluster) has at most `IN_FLIGHT` calls out; a
 /// check of a slot with a call free goes once the tasks ready with it have queued theirs
 /// ([`gather`]), with every check of its slot that queued meanwhile (at most `max_batch` per
-/// call). Under light load every call carries one check;
-/// under load the checks of a busy slot queue while Redis works on its calls, and the next call
-/// takes them together. Checks of different slots never wait for each other. The task answers
+/// call). Under light load every call carries one check; under load the checks of a busy slot
+/// queue while Redis works on its calls, and the next call takes them together. Checks of different slots never wait for each other. The task answers
 /// every check: with its call's reply, or when its deadline passes first.
 async fn run(
     mut queue: mpsc::UnboundedReceiver<Queued>,

@@ -98,9 +98,9 @@ impl RedisStoreBuilder {
     /// after the other: the same decisions as one call each, for less work on both sides
     /// (docs/redis.md, "Coalescing"). A check never waits for others that are not already on
     /// their way: it goes once the tasks that were ready with it (the other requests read in the
-    /// same pass over the sockets) have queued theirs (at most 16 passes of the scheduler),
-    /// with no timer, and queues longer only
-    /// while four calls of its hash slot are out. 1 sends every check in a call of its own.
+    /// same pass over the sockets) have queued theirs (at most 16 passes of the scheduler, no
+    /// timer), and queues longer only while four calls of its hash slot are out. 1 sends every
+    /// check in a call of its own.
     pub fn max_batch(mut self, checks: usize) -> Self {
         self.max_batch = checks.clamp(1, MAX_BATCH);
         self
