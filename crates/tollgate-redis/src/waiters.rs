@@ -288,4 +288,59 @@ mod tests {
         assert_eq!(w.entries.len(), room);
         assert!(w.kept() <= 2 * 39 + 64 + 1, "{} deadlines kept", w.kept());
     }
+
+    /// Owed checks (the first stuck, `owed - 1` more after them) with `answered` answered ones
+    /// between, then pruned: how many deadlines are kept.
+    fn kept_after_prune(owed: usize, answered: usize) -> usize {
+        let mut w = Waiters::default();
+        let mut rxs = Vec::new();
+        let mut add = |w: &mut Waiters<()>, ms| {
+            let (tx, rx) = oneshot::channel();
+            rxs.push(rx);
+            w.insert(tx, at(ms))
+        };
+        add(&mut w, 0);
+        let done: Vec<Id> = (0..answered).map(|_| add(&mut w, 1)).collect();
+        for _ in 1..owed {
+            add(&mut w, 2);
+        }
+        for id in done {
+            w.answer(id, ());
+        }
+        w.prune();
+        w.kept()
+    }
+
+    #[test]
+    fn answered_deadlines_are_dropped_past_twice_the_owed_ones_and_64_not_before() {
+        // 101 owed: room for 266. 150 answered behind the stuck one are kept (a compaction
+        // walks every deadline: it waits until they outnumber the owed ones well) ...
+        assert_eq!(kept_after_prune(101, 150), 251);
+        // ... up to the bound itself, and dropped one past it.
+        assert_eq!(kept_after_prune(1, 65), 66);
+        assert_eq!(kept_after_prune(1, 66), 1);
+        assert_eq!(kept_after_prune(101, 166), 101);
+    }
+
+    #[test]
+    fn a_check_forgotten_or_due_now_is_owed_nothing_more() {
+        let mut w = Waiters::default();
+        let (tx1, _rx1) = oneshot::channel::<()>();
+        let (tx2, mut rx2) = oneshot::channel();
+        let (tx3, mut rx3) = oneshot::channel();
+        let a = w.insert(tx1, at(10));
+        let b = w.insert(tx2, at(20));
+        w.insert(tx3, at(30));
+        // Its caller gave up: its deadline no longer holds the timer.
+        w.forget(a);
+        assert!(!w.is_waiting(a));
+        w.prune();
+        assert_eq!(w.next_deadline(), Some(at(20)));
+        // A deadline that is now is due now, not a tick later.
+        w.expire(at(20), || ());
+        assert_eq!(rx2.try_recv(), Ok(()));
+        assert!(!w.is_waiting(b));
+        assert!(rx3.try_recv().is_err());
+        assert_eq!(w.next_deadline(), Some(at(30)));
+    }
 }
