@@ -215,12 +215,11 @@ fn checks_of_tasks_ready_together_share_one_call() {
     let server = RedisServer::start();
     let store = runtime.block_on(connected(builder(&server.url())));
     let before = server.calls("evalsha");
-    let spawner = store;
     let decided = runtime
         .block_on(runtime.spawn(async move {
             let tasks: Vec<_> = (0..16)
                 .map(|i| {
-                    let store = spawner.clone();
+                    let store = store.clone();
                     tokio::spawn(async move {
                         let user = format!("u{i}");
                         let key = Key::new("ready", "/x", None, Some(user.as_str()));

@@ -328,8 +328,9 @@ fn stopped() -> FredError {
 /// check of a slot with a call free goes once the tasks ready with it have queued theirs
 /// ([`gather`]), with every check of its slot that queued meanwhile (at most `max_batch` per
 /// call). Under light load every call carries one check; under load the checks of a busy slot
-/// queue while Redis works on its calls, and the next call takes them together. Checks of different slots never wait for each other. The task answers
-/// every check: with its call's reply, or when its deadline passes first.
+/// queue while Redis works on its calls, and the next call takes them together. Checks of
+/// different slots never wait for each other. The task answers every check: with its call's
+/// reply, or when its deadline passes first.
 async fn run(
     mut queue: mpsc::UnboundedReceiver<Queued>,
     runner: Arc<Runner>,
@@ -563,8 +564,8 @@ fn send(
 
 /// The script's reply to a call (one MessagePack array of integers, [`Ints`]) split into the
 /// replies of its checks, each of which has the given number of quotas (its state keys):
-/// `[now, then for each check its status and, unless
-/// it is -1 (late), five numbers per quota]` (the header of `rate_limit.lua`). Each check's
+/// `[now, then for each check its status and, unless it is -1 (late), five numbers per
+/// quota]` (the header of `rate_limit.lua`). Each check's
 /// reply is `[status, now, its numbers]`. Anything but integers laid out so is a parse error
 /// (an invalid response) for every check of the call, never a guess.
 fn split_reply(
@@ -582,8 +583,8 @@ fn split_reply(
         Value::String(s) => s.as_bytes(),
         _ => return Err(invalid("is not a string")),
     };
-    let mut ints = Ints::new(bytes).ok_or_else(|| invalid("is not an array"))?;
-    let mut numbers = std::iter::from_fn(|| ints.next())
+    let mut numbers = Ints::new(bytes)
+        .ok_or_else(|| invalid("is not an array"))?
         .map(|n| n.ok_or_else(|| invalid("holds a value that is not an integer")));
     let short = || invalid("is shorter than its checks");
     let now = numbers.next().ok_or_else(short)??;

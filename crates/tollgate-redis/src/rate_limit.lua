@@ -424,10 +424,11 @@ for _, key in ipairs(order) do
   redis.call('SET', key, value, 'PX', w[2])
 end
 out[1] = server_now or 0
--- Cut after the last element, up to the room `out` was made with: a call of late checks
--- only (one number each) leaves it short of that, and cmsgpack packs a table with a gap as a
--- map, where Redis's array reply stopped at the first nil.
-for i = m + 1, 7 do out[i] = nil end
+-- Cut after the last element, up to the room `out` was made with (its length, counted before
+-- the cut: nothing in it is nil yet): a call of late checks only (one number each) leaves it
+-- short of that, and cmsgpack packs a table with a gap as a map, where Redis's array reply
+-- stopped at the first nil.
+for i = m + 1, #out do out[i] = nil end
 -- One string (see above): an array replied as such is a frame per number for the client to
 -- decode, where cmsgpack's C loop writes them all, for about what Redis spent on the array.
 return cmsgpack.pack(out)

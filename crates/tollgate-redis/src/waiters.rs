@@ -271,7 +271,6 @@ mod tests {
         w.prune();
         assert_eq!(w.kept(), 40, "only the owed ones are kept");
         assert_eq!(w.next_deadline(), Some(at(1_060)));
-        assert_eq!(w.next_deadline(), Some(at(1_060)));
         // A caller that gave up.
         drop(rxs.pop());
         assert!(!w.is_waiting(ids[99]));
