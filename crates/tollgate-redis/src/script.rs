@@ -260,4 +260,46 @@ mod tests {
             "t:{k}:3/10s-fw"
         );
     }
+
+    /// A check's keys, written in one pass, are the keys named one by one, in the quotas'
+    /// order, and the range they give is the tag (what the deny cache hashes).
+    #[test]
+    fn a_checks_keys_are_its_quotas_state_keys_with_the_tag_inside() {
+        use std::net::{IpAddr, Ipv6Addr};
+        let long = "u".repeat(tollgate::key::MAX_USER_LEN + 1);
+        let quotas = [
+            quota("10/s burst 20"),
+            quota("3/10s fixed-window"),
+            quota("100/h sliding-window"),
+        ];
+        let v6 = Some(IpAddr::V6(Ipv6Addr::LOCALHOST));
+        for key in [
+            Key::new("p", "/x", None, None::<&str>),
+            Key::new("a:b{", "/é}", v6, Some("u:~%")),
+            Key::new(
+                "p",
+                "/x",
+                Some(IpAddr::from([192, 0, 2, 1])),
+                Some(long.as_str()),
+            ),
+        ] {
+            let tag = crate::keys::tag(&key);
+            assert_eq!(tag, key.qualified().to_string());
+            for n in 0..=quotas.len() {
+                let (keys, range) = crate::keys::state_keys("app:", &key, &quotas[..n]);
+                let named: Vec<String> = quotas[..n]
+                    .iter()
+                    .map(|q| crate::keys::state_key("app:", &tag, q))
+                    .collect();
+                assert_eq!(keys.to_vec(), named);
+                if n > 0 {
+                    assert_eq!(&keys[0][range], tag);
+                }
+            }
+            assert_eq!(
+                crate::keys::inflight_key("app:", &key),
+                format!("app:{{{tag}}}:inflight")
+            );
+        }
+    }
 }

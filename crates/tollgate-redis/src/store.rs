@@ -313,9 +313,12 @@ impl Store for RedisStore {
             return Box::pin(std::future::ready(Ok(Decision::from_states([]))));
         }
         let inner = &self.inner;
-        let tag = crate::keys::tag(key);
+        // One state key per quota; most policies have one, kept inline. Named before the deny
+        // cache is asked, which reads the tag inside the first one: a refusal found there costs
+        // the one allocation the tag alone would.
+        let (keys, tag) = crate::keys::state_keys(&inner.prefix, key, quotas);
         // Hashed once, for the look-up here and the update when the answer comes.
-        let deny_key = inner.deny.as_ref().map(|deny| deny.key(&tag));
+        let deny_key = inner.deny.as_ref().map(|deny| deny.key(&keys[0][tag]));
         if let (Some(deny), Some(deny_key)) = (&inner.deny, deny_key)
             && let Some(refusal) = deny.get(deny_key, cost, inner.now_ns())
         {
@@ -333,12 +336,6 @@ impl Store for RedisStore {
             };
             return Box::pin(std::future::ready(result));
         }
-        // One state key per quota; most policies have one, kept inline.
-        let keys: crate::batch::StateKeys = quotas
-            .iter()
-            .map(|q| crate::keys::state_key(&inner.prefix, &tag, q))
-            .collect();
-        drop(tag);
         // A test clock replaces the server's; then there is no server time to set a deadline
         // on.
         let test_now_us = inner

@@ -315,7 +315,7 @@ const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
 /// Writes `s` with every byte outside `[A-Za-z0-9._~/-]` percent-encoded (and `~` too when
 /// `tilde` is false).
-fn write_escaped(f: &mut fmt::Formatter<'_>, s: &str, tilde: bool) -> fmt::Result {
+fn write_escaped<W: fmt::Write>(f: &mut W, s: &str, tilde: bool) -> fmt::Result {
     let bytes = s.as_bytes();
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
@@ -341,6 +341,15 @@ impl fmt::Display for Key<'_> {
     /// `<route>:<ip>:<user>` with the route and user escaped; `-` when there is no IP. A user
     /// longer than [`MAX_USER_LEN`] is written as its digest, `~` and 32 hex digits.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write_to(f)
+    }
+}
+
+impl Key<'_> {
+    /// The [`Display`](fmt::Display) form written to `f`: through a formatter, or straight into
+    /// a `String` ([`push_qualified`](Self::push_qualified)), where each piece is a copy
+    /// instead of a call through the formatter.
+    fn write_to<W: fmt::Write>(&self, f: &mut W) -> fmt::Result {
         write_escaped(f, self.route, true)?;
         f.write_str(":")?;
         match self.ip {
@@ -436,12 +445,35 @@ impl Key<'_> {
         struct Qualified<'k, 'a>(&'k Key<'a>);
         impl fmt::Display for Qualified<'_, '_> {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                write_escaped(f, self.0.policy, true)?;
-                f.write_str(":")?;
-                fmt::Display::fmt(self.0, f)
+                self.0.write_qualified(f)
             }
         }
         Qualified(self)
+    }
+
+    /// Appends the [`qualified`](Self::qualified) form to `out`: the same text as
+    /// `out.push_str(&key.qualified().to_string())`, without the formatter or a `String` of its
+    /// own. For stores that name their state with it on every check.
+    ///
+    /// ```
+    /// use std::net::{IpAddr, Ipv4Addr};
+    /// use tollgate::Key;
+    ///
+    /// let key = Key::new("api", "/login", Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))), None::<&str>);
+    /// let mut name = String::from("state{");
+    /// key.push_qualified(&mut name);
+    /// assert_eq!(name, "state{api:/login:192.0.2.1:");
+    /// assert_eq!(&name[6..], key.qualified().to_string());
+    /// ```
+    pub fn push_qualified(&self, out: &mut String) {
+        // Writing to a `String` cannot fail.
+        let _ = self.write_qualified(out);
+    }
+
+    fn write_qualified<W: fmt::Write>(&self, f: &mut W) -> fmt::Result {
+        write_escaped(f, self.policy, true)?;
+        f.write_str(":")?;
+        self.write_to(f)
     }
 }
 
@@ -1218,6 +1250,10 @@ mod tests {
             let (ka, kb) = (key_of(&a, ip), key_of(&b, ip));
             let (sa, sb) = (ka.qualified().to_string(), kb.qualified().to_string());
             proptest::prop_assert!(!sa.contains(['{', '}']), "braces in {}", sa);
+            // The form appended without the formatter is the same text, after what was there.
+            let mut pushed = String::from("{");
+            ka.push_qualified(&mut pushed);
+            proptest::prop_assert_eq!(&pushed[1..], sa.as_str());
             proptest::prop_assert_eq!(ka == kb, sa == sb, "{} vs {}", sa, sb);
             let h = KeyHasher::new();
             proptest::prop_assert_eq!(ka == kb, ka.hash128(&h) == kb.hash128(&h), "{} vs {}", sa, sb);

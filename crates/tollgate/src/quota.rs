@@ -285,26 +285,42 @@ impl Quota {
         struct Id<'q>(&'q Quota);
         impl fmt::Display for Id<'_> {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                // Written on the stack, then in one write: the Redis store names a state with
-                // it on every check. At most 10 + 1 + 19 + 2 + 10 + 3 bytes.
-                let q = self.0;
-                let mut t = Text::<48>::new();
-                t.int(q.limit.get());
-                t.push("/");
-                push_period(&mut t, q.period());
-                if q.burst != q.limit {
-                    t.push("-b");
-                    t.int(q.burst.get());
-                }
-                t.push(match q.algorithm {
-                    Algorithm::FixedWindow => "-fw",
-                    Algorithm::SlidingWindow => "-sw",
-                    Algorithm::Gcra => "",
-                });
-                f.write_str(t.as_str())
+                f.write_str(self.0.id_text().as_str())
             }
         }
         Id(self)
+    }
+
+    /// Appends the quota's [`id`](Self::id) to `out`: the same text, without the formatter.
+    /// For stores that name a state with it on every check.
+    ///
+    /// ```
+    /// use tollgate::Quota;
+    /// let q: Quota = "3/10s fixed-window".parse().unwrap();
+    /// let mut name = String::from("state:");
+    /// q.push_id(&mut name);
+    /// assert_eq!(name, format!("state:{}", q.id()));
+    /// ```
+    pub fn push_id(&self, out: &mut String) {
+        out.push_str(self.id_text().as_str());
+    }
+
+    /// The [`id`](Self::id), written on the stack: at most 10 + 1 + 19 + 2 + 10 + 3 bytes.
+    fn id_text(&self) -> Text<48> {
+        let mut t = Text::<48>::new();
+        t.int(self.limit.get());
+        t.push("/");
+        push_period(&mut t, self.period());
+        if self.burst != self.limit {
+            t.push("-b");
+            t.int(self.burst.get());
+        }
+        t.push(match self.algorithm {
+            Algorithm::FixedWindow => "-fw",
+            Algorithm::SlidingWindow => "-sw",
+            Algorithm::Gcra => "",
+        });
+        t
     }
 
     /// A 32-bit fingerprint of what [`id`](Self::id) names, for stores that index by hash.
@@ -852,6 +868,9 @@ mod tests {
                 q = with;
             }
             proptest::prop_assert_eq!(q.id().to_string(), reference(&q, true));
+            let mut pushed = String::from("k:");
+            q.push_id(&mut pushed);
+            proptest::prop_assert_eq!(&pushed[2..], reference(&q, true));
             proptest::prop_assert_eq!(q.to_string(), reference(&q, false));
         }
     }
