@@ -313,16 +313,37 @@ fn digest_user(user: &str) -> String {
 
 const HEX: &[u8; 16] = b"0123456789ABCDEF";
 
+/// [`BYTE_CLASS`] of a byte always written as it is.
+const PLAIN: u8 = 1;
+/// [`BYTE_CLASS`] of `~`, written as it is where [`write_escaped`] is told so.
+const TILDE: u8 = 2;
+
+/// What [`write_escaped`] does with each byte: [`PLAIN`] for `[A-Za-z0-9._/-]`, [`TILDE`] for
+/// `~`, 0 (escaped) for every other.
+const BYTE_CLASS: [u8; 256] = {
+    let mut class = [0; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        if c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'/' | b'-') {
+            class[b] = PLAIN;
+        } else if c == b'~' {
+            class[b] = TILDE;
+        }
+        b += 1;
+    }
+    class
+};
+
 /// Writes `s` with every byte outside `[A-Za-z0-9._~/-]` percent-encoded (and `~` too when
 /// `tilde` is false).
 fn write_escaped<W: fmt::Write>(f: &mut W, s: &str, tilde: bool) -> fmt::Result {
     let bytes = s.as_bytes();
     let mut start = 0;
+    // One look-up a byte: the Redis store writes every key's parts on every check.
+    let plain = if tilde { PLAIN | TILDE } else { PLAIN };
     for (i, &b) in bytes.iter().enumerate() {
-        let plain = b.is_ascii_alphanumeric()
-            || matches!(b, b'.' | b'_' | b'/' | b'-')
-            || (tilde && b == b'~');
-        if !plain {
+        if BYTE_CLASS[usize::from(b)] & plain == 0 {
             // Bytes start..i are plain ASCII, so both ends are char boundaries. When none is
             // (start == i), start may sit inside a multi-byte character escaped byte by byte,
             // and even an empty slice there would panic.
@@ -1257,6 +1278,25 @@ mod tests {
             proptest::prop_assert_eq!(ka == kb, sa == sb, "{} vs {}", sa, sb);
             let h = KeyHasher::new();
             proptest::prop_assert_eq!(ka == kb, ka.hash128(&h) == kb.hash128(&h), "{} vs {}", sa, sb);
+        }
+    }
+
+    /// Every ASCII byte, and the bytes of a character outside ASCII, escaped in a route (where
+    /// `~` is written as it is) and in a user (where it is escaped): only `[A-Za-z0-9._/-]`, and
+    /// `~` in a route, are left as they are.
+    #[test]
+    fn each_byte_is_escaped_unless_plain() {
+        for c in (0u8..128).map(char::from).chain(['é']) {
+            let text = c.to_string();
+            let escaped: String = text.bytes().map(|b| format!("%{b:02X}")).collect();
+            let plain = c.is_ascii_alphanumeric() || "._/-".contains(c);
+            let (route, user) = match (plain, c == '~') {
+                (true, _) => (text.clone(), text.clone()),
+                (false, true) => (text.clone(), escaped.clone()),
+                (false, false) => (escaped.clone(), escaped.clone()),
+            };
+            let key = Key::new("p", &text, None, Some(text.as_str()));
+            assert_eq!(key.to_string(), format!("{route}:-:{user}"), "{c:?}");
         }
     }
 
