@@ -39,35 +39,41 @@ pub(crate) fn state_key(prefix: &str, tag: &str, quota: &Quota) -> String {
     key
 }
 
-/// The state keys of `key`, one per quota in order (each what [`state_key`] names), and where
-/// the tag lies in each of them. The tag is written once, into the first key, and not kept in
-/// a string of its own: a check's keys are its only allocations for names.
-pub(crate) fn state_keys(
+/// The Redis key of the first quota's state for `key` (what [`state_key`] names), and where
+/// the tag lies in it. The tag is written once, here, not kept in a string of its own: the deny
+/// cache hashes it in this key, and [`state_keys`] copies it for a policy's other quotas, once
+/// the check is known to need them.
+pub(crate) fn first_state_key(
     prefix: &str,
     key: &Key<'_>,
-    quotas: &[Quota],
-) -> (StateKeys, Range<usize>) {
-    let mut first = String::with_capacity(prefix.len() + tag_room(key) + 3 + QUOTA_ID_ROOM);
-    first.push_str(prefix);
-    first.push('{');
-    let start = first.len();
-    key.push_qualified(&mut first);
-    let tag = start..first.len();
-    first.push_str("}:");
-    let head = first.len();
-    let mut keys = StateKeys::with_capacity(quotas.len().max(1));
-    keys.push(first);
-    for quota in quotas.iter().skip(1) {
+    quota: &Quota,
+) -> (String, Range<usize>) {
+    let mut name = String::with_capacity(prefix.len() + tag_room(key) + 3 + QUOTA_ID_ROOM);
+    name.push_str(prefix);
+    name.push('{');
+    let start = name.len();
+    key.push_qualified(&mut name);
+    let tag = start..name.len();
+    name.push_str("}:");
+    quota.push_id(&mut name);
+    (name, tag)
+}
+
+/// A check's state keys, one per quota in order: `first`, from [`first_state_key`] (its tag
+/// ending at `tag_end`), then one for each of `rest`, each its head (`<prefix>{<tag>}:`) copied
+/// and that quota's id appended.
+pub(crate) fn state_keys(first: String, tag_end: usize, rest: &[Quota]) -> StateKeys {
+    // The head ends after the tag's closing brace and the colon.
+    let head = tag_end + 2;
+    let mut keys = StateKeys::with_capacity(1 + rest.len());
+    for quota in rest {
         let mut name = String::with_capacity(head + QUOTA_ID_ROOM);
-        name.push_str(&keys[0][..head]);
+        name.push_str(&first[..head]);
         quota.push_id(&mut name);
         keys.push(name);
     }
-    match quotas.first() {
-        Some(quota) => quota.push_id(&mut keys[0]),
-        None => keys.clear(),
-    }
-    (keys, tag)
+    keys.insert(0, first);
+    keys
 }
 
 /// The Redis key of the concurrency leases of `key`.

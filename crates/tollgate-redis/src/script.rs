@@ -261,8 +261,9 @@ mod tests {
         );
     }
 
-    /// A check's keys, written in one pass, are the keys named one by one, in the quotas'
-    /// order, and the range they give is the tag (what the deny cache hashes).
+    /// A check's keys, the first written with its tag and the others copied from its head, are
+    /// the keys named one by one, in the quotas' order, and the range the first gives is the
+    /// tag (what the deny cache hashes) in each of them.
     #[test]
     fn a_checks_keys_are_its_quotas_state_keys_with_the_tag_inside() {
         use std::net::{IpAddr, Ipv6Addr};
@@ -285,15 +286,17 @@ mod tests {
         ] {
             let tag = crate::keys::tag(&key);
             assert_eq!(tag, key.qualified().to_string());
-            for n in 0..=quotas.len() {
-                let (keys, range) = crate::keys::state_keys("app:", &key, &quotas[..n]);
+            for n in 1..=quotas.len() {
+                let (first, range) = crate::keys::first_state_key("app:", &key, &quotas[0]);
+                assert_eq!(&first[range.clone()], tag);
+                let keys = crate::keys::state_keys(first, range.end, &quotas[1..n]);
                 let named: Vec<String> = quotas[..n]
                     .iter()
                     .map(|q| crate::keys::state_key("app:", &tag, q))
                     .collect();
                 assert_eq!(keys.to_vec(), named);
-                if n > 0 {
-                    assert_eq!(&keys[0][range], tag);
+                for k in &keys {
+                    assert_eq!(&k[range.clone()], tag);
                 }
             }
             assert_eq!(

@@ -309,16 +309,18 @@ impl Store for RedisStore {
         if let Err(e) = StoreError::check_cost(quotas, cost) {
             return Box::pin(std::future::ready(Err(e)));
         }
-        if quotas.is_empty() {
+        let Some((first_quota, other_quotas)) = quotas.split_first() else {
             return Box::pin(std::future::ready(Ok(Decision::from_states([]))));
-        }
+        };
         let inner = &self.inner;
-        // One state key per quota; most policies have one, kept inline. Named before the deny
-        // cache is asked, which reads the tag inside the first one: a refusal found there costs
-        // the one allocation the tag alone would.
-        let (keys, tag) = crate::keys::state_keys(&inner.prefix, key, quotas);
+        // The first quota's state key, named before the deny cache is asked, which hashes the
+        // tag inside it: a refusal found there costs this one allocation, as the tag alone did.
+        let (first_key, tag) = crate::keys::first_state_key(&inner.prefix, key, first_quota);
         // Hashed once, for the look-up here and the update when the answer comes.
-        let deny_key = inner.deny.as_ref().map(|deny| deny.key(&keys[0][tag]));
+        let deny_key = inner
+            .deny
+            .as_ref()
+            .map(|deny| deny.key(&first_key[tag.clone()]));
         if let (Some(deny), Some(deny_key)) = (&inner.deny, deny_key)
             && let Some(refusal) = deny.get(deny_key, cost, inner.now_ns())
         {
@@ -336,6 +338,8 @@ impl Store for RedisStore {
             };
             return Box::pin(std::future::ready(result));
         }
+        // One state key per quota; most policies have one, kept inline.
+        let keys = crate::keys::state_keys(first_key, tag.end, other_quotas);
         // A test clock replaces the server's; then there is no server time to set a deadline
         // on.
         let test_now_us = inner

@@ -473,8 +473,9 @@ impl Key<'_> {
     }
 
     /// Appends the [`qualified`](Self::qualified) form to `out`: the same text as
-    /// `out.push_str(&key.qualified().to_string())`, without the formatter or a `String` of its
-    /// own. For stores that name their state with it on every check.
+    /// `out.push_str(&key.qualified().to_string())`, without a `String` of its own, and without
+    /// the formatter but for an IPv6 address. For stores that name their state with it on
+    /// every check.
     ///
     /// ```
     /// use std::net::{IpAddr, Ipv4Addr};
@@ -1286,6 +1287,14 @@ mod tests {
     /// `~` in a route, are left as they are.
     #[test]
     fn each_byte_is_escaped_unless_plain() {
+        // The table, for all 256 bytes, against the rule: no byte outside ASCII is ever plain,
+        // so the slices written between escapes always end on a character boundary.
+        for b in 0..=255u8 {
+            let plain = b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'-');
+            assert_eq!(BYTE_CLASS[usize::from(b)] & PLAIN != 0, plain, "{b:#x}");
+            let with_tilde = BYTE_CLASS[usize::from(b)] & (PLAIN | TILDE) != 0;
+            assert_eq!(with_tilde, plain || b == b'~', "{b:#x}");
+        }
         for c in (0u8..128).map(char::from).chain(['é']) {
             let text = c.to_string();
             let escaped: String = text.bytes().map(|b| format!("%{b:02X}")).collect();
