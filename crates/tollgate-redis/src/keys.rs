@@ -85,3 +85,28 @@ pub(crate) fn inflight_key(prefix: &str, key: &Key<'_>) -> String {
     name.push_str("}:inflight");
     name
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv6Addr};
+
+    use super::*;
+
+    /// The room made for a tag holds the tag of a key with the longest address text (an IPv6
+    /// address of eight full groups, 39 characters) and parts that need no escaping, so writing
+    /// it never grows the string, and wastes at most a few bytes.
+    #[test]
+    fn a_tags_room_holds_the_longest_address_with_little_to_spare() {
+        let widest = IpAddr::V6(Ipv6Addr::new(
+            0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff,
+        ));
+        for (policy, route, user) in [("api", "/get", Some("alice")), ("p", "/", None)] {
+            let key = Key::new(policy, route, Some(widest), user);
+            let tag = tag(&key);
+            assert_eq!(tag.len(), key.qualified().to_string().len());
+            let room = tag_room(&key);
+            assert!(room >= tag.len(), "{room} < {} for {tag}", tag.len());
+            assert!(room <= tag.len() + 8, "{room} wastes room for {tag}");
+        }
+    }
+}
