@@ -14,8 +14,8 @@ use crate::batch::StateKeys;
 const QUOTA_ID_ROOM: usize = 48;
 
 /// Room for the tag of `key`: its parts as given (escaping lengthens them only for unusual
-/// bytes), an address (at most 45 characters) and the separators, so that writing it never
-/// grows the string.
+/// bytes), an address (an IPv6 address of eight full groups, the longest, is 39 characters),
+/// the three separators and a few bytes to spare, so that writing it never grows the string.
 fn tag_room(key: &Key<'_>) -> usize {
     key.policy().len() + key.route().len() + key.user().map_or(0, str::len) + 48
 }
@@ -27,34 +27,30 @@ pub(crate) fn tag(key: &Key<'_>) -> String {
     tag
 }
 
-/// The Redis key of `quota`'s state for the key whose tag is `tag`. The quota's
-/// [`id`](Quota::id) names the state, so reordering or adding quotas never mixes states up.
-pub(crate) fn state_key(prefix: &str, tag: &str, quota: &Quota) -> String {
-    let mut key = String::with_capacity(prefix.len() + tag.len() + 3 + QUOTA_ID_ROOM);
-    key.push_str(prefix);
-    key.push('{');
-    key.push_str(tag);
-    key.push_str("}:");
-    quota.push_id(&mut key);
-    key
-}
-
-/// The Redis key of the first quota's state for `key` (what [`state_key`] names), and where
-/// the tag lies in it. The tag is written once, here, not kept in a string of its own: the deny
-/// cache hashes it in this key, and [`state_keys`] copies it for a policy's other quotas, once
-/// the check is known to need them.
-pub(crate) fn first_state_key(
-    prefix: &str,
-    key: &Key<'_>,
-    quota: &Quota,
-) -> (String, Range<usize>) {
-    let mut name = String::with_capacity(prefix.len() + tag_room(key) + 3 + QUOTA_ID_ROOM);
+/// `<prefix>{<tag>}:` for `key`, with room for `suffix` more bytes, and where the tag lies in
+/// it: the one writer of the key format, which every key below ends.
+fn head(prefix: &str, key: &Key<'_>, suffix: usize) -> (String, Range<usize>) {
+    let mut name = String::with_capacity(prefix.len() + tag_room(key) + 3 + suffix);
     name.push_str(prefix);
     name.push('{');
     let start = name.len();
     key.push_qualified(&mut name);
     let tag = start..name.len();
     name.push_str("}:");
+    (name, tag)
+}
+
+/// The Redis key of `quota`'s state for `key`, and where the tag lies in it. The quota's
+/// [`id`](Quota::id) names the state, so reordering or adding quotas never mixes states up.
+/// A check names its first quota's state with it: the tag is written once, here, not kept in
+/// a string of its own; the deny cache hashes it in this key, and [`state_keys`] copies it for
+/// a policy's other quotas, once the check is known to need them.
+pub(crate) fn first_state_key(
+    prefix: &str,
+    key: &Key<'_>,
+    quota: &Quota,
+) -> (String, Range<usize>) {
+    let (mut name, tag) = head(prefix, key, QUOTA_ID_ROOM);
     quota.push_id(&mut name);
     (name, tag)
 }
@@ -78,11 +74,8 @@ pub(crate) fn state_keys(first: String, tag_end: usize, rest: &[Quota]) -> State
 
 /// The Redis key of the concurrency leases of `key`.
 pub(crate) fn inflight_key(prefix: &str, key: &Key<'_>) -> String {
-    let mut name = String::with_capacity(prefix.len() + tag_room(key) + 11);
-    name.push_str(prefix);
-    name.push('{');
-    key.push_qualified(&mut name);
-    name.push_str("}:inflight");
+    let (mut name, _) = head(prefix, key, "inflight".len());
+    name.push_str("inflight");
     name
 }
 

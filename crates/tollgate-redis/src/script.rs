@@ -251,18 +251,20 @@ mod tests {
     #[test]
     fn state_keys_are_named_by_the_quota() {
         let q = quota("10/s burst 20");
+        let key = Key::new("p", "/x", None, None::<&str>);
         assert_eq!(
-            crate::keys::state_key("app:", "p:/x:-:", &q),
+            crate::keys::first_state_key("app:", &key, &q).0,
             "app:{p:/x:-:}:10/s-b20"
         );
+        let key = Key::new("t", "/k", None, None::<&str>);
         assert_eq!(
-            crate::keys::state_key("t:", "k", &quota("3/10s fixed-window")),
-            "t:{k}:3/10s-fw"
+            crate::keys::first_state_key("t:", &key, &quota("3/10s fixed-window")).0,
+            "t:{t:/k:-:}:3/10s-fw"
         );
     }
 
     /// A check's keys, the first written with its tag and the others copied from its head, are
-    /// the keys named one by one, in the quotas' order, and the range the first gives is the
+    /// `<prefix>{<tag>}:<quota id>` in the quotas' order, and the range the first gives is the
     /// tag (what the deny cache hashes) in each of them.
     #[test]
     fn a_checks_keys_are_its_quotas_state_keys_with_the_tag_inside() {
@@ -292,7 +294,7 @@ mod tests {
                 let keys = crate::keys::state_keys(first, range.end, &quotas[1..n]);
                 let named: Vec<String> = quotas[..n]
                     .iter()
-                    .map(|q| crate::keys::state_key("app:", &tag, q))
+                    .map(|q| format!("app:{{{tag}}}:{}", q.id()))
                     .collect();
                 assert_eq!(keys.to_vec(), named);
                 for k in &keys {

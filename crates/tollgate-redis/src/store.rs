@@ -253,7 +253,7 @@ impl RedisStore {
     /// brace and move the slot, or a separator and reach another client's state. The state is
     /// named by the quota itself ([`Quota::id`]), not by its place in the policy.
     pub fn redis_key(&self, key: &Key<'_>, quota: &Quota) -> String {
-        crate::keys::state_key(&self.inner.prefix, &crate::keys::tag(key), quota)
+        crate::keys::first_state_key(&self.inner.prefix, key, quota).0
     }
 
     /// Forgets `key`'s state under `quotas` in Redis, and this instance's cached refusals of
@@ -267,9 +267,8 @@ impl RedisStore {
     /// When Redis cannot be reached or does not answer within the store's deadline.
     pub async fn reset(&self, key: &Key<'_>, quotas: &[Quota]) -> Result<(), StoreError> {
         let inner = &self.inner;
-        let tag = crate::keys::tag(key);
         if let Some(deny) = &inner.deny {
-            deny.forget(deny.key(&tag));
+            deny.forget(deny.key(&crate::keys::tag(key)));
         }
         if let Some(fallback) = &inner.fallback {
             fallback.reset(key, quotas);
@@ -279,7 +278,7 @@ impl RedisStore {
         }
         let keys: Vec<String> = quotas
             .iter()
-            .map(|q| crate::keys::state_key(&inner.prefix, &tag, q))
+            .map(|q| crate::keys::first_state_key(&inner.prefix, key, q).0)
             .collect();
         let client = inner.client.with_options(&inner.options);
         match tokio::time::timeout(inner.timeout, client.del::<i64, _>(keys)).await {
