@@ -28,7 +28,8 @@ fn main() {
     let mut allowed = 0u32;
     if std::env::args().nth(3).as_deref() == Some("governor") {
         // Keyed by the address, as tower_governor's peer-IP extractor does.
-        let quota = GovernorQuota::per_second(NonZeroU32::new(1_000_000).expect("non-zero"));
+        let quota = GovernorQuota::per_second(NonZeroU32::new(1_000_000).expect("non-zero"))
+            .allow_burst(NonZeroU32::MAX);
         let limiter: DefaultKeyedRateLimiter<IpAddr> = RateLimiter::keyed(quota);
         for i in 0..iterations {
             if limiter.check_key(black_box(&ip(i))).is_ok() {
@@ -36,7 +37,9 @@ fn main() {
             }
         }
     } else if std::env::args().nth(3).as_deref() == Some("prefix") {
-        let quotas = [Quota::per_second(1_000_000).expect("quota")];
+        let quotas = [Quota::per_second(1_000_000)
+            .and_then(|q| q.with_burst(u32::MAX))
+            .expect("quota")];
         let store = MemoryStore::new();
         let prefix = KeyPrefix::new("hello", "/hello");
         for i in 0..iterations {
@@ -49,7 +52,9 @@ fn main() {
             }
         }
     } else {
-        let quotas = [Quota::per_second(1_000_000).expect("quota")];
+        let quotas = [Quota::per_second(1_000_000)
+            .and_then(|q| q.with_burst(u32::MAX))
+            .expect("quota")];
         let store = MemoryStore::new();
         for i in 0..iterations {
             let key = Key::new("hello", "/hello", Some(ip(i)), None::<&str>);

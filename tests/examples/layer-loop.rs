@@ -125,7 +125,9 @@ fn router(mode: &str, iterations: u32) {
             } else {
                 RateLimitHeaders::Ietf
             };
-            let quota = Quota::per_second(1_000_000).expect("quota");
+            let quota = Quota::per_second(1_000_000)
+                .and_then(|q| q.with_burst(u32::MAX))
+                .expect("quota");
             app.layer(
                 RateLimitLayer::new(MemoryStore::new())
                     .route("/hello", Policy::new("api", quota))
@@ -158,7 +160,9 @@ fn main() {
     let handler = |_req: Request<()>| {
         std::future::ready(Ok::<_, Infallible>(Response::new(Full::<Bytes>::default())))
     };
-    let quota = Quota::per_second(1_000_000).expect("quota");
+    let quota = Quota::per_second(1_000_000)
+        .and_then(|q| q.with_burst(u32::MAX))
+        .expect("quota");
     let headers = match mode.as_str() {
         "bare" => {
             let ok = run(

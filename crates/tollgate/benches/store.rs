@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use governor::{DefaultKeyedRateLimiter, RateLimiter};
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, Request, Response, StatusCode};
 use tollgate::key::KeyPrefix;
 use tollgate::{ClientIpSource, Key, MemoryStore, Policy, Quota, RateLimitLayer};
 use tower::{ServiceBuilder, ServiceExt};
@@ -24,13 +24,25 @@ fn ips(n: usize) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Never limits within a run: every check does the full work of an allowed request.
+/// The burst of the allowed path's quotas. A million units a second is the fastest rate a
+/// quota can have (its interval is whole microseconds), and a run on one key checks faster than
+/// that (20 to 30 million a second), so with a burst of a second's worth the key ran dry within
+/// the first second and most of the "allowed" checks were refusals (until 2026-12-08: 35% of
+/// the layer's "allowed" requests were answered 429). Four billion units outlast every run: a
+/// whole `cargo bench` spends a few hundred million on its hottest key.
+const BURST: u32 = u32::MAX;
+
+/// Never limits within a run: every check does the full work of an allowed request (the `check`
+/// group asserts it after its rows, the `layer` group counts every answer).
 fn tollgate_quota() -> Quota {
-    Quota::per_second(1_000_000).unwrap()
+    Quota::per_second(1_000_000)
+        .and_then(|q| q.with_burst(BURST))
+        .unwrap()
 }
 
 fn governor_quota() -> governor::Quota {
     governor::Quota::per_second(NonZeroU32::new(1_000_000).unwrap())
+        .allow_burst(NonZeroU32::new(BURST).unwrap())
 }
 
 /// A check keyed as the layer keys it: the policy and the route hashed once (`KeyPrefix`, what
@@ -139,6 +151,13 @@ fn check(c: &mut Criterion) {
             );
         }
         group.finish();
+        // No row came near the burst: what is left of it on the hottest key is still most of it
+        // (governor's limiter has the same burst and runs no more checks on it).
+        let left = store
+            .decide(&prefix.key(Some(ips[0]), None::<&str>), &quotas, 1)
+            .map(|d| d.remaining())
+            .unwrap_or(0);
+        assert!(left > BURST / 2, "{label}: only {left} of the burst left");
     }
 }
 
@@ -148,6 +167,38 @@ fn now<F: Future>(f: F) -> F::Output {
     match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
         Poll::Ready(v) => v,
         Poll::Pending => unreachable!("the benchmarked services are ready at once"),
+    }
+}
+
+/// Counts a row's answers that were not the one it measures, and fails the run when there were
+/// any: an "allowed" row that was refused measured the wrong path. Every row counts alike, the
+/// bare ones too, so the comparison between rows is unchanged.
+struct Answers {
+    expected: StatusCode,
+    other: u64,
+}
+
+impl Answers {
+    fn new(expected: StatusCode) -> Self {
+        Answers { expected, other: 0 }
+    }
+
+    fn count<B>(&mut self, res: Result<Response<B>, Infallible>) -> StatusCode {
+        let status = black_box(res).map_or(StatusCode::INTERNAL_SERVER_ERROR, |r| r.status());
+        if status != self.expected {
+            self.other += 1;
+        }
+        status
+    }
+}
+
+impl Drop for Answers {
+    fn drop(&mut self) {
+        assert_eq!(
+            self.other, 0,
+            "{} answers were not {}: the row measured another path",
+            self.other, self.expected
+        );
     }
 }
 
@@ -179,7 +230,8 @@ fn layer(c: &mut Criterion) {
     };
     let bare = ServiceBuilder::new().service_fn(handler);
     group.bench_function("no_limiter", |b| {
-        b.iter(|| black_box(now(bare.oneshot(request())).map(|r| r.status())));
+        let mut ok = Answers::new(StatusCode::OK);
+        b.iter(|| ok.count(now(bare.oneshot(request()))));
     });
     // No limiter, but the handler's response carries the two header fields the layer adds,
     // with values of the same length: what adding them costs in http itself (the response's
@@ -197,17 +249,25 @@ fn layer(c: &mut Criterion) {
         std::future::ready(Ok::<_, Infallible>(res))
     });
     group.bench_function("no_limiter_two_header_fields", |b| {
-        b.iter(|| black_box(now(with_fields.oneshot(request())).map(|r| r.status())));
+        let mut ok = Answers::new(StatusCode::OK);
+        b.iter(|| ok.count(now(with_fields.oneshot(request()))));
     });
-    for (label, quota) in [
-        ("allowed", tollgate_quota()),
-        ("limited", Quota::per_hour(1).unwrap()),
+    for (label, quota, status) in [
+        ("allowed", tollgate_quota(), StatusCode::OK),
+        (
+            "limited",
+            Quota::per_hour(1).unwrap(),
+            StatusCode::TOO_MANY_REQUESTS,
+        ),
     ] {
         let svc = ServiceBuilder::new()
             .layer(RateLimitLayer::new(MemoryStore::new()).policy(Policy::new("api", quota)))
             .service_fn(handler);
+        // The one request a limited key lets through, spent before the run.
+        let _ = now(svc.clone().oneshot(request()));
         group.bench_function(format!("tollgate_{label}"), |b| {
-            b.iter(|| black_box(now(svc.clone().oneshot(request())).map(|r| r.status())));
+            let mut answers = Answers::new(status);
+            b.iter(|| answers.count(now(svc.clone().oneshot(request()))));
         });
     }
     // The same allowed path without rate-limit headers: what formatting them costs.
@@ -219,9 +279,79 @@ fn layer(c: &mut Criterion) {
         )
         .service_fn(handler);
     group.bench_function("tollgate_allowed_no_headers", |b| {
-        b.iter(|| black_box(now(quiet.clone().oneshot(request())).map(|r| r.status())));
+        let mut ok = Answers::new(StatusCode::OK);
+        b.iter(|| ok.count(now(quiet.clone().oneshot(request()))));
     });
+    alternatives(&mut group, request);
     group.finish();
+}
+
+/// tower_governor's layer beside tollgate's, on the allowed path of the same request. Its
+/// service only accepts a handler answering axum's `Body` (its own refusals are built from
+/// it), so these rows have their own bare service answering that body, and tollgate's layer is
+/// measured again over the same handler: compare each row with `no_limiter_axum_body`, not
+/// with the rows above. Both limiters key on the peer address and can send two header fields
+/// on an allowed response (tower_governor's `x-ratelimit-limit` and `x-ratelimit-remaining`
+/// with `use_headers`; tollgate's `RateLimit-Policy` and `RateLimit`).
+fn alternatives(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    request: impl Fn() -> Request<()>,
+) {
+    use tower_governor::GovernorLayer;
+    use tower_governor::governor::GovernorConfigBuilder;
+
+    let handler = |_req: Request<()>| {
+        std::future::ready(Ok::<_, Infallible>(
+            Response::new(axum::body::Body::empty()),
+        ))
+    };
+    let bare = ServiceBuilder::new().service_fn(handler);
+    group.bench_function("no_limiter_axum_body", |b| {
+        let mut ok = Answers::new(StatusCode::OK);
+        b.iter(|| ok.count(now(bare.oneshot(request()))));
+    });
+    for (label, headers) in [
+        ("allowed", tollgate::RateLimitHeaders::Ietf),
+        ("allowed_no_headers", tollgate::RateLimitHeaders::None),
+    ] {
+        let svc = ServiceBuilder::new()
+            .layer(
+                RateLimitLayer::new(MemoryStore::new())
+                    .policy(Policy::new("api", tollgate_quota()))
+                    .headers(headers),
+            )
+            .service_fn(handler);
+        group.bench_function(format!("tollgate_{label}_axum_body"), |b| {
+            let mut ok = Answers::new(StatusCode::OK);
+            b.iter(|| ok.count(now(svc.clone().oneshot(request()))));
+        });
+    }
+    // A million per second per address and the same burst as tollgate's quota here.
+    let plain = GovernorConfigBuilder::default()
+        .period(Duration::from_micros(1))
+        .burst_size(BURST)
+        .finish()
+        .expect("valid governor config");
+    let svc = ServiceBuilder::new()
+        .layer(GovernorLayer::new(plain))
+        .service_fn(handler);
+    group.bench_function("tower_governor_allowed_no_headers_axum_body", |b| {
+        let mut ok = Answers::new(StatusCode::OK);
+        b.iter(|| ok.count(now(svc.clone().oneshot(request()))));
+    });
+    let with_headers = GovernorConfigBuilder::default()
+        .period(Duration::from_micros(1))
+        .burst_size(BURST)
+        .use_headers()
+        .finish()
+        .expect("valid governor config");
+    let svc = ServiceBuilder::new()
+        .layer(GovernorLayer::new(with_headers))
+        .service_fn(handler);
+    group.bench_function("tower_governor_allowed_axum_body", |b| {
+        let mut ok = Answers::new(StatusCode::OK);
+        b.iter(|| ok.count(now(svc.clone().oneshot(request()))));
+    });
 }
 
 fn key_extraction(c: &mut Criterion) {
