@@ -10,7 +10,9 @@
 //! what the layer's work on the request's headers costs on a request as clients send them.
 //! `router` serves the empty request through an axum `Router` instead, the policy bound to its
 //! route and the handler answering text (with its `content-type`), as an axum service does:
-//! the layer's cost where it is used, its route looked up by the matched template.
+//! the layer's cost where it is used, its route looked up by the matched template; its
+//! `governor` and `governor-headers` modes put tower_governor's layer there instead, to count
+//! the alternative alike.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,6 +20,7 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
@@ -27,6 +30,8 @@ use http::{HeaderName, HeaderValue, Request, Response, Uri};
 use http_body_util::Full;
 use tollgate::{MemoryStore, Policy, Quota, RateLimitHeaders, RateLimitLayer};
 use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_governor::GovernorLayer;
+use tower_governor::governor::GovernorConfigBuilder;
 
 // Statics, as the layer's own names are: built when compiled, not checked per request.
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -113,8 +118,10 @@ fn run_router(router: &Router, iterations: u32) -> usize {
         .count()
 }
 
-/// `mode` through an axum router: no layer (`bare`), or the layer with the policy bound to the
-/// route, with or without rate-limit headers.
+/// `mode` through an axum router: no layer (`bare`), the layer with the policy bound to the
+/// route, with or without rate-limit headers, or tower_governor's layer on the router, keyed by
+/// the peer address with the same rate and burst, without its header fields (`governor`) or
+/// with them (`governor-headers`, its `use_headers`).
 fn router(mode: &str, iterations: u32) {
     let app = Router::new().route("/hello", get(|| async { "hello" }));
     let app = match mode {
@@ -134,7 +141,21 @@ fn router(mode: &str, iterations: u32) {
                     .headers(headers),
             )
         }
-        other => panic!("mode {other} is not served through a router: bare, none or headers"),
+        "governor" | "governor-headers" => {
+            let mut config = GovernorConfigBuilder::default();
+            config.period(Duration::from_micros(1)).burst_size(u32::MAX);
+            if mode == "governor" {
+                app.layer(GovernorLayer::new(config.finish().expect("config")))
+            } else {
+                app.layer(GovernorLayer::new(
+                    config.use_headers().finish().expect("config"),
+                ))
+            }
+        }
+        other => panic!(
+            "mode {other} is not served through a router: bare, none, headers, governor or \
+             governor-headers"
+        ),
     };
     // Its routes made once, as `into_make_service` does: a `Router` called before that makes
     // each handler's route (and applies the layers to it) per request.
