@@ -893,3 +893,48 @@ async fn a_failing_store_is_logged_once_not_per_request() {
         assert!(said[0].contains(part), "{part} not in {}", said[0]);
     }
 }
+
+/// The inner service's error comes back to the caller as it was, and its responses get the
+/// rate-limit headers, whether the store decides at once (the memory store: the inner service
+/// is called from `call`) or later (a store answering through its future: called from `poll`).
+#[tokio::test]
+async fn the_inner_services_answer_comes_back_as_it_was_from_either_path() {
+    let inner = tower::service_fn(|req: Request<()>| async move {
+        if req.uri().path() == "/fail" {
+            Err("inner failure")
+        } else {
+            Ok(Response::new(Full::<Bytes>::default()))
+        }
+    });
+    let policy = || Policy::new("api", quota("100/m"));
+    let at_once = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(MemoryStore::new()).policy(policy()))
+        .service(inner);
+    let later = ServiceBuilder::new()
+        .layer(RateLimitLayer::new(FlakyStore::new(&ManualClock::new())).policy(policy()))
+        .service(inner);
+    let to = |path: &'static str| {
+        let mut req = request();
+        *req.uri_mut() = http::Uri::from_static(path);
+        req
+    };
+    for (r, answer) in [
+        (99, at_once.clone().oneshot(to("/ok")).await),
+        (99, later.clone().oneshot(to("/ok")).await),
+    ] {
+        let res = answer.expect("the inner service answered");
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(
+            res.headers()["ratelimit"],
+            format!("\"api\";r={r};t=1").as_str()
+        );
+    }
+    assert_eq!(
+        at_once.oneshot(to("/fail")).await.err(),
+        Some("inner failure")
+    );
+    assert_eq!(
+        later.oneshot(to("/fail")).await.err(),
+        Some("inner failure")
+    );
+}

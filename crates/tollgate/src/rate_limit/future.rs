@@ -147,11 +147,13 @@ where
                     this.state.set(State::Calling { fut, report });
                 }
                 StateProj::Calling { fut, report } => {
-                    let mut res = ready!(fut.poll(cx))?;
-                    if let Some(values) = report.take() {
+                    // The headers go into the response where the inner future left it: moving
+                    // the response out of its `Result` and back costs a copy of it.
+                    let mut out = ready!(fut.poll(cx));
+                    if let (Ok(res), Some(values)) = (&mut out, report.take()) {
                         values.write(res.headers_mut());
                     }
-                    return Poll::Ready(Ok(res));
+                    return Poll::Ready(out);
                 }
                 StateProj::Respond { res } => {
                     return match res.take() {
