@@ -27,8 +27,8 @@ fn ips(n: usize) -> Vec<IpAddr> {
 /// The burst of the allowed path's quotas. A million units a second is the fastest rate a
 /// quota can have (its interval is whole microseconds), and a run on one key checks faster than
 /// that (20 to 30 million a second), so with a burst of a second's worth the key ran dry within
-/// the first second and most of the "allowed" checks were refusals (until 2026-12-08: 35% of
-/// the layer's "allowed" requests were answered 429). Four billion units outlast every run: a
+/// the first second and most of the "allowed" checks were refusals (until ec46da5, 2026-12-07:
+/// 35% of the layer's "allowed" requests were answered 429). Four billion units outlast every run: a
 /// whole `cargo bench` spends a few hundred million on its hottest key.
 const BURST: u32 = u32::MAX;
 

@@ -918,16 +918,13 @@ async fn the_inner_services_answer_comes_back_as_it_was_from_either_path() {
         *req.uri_mut() = http::Uri::from_static(path);
         req
     };
-    for (r, answer) in [
-        (99, at_once.clone().oneshot(to("/ok")).await),
-        (99, later.clone().oneshot(to("/ok")).await),
+    for answer in [
+        at_once.clone().oneshot(to("/ok")).await,
+        later.clone().oneshot(to("/ok")).await,
     ] {
         let res = answer.expect("the inner service answered");
         assert_eq!(res.status(), StatusCode::OK);
-        assert_eq!(
-            res.headers()["ratelimit"],
-            format!("\"api\";r={r};t=1").as_str()
-        );
+        assert_eq!(res.headers()["ratelimit"], "\"api\";r=99;t=1");
     }
     assert_eq!(
         at_once.oneshot(to("/fail")).await.err(),
