@@ -202,6 +202,25 @@ impl Drop for Answers {
     }
 }
 
+type Group<'a> = criterion::BenchmarkGroup<'a, criterion::measurement::WallTime>;
+
+/// One row of the `layer` group: `svc` cloned and called per iteration (as axum calls a
+/// service), every answer counted against `expected` ([`Answers`]).
+fn row<S, B>(
+    group: &mut Group<'_>,
+    name: &str,
+    expected: StatusCode,
+    svc: &S,
+    request: &impl Fn() -> Request<()>,
+) where
+    S: tower::Service<Request<()>, Response = Response<B>, Error = Infallible> + Clone,
+{
+    group.bench_function(name, |b| {
+        let mut answers = Answers::new(expected);
+        b.iter(|| answers.count(now(svc.clone().oneshot(request()))));
+    });
+}
+
 // Statics, as the layer's own names are: built when compiled, not checked per request.
 static RATELIMIT_POLICY: http::HeaderName = http::HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: http::HeaderName = http::HeaderName::from_static("ratelimit");
@@ -229,10 +248,7 @@ fn layer(c: &mut Criterion) {
         >::default())))
     };
     let bare = ServiceBuilder::new().service_fn(handler);
-    group.bench_function("no_limiter", |b| {
-        let mut ok = Answers::new(StatusCode::OK);
-        b.iter(|| ok.count(now(bare.oneshot(request()))));
-    });
+    row(&mut group, "no_limiter", StatusCode::OK, &bare, &request);
     // No limiter, but the handler's response carries the two header fields the layer adds,
     // with values of the same length: what adding them costs in http itself (the response's
     // map allocates its tables on its first insert, each value its bytes), whoever computes
@@ -248,10 +264,8 @@ fn layer(c: &mut Criterion) {
         headers.append(RATELIMIT.clone(), value);
         std::future::ready(Ok::<_, Infallible>(res))
     });
-    group.bench_function("no_limiter_two_header_fields", |b| {
-        let mut ok = Answers::new(StatusCode::OK);
-        b.iter(|| ok.count(now(with_fields.oneshot(request()))));
-    });
+    let name = "no_limiter_two_header_fields";
+    row(&mut group, name, StatusCode::OK, &with_fields, &request);
     for (label, quota, status) in [
         ("allowed", tollgate_quota(), StatusCode::OK),
         (
@@ -265,10 +279,13 @@ fn layer(c: &mut Criterion) {
             .service_fn(handler);
         // The one request a limited key lets through, spent before the run.
         let _ = now(svc.clone().oneshot(request()));
-        group.bench_function(format!("tollgate_{label}"), |b| {
-            let mut answers = Answers::new(status);
-            b.iter(|| answers.count(now(svc.clone().oneshot(request()))));
-        });
+        row(
+            &mut group,
+            &format!("tollgate_{label}"),
+            status,
+            &svc,
+            &request,
+        );
     }
     // The same allowed path without rate-limit headers: what formatting them costs.
     let quiet = ServiceBuilder::new()
@@ -278,11 +295,9 @@ fn layer(c: &mut Criterion) {
                 .headers(tollgate::RateLimitHeaders::None),
         )
         .service_fn(handler);
-    group.bench_function("tollgate_allowed_no_headers", |b| {
-        let mut ok = Answers::new(StatusCode::OK);
-        b.iter(|| ok.count(now(quiet.clone().oneshot(request()))));
-    });
-    alternatives(&mut group, request);
+    let name = "tollgate_allowed_no_headers";
+    row(&mut group, name, StatusCode::OK, &quiet, &request);
+    alternatives(&mut group, &request);
     group.finish();
 }
 
@@ -293,10 +308,7 @@ fn layer(c: &mut Criterion) {
 /// with the rows above. Both limiters key on the peer address and can send two header fields
 /// on an allowed response (tower_governor's `x-ratelimit-limit` and `x-ratelimit-remaining`
 /// with `use_headers`; tollgate's `RateLimit-Policy` and `RateLimit`).
-fn alternatives(
-    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
-    request: impl Fn() -> Request<()>,
-) {
+fn alternatives(group: &mut Group<'_>, request: &impl Fn() -> Request<()>) {
     use tower_governor::GovernorLayer;
     use tower_governor::governor::GovernorConfigBuilder;
 
@@ -306,10 +318,13 @@ fn alternatives(
         ))
     };
     let bare = ServiceBuilder::new().service_fn(handler);
-    group.bench_function("no_limiter_axum_body", |b| {
-        let mut ok = Answers::new(StatusCode::OK);
-        b.iter(|| ok.count(now(bare.oneshot(request()))));
-    });
+    row(
+        group,
+        "no_limiter_axum_body",
+        StatusCode::OK,
+        &bare,
+        request,
+    );
     for (label, headers) in [
         ("allowed", tollgate::RateLimitHeaders::Ietf),
         ("allowed_no_headers", tollgate::RateLimitHeaders::None),
@@ -321,37 +336,29 @@ fn alternatives(
                     .headers(headers),
             )
             .service_fn(handler);
-        group.bench_function(format!("tollgate_{label}_axum_body"), |b| {
-            let mut ok = Answers::new(StatusCode::OK);
-            b.iter(|| ok.count(now(svc.clone().oneshot(request()))));
-        });
+        let name = format!("tollgate_{label}_axum_body");
+        row(group, &name, StatusCode::OK, &svc, request);
     }
-    // A million per second per address and the same burst as tollgate's quota here.
-    let plain = GovernorConfigBuilder::default()
-        .period(Duration::from_micros(1))
-        .burst_size(BURST)
-        .finish()
-        .expect("valid governor config");
-    let svc = ServiceBuilder::new()
-        .layer(GovernorLayer::new(plain))
+    // A million per second per address and the same burst as tollgate's quota here; without
+    // and with its header fields (the two configurations are different types).
+    let mut config = GovernorConfigBuilder::default();
+    config.period(Duration::from_micros(1)).burst_size(BURST);
+    let plain = ServiceBuilder::new()
+        .layer(GovernorLayer::new(
+            config.finish().expect("valid governor config"),
+        ))
         .service_fn(handler);
-    group.bench_function("tower_governor_allowed_no_headers_axum_body", |b| {
-        let mut ok = Answers::new(StatusCode::OK);
-        b.iter(|| ok.count(now(svc.clone().oneshot(request()))));
-    });
-    let with_headers = GovernorConfigBuilder::default()
-        .period(Duration::from_micros(1))
-        .burst_size(BURST)
+    let name = "tower_governor_allowed_no_headers_axum_body";
+    row(group, name, StatusCode::OK, &plain, request);
+    let headers = config
         .use_headers()
         .finish()
         .expect("valid governor config");
-    let svc = ServiceBuilder::new()
-        .layer(GovernorLayer::new(with_headers))
+    let with_headers = ServiceBuilder::new()
+        .layer(GovernorLayer::new(headers))
         .service_fn(handler);
-    group.bench_function("tower_governor_allowed_axum_body", |b| {
-        let mut ok = Answers::new(StatusCode::OK);
-        b.iter(|| ok.count(now(svc.clone().oneshot(request()))));
-    });
+    let name = "tower_governor_allowed_axum_body";
+    row(group, name, StatusCode::OK, &with_headers, request);
 }
 
 fn key_extraction(c: &mut Criterion) {
